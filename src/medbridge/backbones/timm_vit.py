@@ -1,0 +1,74 @@
+"""timm ``VisionTransformer`` models (and the timm trunks inside open_clip SigLIP/EVA models)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from .base import Backbone, PreprocessConfig, TokenBlock, VisionTower
+
+
+def _timm_preprocess(model: nn.Module) -> PreprocessConfig:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    size = img_size[-1] if img_size else cfg.get("input_size", (3, 224, 224))[-1]
+    mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return PreprocessConfig(int(size), mean, std, cfg.get("interpolation", "bicubic"))
+
+
+class TimmVisionTower(VisionTower):
+    """A timm ViT: patch_embed -> _pos_embed -> norm_pre -> blocks -> norm -> pool (token/avg/map) -> fc_norm.
+
+    ``head`` is an optional projection applied after pooling (open_clip's TimmModel head); the classifier head
+    of a plain timm model is never used.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module | None = None,
+                 preprocess: PreprocessConfig | None = None) -> None:
+        super().__init__()
+        if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+            raise NotImplementedError(f"{type(model).__name__} is not a timm VisionTransformer")
+        self.model = model
+        self.head = head if head is not None else nn.Identity()
+        self.width = model.embed_dim
+        self.depth = len(model.blocks)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        self.embed_dim = self._head_out_dim()
+        self.preprocess = preprocess or _timm_preprocess(model)
+        self._blocks = nn.ModuleList(TokenBlock(b) for b in model.blocks)
+
+    def _head_out_dim(self) -> int:
+        for head in (self.head, self.model.head):
+            linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return linears[-1].out_features
+        return self.width
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(pixels))))
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self._blocks
+
+    def finalize_tokens(self, tokens: Tensor) -> Tensor:
+        return self.head(self.model.head(self.model.fc_norm(self.model.norm(tokens))))
+
+    def finalize(self, tokens: Tensor) -> Tensor:
+        # the trunk's own head is Identity for plain models (num_classes=0) and the projection in open_clip's
+        # TimmModel when it has no separate head
+        return self.head(self.model.forward_head(self.model.norm(tokens)))
+
+    def reference_forward(self, pixels: Tensor) -> Tensor:
+        return self.head(self.model(pixels))
+
+
+def create_timm_vit(name: str, arch: str, pretrained: bool = False, **kwargs) -> Backbone:
+    """Build a timm ViT (``arch`` may be ``hf-hub:...`` or ``local-dir:...``) without its classifier."""
+    import timm
+
+    model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
+    return Backbone(name, TimmVisionTower(model))

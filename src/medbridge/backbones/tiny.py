@@ -1,0 +1,102 @@
+"""Tiny random-init versions of every backbone family, for tests (built offline in well under a second)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .base import Backbone
+from .bundled import minilm_dir
+from .hf import HFTextTower, wrap_transformers
+from .openclip import wrap_open_clip
+from .timm_vit import TimmVisionTower
+
+TINY_TIMM_FOR = {"vit_base_patch16_siglip_224": "vit_tiny_patch16_224"}
+
+
+def _bert_tokenizer():
+    """A real WordPiece tokenizer that ships offline (all-MiniLM-L6-v2's); ids < 30522."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
+def tiny_open_clip(arch: str = "ViT-B-16-quickgelu", layers: int = 4, seed: int = 0) -> Backbone:
+    """open_clip ``arch`` with its structure (quick-gelu, pooling, projection type, timm trunk) kept but tiny dims."""
+    import open_clip
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = copy.deepcopy(open_clip.get_model_config(arch))
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
+    torch.manual_seed(seed)
+    vcfg, tcfg = cfg["vision_cfg"], cfg["text_cfg"]
+    if vcfg.get("timm_model_name"):
+        vcfg["timm_model_name"] = TINY_TIMM_FOR.get(vcfg["timm_model_name"], "vit_tiny_patch16_224")
+        vcfg["image_size"] = 224
+    else:
+        vcfg.update(width=64, layers=layers, head_width=32, image_size=32, patch_size=8)
+    tcfg.pop("hf_tokenizer_name", None)
+    tcfg.pop("tokenizer_kwargs", None)
+    tcfg.update(width=48, heads=2, layers=layers, vocab_size=49408, context_length=77)
+    cfg["embed_dim"] = 32
+    if "-quickgelu" in arch:
+        cfg["quick_gelu"] = True
+    custom = cfg.pop("custom_text", False)
+    cfg.pop("init_logit_bias", None) if not custom else None
+    model = (CustomTextCLIP if custom else CLIP)(**cfg).eval()
+    return wrap_open_clip(f"tiny:{arch}", model, open_clip.get_tokenizer("ViT-B-16"))
+
+
+def tiny_timm_vit(arch: str = "vit_base_patch16_224", seed: int = 0, **kwargs) -> Backbone:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=32, patch_size=8, embed_dim=64,
+                              depth=4, num_heads=2, **kwargs).eval()
+    return Backbone(f"tiny:{arch}", TimmVisionTower(model))
+
+
+def tiny_hf(model_type: str, seed: int = 0) -> Backbone:
+    """Tiny transformers models: dinov2, clip, siglip (text towers use MiniLM's WordPiece vocabulary)."""
+    model, tokenizer = tiny_hf_model(model_type, seed)
+    return wrap_transformers(f"tiny:hf-{model_type}", model, tokenizer, image_size=32)
+
+
+def tiny_hf_model(model_type: str, seed: int = 0):
+    """The raw tiny transformers model and its tokenizer (None for vision-only models)."""
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipConfig,
+        SiglipModel,
+    )
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
+                  image_size=32, patch_size=8)
+    text = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=96,
+                vocab_size=30522, max_position_embeddings=64)
+    if model_type == "dinov2":
+        return Dinov2Model(Dinov2Config(**vision)).eval(), None
+    tok = _bert_tokenizer()
+    if model_type == "clip":
+        text.update(eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    elif model_type == "siglip":
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    else:
+        raise ValueError(f"unknown tiny transformers model type {model_type!r}")
+    return model, tok
+
+
+def tiny_bert_text_tower(seed: int = 0) -> HFTextTower:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                                 vocab_size=30522, max_position_embeddings=64), add_pooling_layer=False).eval()
+    return HFTextTower(model, _bert_tokenizer(), "bert", max_length=64)

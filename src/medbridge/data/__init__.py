@@ -1,0 +1,1 @@
+"""Data: image reading, datasets, focal views."""
