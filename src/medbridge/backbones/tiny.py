@@ -40,7 +40,8 @@ def tiny_open_clip(arch: str = "ViT-B-16-quickgelu", layers: int = 4, seed: int 
     tcfg.pop("hf_tokenizer_name", None)
     tcfg.pop("tokenizer_kwargs", None)
     tcfg.update(width=48, heads=2, layers=layers, vocab_size=49408, context_length=77)
-    cfg["embed_dim"] = 32
+    # a timm trunk without projection outputs its own width (192 for vit_tiny): the text side must match it
+    cfg["embed_dim"] = 192 if vcfg.get("timm_model_name") and vcfg.get("timm_proj") == "none" else 32
     if "-quickgelu" in arch:
         cfg["quick_gelu"] = True
     custom = cfg.pop("custom_text", False)

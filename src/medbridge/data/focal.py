@@ -1,0 +1,123 @@
+"""Focal sampling: the whole image plus regions cut from the FULL-RESOLUTION image, each resized to the input size.
+
+Region size is in pixels (``region_size > 1``, paper: 512) or a fraction of the short side (``0 < region_size <=
+1``), so datasets of different resolution get comparable windows. Sliding windows start at 0 and step by
+``stride``; the last window is aligned to the image edge so the whole image is covered. On a 1024 px image,
+512 px regions at stride 256 give a 3 x 3 grid.
+
+Images smaller than the region: the region shrinks to the short side (one window along that side); the view is
+then an upscaled crop, never padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..backbones.base import PreprocessConfig
+from .images import check_image_array, to_model_input
+
+
+@dataclass(frozen=True)
+class FocalConfig:
+    """How to cut views from an image (help text in each field's comment)."""
+
+    region_size: float = 512  # region side: pixels (> 1) or fraction of the short side (0 < x <= 1)
+    stride: float | None = None  # step between windows: pixels (> 1) or fraction of the region; None = region/2
+    num_crops: int | None = None  # regions per image; None = every sliding window (random mode: required)
+    mode: str = "sliding"  # "sliding" windows or "random" positions
+    include_whole: bool = True  # view 0 = the whole image resized
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sliding", "random"):
+            raise ValueError(f"focal mode must be 'sliding' or 'random', got {self.mode!r}")
+        if self.region_size <= 0:
+            raise ValueError(f"focal region_size must be > 0 (pixels or fraction), got {self.region_size}")
+        if self.stride is not None and self.stride <= 0:
+            raise ValueError(f"focal stride must be > 0, got {self.stride}")
+        if self.num_crops is not None and self.num_crops < 0:
+            raise ValueError(f"focal num_crops must be >= 0, got {self.num_crops}")
+        if self.mode == "random" and self.num_crops is None:
+            raise ValueError("focal mode 'random' needs num_crops")
+        if not self.include_whole and self.num_crops == 0:
+            raise ValueError("focal views: no whole image and no crops leaves no view")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def region_pixels(self, height: int, width: int) -> int:
+        short = min(height, width)
+        size = self.region_size * short if self.region_size <= 1 else self.region_size
+        return int(max(1, min(round(size), short)))
+
+    def stride_pixels(self, region: int) -> int:
+        if self.stride is None:
+            return max(1, region // 2)
+        return int(max(1, round(self.stride * region if self.stride <= 1 else self.stride)))
+
+    def max_views(self, height: int, width: int) -> int:
+        """Number of views produced for an image of this size."""
+        region = self.region_pixels(height, width)
+        n = len(sliding_boxes(height, width, region, self.stride_pixels(region)))
+        crops = n if self.num_crops is None else (self.num_crops if self.mode == "random" else min(n, self.num_crops))
+        return crops + int(self.include_whole)
+
+
+def _positions(length: int, region: int, stride: int) -> list[int]:
+    if region >= length:
+        return [0]
+    pos = list(range(0, length - region + 1, stride))
+    if pos[-1] != length - region:
+        pos.append(length - region)
+    return pos
+
+
+def sliding_boxes(height: int, width: int, region: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Window boxes (x0, y0, x1, y1) in row-major order, covering the whole image."""
+    return [(x, y, x + min(region, width), y + min(region, height))
+            for y in _positions(height, region, stride) for x in _positions(width, region, stride)]
+
+
+def select_boxes(height: int, width: int, cfg: FocalConfig, train: bool,
+                 rng: np.random.Generator | None = None) -> list[tuple[int, int, int, int]]:
+    """The crop boxes for one image: all windows, a random subset (training) or a fixed subset (evaluation)."""
+    region = cfg.region_pixels(height, width)
+    rng = rng if rng is not None else np.random.default_rng(0)
+    if cfg.mode == "random":
+        if not train:  # deterministic at evaluation: a fixed generator per image size
+            rng = np.random.default_rng(height * 100003 + width)
+        ys = rng.integers(0, height - min(region, height) + 1, size=cfg.num_crops)
+        xs = rng.integers(0, width - min(region, width) + 1, size=cfg.num_crops)
+        return [(int(x), int(y), int(x) + min(region, width), int(y) + min(region, height)) for x, y in zip(xs, ys)]
+    boxes = sliding_boxes(height, width, region, cfg.stride_pixels(region))
+    k = cfg.num_crops
+    if k is None or k >= len(boxes):
+        return boxes
+    if train:
+        return [boxes[i] for i in sorted(rng.choice(len(boxes), size=k, replace=False))]
+    return [boxes[i] for i in np.linspace(0, len(boxes) - 1, k).round().astype(int)]
+
+
+@dataclass
+class FocalViews:
+    """Views of one image for one backbone: ``pixels`` [N, 3, S, S] and their ``boxes`` [N, 4] (x0, y0, x1, y1)
+    in original-image pixels (the whole image is (0, 0, W, H))."""
+
+    pixels: torch.Tensor
+    boxes: torch.Tensor
+
+
+def focal_views(image: np.ndarray, cfg: FocalConfig, preprocess: PreprocessConfig | list[PreprocessConfig],
+                train: bool = False, rng: np.random.Generator | None = None) -> FocalViews | list[FocalViews]:
+    """Cut the views of one full-resolution image; with several preprocess configs (one per expert) the same
+    boxes are used for each."""
+    image = check_image_array(image)
+    h, w = image.shape[:2]
+    boxes = ([(0, 0, w, h)] if cfg.include_whole else []) + select_boxes(h, w, cfg, train, rng)
+    crops = [image[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes]
+    box_t = torch.tensor(boxes, dtype=torch.long)
+    cfgs = preprocess if isinstance(preprocess, list) else [preprocess]
+    out = [FocalViews(torch.stack([to_model_input(c, pc) for c in crops]), box_t) for pc in cfgs]
+    return out if isinstance(preprocess, list) else out[0]

@@ -1,0 +1,1 @@
+"""Adaptation methods on frozen backbones (MedBridge; baselines plug in beside it)."""

@@ -1,0 +1,216 @@
+"""The MedBridge model: focal views -> QEncoder per expert -> view pooling -> mixture of experts -> text head."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ...backbones.base import Backbone, TextTower
+from ...data.focal import FocalConfig, FocalViews, focal_views
+from ..heads import CosineLogits, masked_bce
+from .moe import ExpertMixture
+from .pooling import ViewPooling
+from .qencoder import QEncoder
+from .text_head import DEFAULT_TEMPLATE, LabelTextHead, readable_name
+
+
+@dataclass
+class MedBridgeConfig:
+    """MedBridge hyperparameters. Defaults marked (abl.) are to be settled by the ablation study (docs)."""
+
+    labels: list[str]  # label names as the dataset spells them
+    prompt_names: list[str] | None = None  # readable names for prompts, aligned with labels (default: derived)
+    backbones: list[str] = field(default_factory=lambda: ["dinov2-small+minilm-l6"])  # expert sources
+    text_source: int | str = 0  # index of the expert whose text tower encodes prompts, or a text-tower source
+    template: str = DEFAULT_TEMPLATE  # prompt template with {} for the class name
+    t1: int | None = None  # queries enter after block t1 (default depth // 2) (abl.)
+    num_queries: int = 8  # Q learnable queries per expert (abl.)
+    attention: str = "isolated"  # "joint" (paper) or "isolated" (frozen path = pretrained model) (abl.)
+    frozen_weight: float = 0.5  # paper's alpha (Eq. 2): weight of the FROZEN class token; 1 - it on queries (abl.)
+    view_attention: bool = True  # self-attention across views before max-pooling
+    view_heads: int = 4
+    logits: str = "scaled"  # "cosine" (paper-literal) or "scaled" (learnable temperature + per-class bias)
+    init_scale: float = 10.0  # initial temperature for "scaled" logits
+    report_weight: float = 0.0  # lambda_report: weight of the report-text BCE (0 = off)
+    focal: FocalConfig = field(default_factory=FocalConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.focal, dict):
+            self.focal = FocalConfig(**self.focal)
+        if not self.labels:
+            raise ValueError("labels: the label list is empty")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels: duplicated names in {self.labels}")
+        if self.prompt_names is not None:
+            if len(self.prompt_names) != len(self.labels):
+                raise ValueError(f"prompt_names: {len(self.prompt_names)} names for {len(self.labels)} labels")
+            empty = [lab for lab, p in zip(self.labels, self.prompt_names) if not str(p).strip()]
+            if empty:
+                raise ValueError(f"prompt_names: no prompt name for labels {empty}")
+        if not self.backbones:
+            raise ValueError("backbones: at least one expert is needed")
+        if self.num_queries < 0:
+            raise ValueError(f"num_queries must be >= 0, got {self.num_queries}")
+        if not 0.0 <= self.frozen_weight <= 1.0:
+            raise ValueError(f"frozen_weight (alpha) must lie in [0, 1], got {self.frozen_weight}")
+        if self.num_queries == 0 and self.frozen_weight < 1.0:
+            raise ValueError("num_queries=0 leaves no query path: set frozen_weight=1.0")
+        if self.attention not in ("joint", "isolated"):
+            raise ValueError(f"attention must be 'joint' or 'isolated', got {self.attention!r}")
+        if self.logits not in ("cosine", "scaled"):
+            raise ValueError(f"logits must be 'cosine' or 'scaled', got {self.logits!r}")
+        if self.report_weight < 0:
+            raise ValueError(f"report_weight must be >= 0, got {self.report_weight}")
+
+    @property
+    def names(self) -> list[str]:
+        return self.prompt_names or [readable_name(lab) for lab in self.labels]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["focal"] = self.focal.to_dict()
+        return d
+
+
+@dataclass
+class MedBridgeOutput:
+    logits: Tensor  # [B, L]
+    image_embedding: Tensor  # v [B, f]
+    gate: Tensor  # [B, K] expert weights per image
+    view_votes: Tensor  # [B, K, N]: share of embedding dimensions whose max came from each view (explanation)
+    label_embedding: Tensor  # [L, f]
+
+
+class MedBridgeModel(nn.Module):
+    """MedBridge on K >= 1 frozen backbones. Only the adapter (queries, view pooling, MoE maps/gate, text
+    projection, logit scale/bias) is trainable."""
+
+    def __init__(self, config: MedBridgeConfig, backbones: list[Backbone], text: TextTower | None = None) -> None:
+        super().__init__()
+        if len(backbones) != len(config.backbones):
+            raise ValueError(f"config names {len(config.backbones)} backbones, {len(backbones)} given")
+        self.config = config
+        self.backbones = nn.ModuleList(backbones)
+        for b in backbones:
+            b.freeze()
+        if text is None:
+            if not isinstance(config.text_source, int) or not 0 <= config.text_source < len(backbones):
+                raise ValueError(f"text_source {config.text_source!r}: pass a text tower or an expert index")
+            text = backbones[config.text_source].text
+            if text is None:
+                raise ValueError(f"expert {config.text_source} ({backbones[config.text_source].name}) has no text "
+                                 "tower: choose a text-capable expert or a separate text tower (e.g. minilm-l6)")
+        self.encoders = nn.ModuleList()
+        self.frozen_pool = nn.ModuleList()
+        self.query_pool = nn.ModuleList()
+        for b in backbones:
+            v = b.vision
+            t1 = v.depth // 2 if config.t1 is None else config.t1
+            self.encoders.append(QEncoder(v, t1, config.num_queries, config.attention))
+            self.frozen_pool.append(ViewPooling(v.embed_dim, config.view_heads, config.view_attention))
+            self.query_pool.append(ViewPooling(v.embed_dim, config.view_heads, config.view_attention)
+                                   if config.num_queries > 0 else nn.Identity())
+        dims = [b.vision.embed_dim for b in backbones]
+        text_expert = config.text_source if isinstance(config.text_source, int) else 0
+        self.embed_dim = dims[text_expert] if text_expert < len(dims) else dims[0]
+        self.mixture = ExpertMixture(dims, self.embed_dim)
+        self.text_head = LabelTextHead(text, self.embed_dim, config.template)
+        self.head = CosineLogits(config.labels, config.logits, config.init_scale)
+        for b in backbones:  # adapter-only trainability, checked in tests
+            for p in b.parameters():
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def preprocess(self):
+        return [b.vision.preprocess for b in self.backbones]
+
+    def views(self, image: np.ndarray, train: bool = False, rng: np.random.Generator | None = None) -> list[FocalViews]:
+        """Focal views of one full-resolution image, one :class:`FocalViews` per expert (same boxes)."""
+        return focal_views(image, self.config.focal, self.preprocess, train=train, rng=rng)
+
+    # ------------------------------------------------------------------ forward
+    def prefix_tokens(self, pixels: list[Tensor]) -> list[Tensor]:
+        """The cacheable intermediate: per expert, output of block T1 for every view, [B, N, L, width]."""
+        out = []
+        for enc, px in zip(self.encoders, self._as_list(pixels)):
+            b, n = px.shape[:2]
+            tokens = enc.prefix(px.flatten(0, 1))
+            out.append(tokens.view(b, n, *tokens.shape[1:]))
+        return out
+
+    def _as_list(self, pixels: Tensor | list[Tensor]) -> list[Tensor]:
+        pixels = [pixels] if isinstance(pixels, Tensor) else list(pixels)
+        if len(pixels) != len(self.encoders):
+            raise ValueError(f"expected views for {len(self.encoders)} experts, got {len(pixels)}")
+        for k, px in enumerate(pixels):
+            size = self.backbones[k].vision.preprocess.image_size
+            if px.ndim != 5 or px.shape[2] != 3 or px.shape[-2:] != (size, size):
+                raise ValueError(f"expert {k}: expected views [B, N, 3, {size}, {size}], got {tuple(px.shape)}")
+        return pixels
+
+    def forward(self, pixels: Tensor | list[Tensor], labels: list[str] | None = None,
+                prompt_names: list[str] | None = None) -> MedBridgeOutput:
+        """Views [B, N, 3, S, S] (one tensor per expert) -> logits for ``labels`` (default: the trained ones)."""
+        return self.forward_from_prefix(self.prefix_tokens(pixels), labels, prompt_names)
+
+    def forward_from_prefix(self, prefixes: list[Tensor], labels: list[str] | None = None,
+                            prompt_names: list[str] | None = None) -> MedBridgeOutput:
+        alpha = self.config.frozen_weight
+        class_tokens, gate_inputs, votes = [], [], []
+        for k, (enc, prefix) in enumerate(zip(self.encoders, prefixes)):
+            b, n = prefix.shape[:2]
+            frozen, queries = enc.forward_from_prefix(prefix.flatten(0, 1))
+            frozen = frozen.view(b, n, -1)
+            m_bar, m_idx = self.frozen_pool[k](frozen)
+            vote = torch.stack([(m_idx == i).float().mean(-1) for i in range(n)], dim=-1)
+            if self.config.num_queries > 0:
+                q_bar, q_idx = self.query_pool[k](queries.reshape(b, n * enc.num_queries, -1))
+                q_view = torch.div(q_idx, enc.num_queries, rounding_mode="floor")
+                vote = alpha * vote + (1 - alpha) * torch.stack([(q_view == i).float().mean(-1) for i in range(n)], -1)
+                a = alpha * m_bar + (1 - alpha) * q_bar
+                gate_inputs.append(q_bar)
+            else:
+                a = m_bar
+                gate_inputs.append(m_bar)
+            class_tokens.append(a)
+            votes.append(vote)
+        v, g = self.mixture(class_tokens, gate_inputs)
+        labels = labels or self.config.labels
+        if prompt_names is None:
+            prompt_names = self.config.names if labels == self.config.labels else [readable_name(x) for x in labels]
+        z = self.text_head(prompt_names)
+        logits = self.head(v, z, labels)
+        n_max = max(x.shape[-1] for x in votes)
+        votes = torch.stack([nn.functional.pad(x, (0, n_max - x.shape[-1])) for x in votes], dim=1)
+        return MedBridgeOutput(logits, v, g, votes, z)
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, out: MedBridgeOutput, targets: Tensor, mask: Tensor | None = None,
+             reports: list[str | None] | None = None) -> Tensor:
+        """Masked multi-label BCE (+ report_weight * BCE between report embeddings and the labels)."""
+        loss = masked_bce(out.logits, targets, mask)
+        if self.config.report_weight > 0 and reports is not None:
+            idx = [i for i, r in enumerate(reports) if r]
+            if idx:
+                r = self.text_head.encode_uncached([reports[i] for i in idx])
+                r_logits = self.head(r, out.label_embedding)
+                sub_mask = None if mask is None else mask[idx]
+                loss = loss + self.config.report_weight * masked_bce(r_logits, targets[idx], sub_mask)
+        return loss
+
+    # ------------------------------------------------------------------ bookkeeping
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_report(self) -> dict:
+        trainable = sum(p.numel() for p in self.trainable_parameters().values())
+        backbone = sum(p.numel() for b in self.backbones for p in b.vision.parameters())
+        text = sum(p.numel() for p in self.text_head.text.parameters())
+        frozen_total = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "vision_backbones": backbone, "text_tower": text,
+                "frozen_total": frozen_total, "percent_of_vision_backbones": 100.0 * trainable / max(backbone, 1),
+                "percent_of_all_frozen": 100.0 * trainable / max(frozen_total, 1)}

@@ -1,0 +1,66 @@
+"""QEncoder: learnable query tokens injected after block T1 of a frozen ViT, run through its own blocks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ...backbones.base import VisionTower
+
+ATTENTION_MODES = ("joint", "isolated")
+
+
+class QEncoder(nn.Module):
+    """Blocks 1..T1 run on the frozen tokens only (the cacheable prefix); then Q queries (N(0, 0.02)) are appended
+    and blocks T1+1..T run on [frozen; queries].
+
+    ``attention="joint"`` (paper): frozen tokens and queries attend to each other.
+    ``attention="isolated"``: frozen tokens never see the queries, so their path is exactly the pretrained model
+    (queries still attend to everything). Implemented with the backbone's own blocks, no masks: each block runs
+    once on the frozen tokens alone and once on [frozen; queries], keeping only the query rows of the latter.
+    """
+
+    def __init__(self, vision: VisionTower, t1: int, num_queries: int, attention: str = "isolated") -> None:
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if not 0 <= t1 < vision.depth:
+            raise ValueError(f"t1 must satisfy 0 <= t1 < depth ({vision.depth}) so that queries see at least one "
+                             f"block; got t1={t1}")
+        if num_queries < 0:
+            raise ValueError(f"num_queries must be >= 0, got {num_queries}")
+        self.vision = vision  # frozen; not trained
+        self.t1 = t1
+        self.num_queries = num_queries
+        self.attention = attention
+        self.queries = nn.Parameter(torch.randn(num_queries, vision.width) * 0.02)
+
+    def prefix(self, pixels: Tensor) -> Tensor:
+        """Frozen tokens after block T1: [B, L, width]. Identical every epoch for fixed views (cacheable)."""
+        with torch.no_grad():
+            return self.vision.run_blocks(self.vision.embed(pixels), 0, self.t1)
+
+    def forward_from_prefix(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Prefix tokens [B, L, width] -> (pooled frozen embedding [B, E], query outputs [B, Q, E])."""
+        blocks = list(self.vision.blocks)[self.t1:]
+        n_frozen = tokens.shape[1]
+        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        if self.num_queries == 0:
+            with torch.no_grad():
+                frozen = self.vision.run_blocks(tokens, self.t1)
+            return self.vision.finalize(frozen), tokens.new_zeros(tokens.shape[0], 0, self.vision.embed_dim)
+        if self.attention == "joint":
+            x = torch.cat([tokens, q], dim=1)
+            for block in blocks:
+                x = block(x)
+            frozen, q = x[:, :n_frozen], x[:, n_frozen:]
+        else:
+            frozen = tokens
+            for block in blocks:
+                q = block(torch.cat([frozen, q], dim=1))[:, n_frozen:]
+                with torch.no_grad():
+                    frozen = block(frozen)
+        return self.vision.finalize(frozen), self.vision.finalize_tokens(q)
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward_from_prefix(self.prefix(pixels))

@@ -1,0 +1,217 @@
+"""MedBridge model: trainable set, frozen backbones, isolated-mode exactness, zero-shot equivalence, MoE, round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medbridge.backbones import tiny_builders
+from medbridge.data.focal import FocalConfig
+from medbridge.methods.heads import masked_bce
+from medbridge.methods.medbridge import (
+    AdapterMismatchError,
+    MedBridgeConfig,
+    MedBridgeModel,
+    QEncoder,
+    load_adapter,
+    save_adapter,
+)
+
+B = tiny_builders()
+LABELS = ["Effusion", "Pleural_Thickening", "Cardiomegaly"]
+
+
+def _model(names=("tiny-clip-vit-b-16",), **kw) -> MedBridgeModel:
+    torch.manual_seed(0)
+    cfg = MedBridgeConfig(labels=LABELS, backbones=list(names), t1=kw.pop("t1", 2),
+                          focal=FocalConfig(region_size=16, stride=16), **kw)
+    return MedBridgeModel(cfg, [B[n]() for n in names])
+
+
+def _pixels(model, b=2, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, 3, p.image_size, p.image_size, generator=g) for p in model.preprocess]
+
+
+def test_only_adapter_trains_and_backbones_stay_bitwise_equal():
+    model = _model(attention="joint")
+    before = {n: p.detach().clone() for b in model.backbones for n, p in b.named_parameters()}
+    trainable = model.trainable_parameters()
+    assert trainable and not any(n.startswith("backbones.") for n in trainable)
+    assert all(not p.requires_grad for p in model.backbones.parameters())
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    model.train()
+    out = model(_pixels(model))
+    y = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 1.0]])
+    loss = model.loss(out, y)
+    loss.backward()
+    assert model.encoders[0].queries.grad is not None and model.encoders[0].queries.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbones.parameters())
+    snapshot = {n: p.detach().clone() for n, p in trainable.items()}
+    opt.step()
+    after = {n: p for b in model.backbones for n, p in b.named_parameters()}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert any(not torch.equal(snapshot[n], p) for n, p in trainable.items())
+
+
+def test_isolated_mode_frozen_path_equals_plain_backbone():
+    for seed in (0, 1):
+        model = _model(attention="isolated", num_queries=4)
+        with torch.no_grad():
+            model.encoders[0].queries.normal_(generator=torch.Generator().manual_seed(seed))
+        x = torch.randn(3, 3, 32, 32)
+        with torch.no_grad():
+            frozen, queries = model.encoders[0](x)
+            plain = model.backbones[0].vision(x)
+        torch.testing.assert_close(frozen, plain, atol=1e-5, rtol=1e-5)
+        assert queries.shape == (3, 4, model.backbones[0].vision.embed_dim)
+
+
+def test_joint_mode_lets_queries_change_frozen_tokens():
+    model = _model(attention="joint", num_queries=4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.encoders[0].queries.mul_(100)
+        frozen, _ = model.encoders[0](x)
+        assert not torch.allclose(frozen, model.backbones[0].vision(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-clip-vit-b-16", "tiny-siglip-vit-b-16", "tiny-hf-clip"])
+def test_q0_frozen_only_equals_zero_shot_cosine(name):
+    model = _model((name,), num_queries=0, frozen_weight=1.0, logits="cosine", t1=1)
+    bb = model.backbones[0]
+    size = bb.vision.preprocess.image_size
+    x = torch.randn(2, 1, 3, size, size)  # whole image only
+    with torch.no_grad():
+        out = model([x])
+        img = F.normalize(bb.vision.reference_forward(x[:, 0]), dim=-1)
+        prompts = [f"a radiology image with {n}." for n in ["effusion", "pleural thickening", "cardiomegaly"]]
+        txt = F.normalize(bb.text.reference_encode(bb.text.tokenize(prompts)), dim=-1)
+    assert model.text_head.init == "model text projection"
+    torch.testing.assert_close(out.logits, img @ txt.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_mixture_of_experts_of_different_widths():
+    model = _model(("tiny-clip-vit-b-16", "tiny-hf-dinov2", "tiny-timm-vit"), num_queries=2)
+    dims = [b.vision.embed_dim for b in model.backbones]
+    assert len(set(dims)) > 1
+    with torch.no_grad():
+        model.mixture.gate.weight.normal_()
+    out = model(_pixels(model))
+    assert out.gate.shape == (2, 3)
+    torch.testing.assert_close(out.gate.sum(-1), torch.ones(2))
+    model.loss(out, torch.ones(2, 3)).backward()
+    for enc in model.encoders:
+        assert enc.queries.grad is not None and enc.queries.grad.abs().sum() > 0
+    assert out.view_votes.shape == (2, 3, 3)
+
+
+def test_single_expert_has_no_gate():
+    model = _model()
+    assert model.mixture.gate is None
+    out = model(_pixels(model))
+    assert torch.equal(out.gate, torch.ones(2, 1))
+
+
+def test_text_features_cached_and_new_labels_need_no_retraining():
+    model = _model()
+    with torch.no_grad():
+        out = model(_pixels(model))
+        assert len(model.text_head._cache) == 1
+        model(_pixels(model))
+        assert len(model.text_head._cache) == 1
+        new = model(_pixels(model), labels=["Pneumonia", "Effusion"])
+    assert new.logits.shape == (2, 2)
+    torch.testing.assert_close(new.logits[:, 1], out.logits[:, 0])
+
+
+def test_masked_bce_ignores_unknown_labels():
+    logits = torch.tensor([[2.0, -1.0]])
+    assert masked_bce(logits, torch.tensor([[float("nan"), float("nan")]])) == 0
+    full = masked_bce(logits, torch.tensor([[1.0, 0.0]]))
+    half = masked_bce(logits, torch.tensor([[1.0, float("nan")]]))
+    assert torch.isclose(half, F.binary_cross_entropy_with_logits(logits[:, :1], torch.ones(1, 1)))
+    assert full != half
+
+
+def test_report_supervision_adds_a_term():
+    model = _model(report_weight=0.5)
+    out = model(_pixels(model))
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    with_reports = model.loss(out, y, reports=["large left pleural effusion", None])
+    assert not torch.isclose(with_reports, model.loss(out, y))
+
+
+def test_adapter_round_trip_and_wrong_backbone(tmp_path):
+    model = _model(("tiny-clip-vit-b-16", "tiny-hf-dinov2"), num_queries=3)
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_adapter(model, tmp_path)
+    assert {f.name for f in tmp_path.iterdir()} == {"adapter.safetensors", "adapter_config.json"}
+    px = _pixels(model)
+    loaded = load_adapter(tmp_path, [B["tiny-clip-vit-b-16"](), B["tiny-hf-dinov2"]()])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(px).logits, model.eval()(px).logits, atol=0, rtol=0)
+    from medbridge.backbones.tiny import tiny_open_clip
+
+    with pytest.raises(AdapterMismatchError, match="expert 0"):
+        load_adapter(tmp_path, [tiny_open_clip("ViT-B-16-quickgelu", seed=9), B["tiny-hf-dinov2"]()])
+    report = model.parameter_report()
+    assert report["trainable"] == sum(p.numel() for p in model.trainable_parameters().values())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(labels=[]), "empty"),
+    (dict(labels=["A"], prompt_names=[""]), "no prompt name"),
+    (dict(labels=["A"], num_queries=-1), "num_queries"),
+    (dict(labels=["A"], frozen_weight=1.5), "frozen_weight"),
+    (dict(labels=["A"], attention="cross"), "attention"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MedBridgeConfig(**kw)
+
+
+def test_t1_and_view_shape_errors():
+    vision = B["tiny-clip-vit-b-16"]().vision
+    with pytest.raises(ValueError, match="t1"):
+        QEncoder(vision, t1=vision.depth, num_queries=2)
+    model = _model()
+    with pytest.raises(ValueError, match=r"\[B, N, 3, 32, 32\]"):
+        model([torch.randn(2, 3, 32, 32)])
+
+
+def test_vision_only_expert_needs_text_source():
+    cfg = MedBridgeConfig(labels=LABELS, backbones=["tiny-hf-dinov2"])
+    with pytest.raises(ValueError, match="no text"):
+        MedBridgeModel(cfg, [B["tiny-hf-dinov2"]()])
+
+
+def test_views_from_image_feed_the_model():
+    model = _model(("tiny-clip-vit-b-16", "tiny-timm-vit"))
+    img = np.random.default_rng(0).random((48, 40)).astype(np.float32)
+    views = model.views(img)
+    assert len(views) == 2 and torch.equal(views[0].boxes, views[1].boxes)
+    out = model([v.pixels.unsqueeze(0) for v in views])
+    assert out.logits.shape == (1, 3)
+
+
+@pytest.mark.slow
+def test_real_bundled_backbone_on_real_xrays(nih_sample, bundled_backbone):
+    from medbridge.data.images import read_image
+
+    cfg = MedBridgeConfig(labels=LABELS, backbones=["dinov2-small+minilm-l6"], num_queries=4,
+                          focal=FocalConfig(region_size=512, stride=512))
+    model = MedBridgeModel(cfg, [bundled_backbone])
+    files = sorted((nih_sample / "images").glob("*.jpg"))[:2]
+    views = [model.views(read_image(f))[0] for f in files]
+    px = torch.stack([v.pixels for v in views])  # [2, 5, 3, 224, 224]
+    out = model([px])
+    loss = model.loss(out, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, float("nan")]]))
+    loss.backward()
+    assert torch.isfinite(loss) and model.encoders[0].queries.grad.abs().sum() > 0
+    report = model.parameter_report()
+    assert report["percent_of_all_frozen"] < 4.0  # the paper counts the whole VLM (vision + text towers)
