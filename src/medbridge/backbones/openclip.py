@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone, PreprocessConfig, TextFeatures, TextTokens, TextTower, TokenBlock, VisionTower
-from .timm_vit import TimmVisionTower
+from .timm_vit import timm_vision_tower
 
 
 def _preprocess_of(visual: nn.Module, default_size: int) -> PreprocessConfig:
@@ -142,8 +142,8 @@ def wrap_open_clip(name: str, model: nn.Module, tokenizer, aligned: bool = True)
     """Wrap a built open_clip model (``CLIP`` or ``CustomTextCLIP``) as a :class:`Backbone`."""
     visual = model.visual
     if hasattr(visual, "trunk"):  # TimmModel: a timm ViT trunk plus an optional head
-        vision: VisionTower = TimmVisionTower(visual.trunk, head=visual.head,
-                                              preprocess=_preprocess_of(visual, 224))
+        vision: VisionTower = timm_vision_tower(visual.trunk, head=visual.head,
+                                                preprocess=_preprocess_of(visual, 224))
     else:
         vision = OpenClipVisionTower(visual)
     text = OpenClipTextTower(model, tokenizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .base import Backbone, PreprocessConfig, TokenBlock, VisionTower
@@ -66,9 +67,53 @@ class TimmVisionTower(VisionTower):
         return self.head(self.model(pixels))
 
 
+class RopeBlock(nn.Module):
+    """A timm EVA block called with the rotary embedding of the current input size. Tokens beyond the rope's
+    length (learnable queries appended after the patches) get the identity rotation (sin 0, cos 1)."""
+
+    def __init__(self, block: nn.Module, tower: TimmEvaVisionTower) -> None:
+        super().__init__()
+        self.block = block
+        self._tower = [tower]  # a list, so the tower is not registered as a submodule (no cycle)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        tower = self._tower[0]
+        rope = tower.rope
+        if rope is not None:
+            extra = tokens.shape[1] - tower.num_prefix_tokens - rope.shape[-2]
+            if extra > 0:
+                half = rope.shape[-1] // 2
+                ident = torch.cat([rope.new_zeros(extra, half), rope.new_ones(extra, half)], dim=-1)
+                rope = torch.cat([rope, ident.expand(*rope.shape[:-2], extra, 2 * half)], dim=-2)
+        return self.block(tokens, rope=rope)
+
+
+class TimmEvaVisionTower(TimmVisionTower):
+    """timm ``Eva`` models (EVA-02 / EVA-CLIP trunks) with rotary position embeddings."""
+
+    def __init__(self, model: nn.Module, head: nn.Module | None = None,
+                 preprocess: PreprocessConfig | None = None) -> None:
+        super().__init__(model, head, preprocess)
+        if getattr(model, "rope_mixed", False):
+            raise NotImplementedError("timm EVA models with depth-mixed rotary embeddings are not supported")
+        self.rope: Tensor | None = None
+        self._blocks = nn.ModuleList(RopeBlock(b, self) for b in model.blocks)
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        x, self.rope = self.model._pos_embed(self.model.patch_embed(pixels))
+        return self.model.norm_pre(x)
+
+
+def timm_vision_tower(model: nn.Module, head: nn.Module | None = None,
+                      preprocess: PreprocessConfig | None = None) -> TimmVisionTower:
+    """The right tower class for a timm model (rotary EVA or plain ViT)."""
+    cls = TimmEvaVisionTower if hasattr(model, "rope") else TimmVisionTower
+    return cls(model, head, preprocess)
+
+
 def create_timm_vit(name: str, arch: str, pretrained: bool = False, **kwargs) -> Backbone:
     """Build a timm ViT (``arch`` may be ``hf-hub:...`` or ``local-dir:...``) without its classifier."""
     import timm
 
     model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
-    return Backbone(name, TimmVisionTower(model))
+    return Backbone(name, timm_vision_tower(model))

@@ -10,9 +10,10 @@ from .base import Backbone
 from .bundled import minilm_dir
 from .hf import HFTextTower, wrap_transformers
 from .openclip import wrap_open_clip
-from .timm_vit import TimmVisionTower
+from .timm_vit import timm_vision_tower
 
-TINY_TIMM_FOR = {"vit_base_patch16_siglip_224": "vit_tiny_patch16_224"}
+TINY_TIMM_FOR = {"vit_base_patch16_siglip_224": "vit_tiny_patch16_224",
+                 "eva02_base_patch16_clip_224": "eva02_tiny_patch14_224"}
 
 
 def _bert_tokenizer():
@@ -41,7 +42,7 @@ def tiny_open_clip(arch: str = "ViT-B-16-quickgelu", layers: int = 4, seed: int 
     tcfg.pop("tokenizer_kwargs", None)
     tcfg.update(width=48, heads=2, layers=layers, vocab_size=49408, context_length=77)
     # a timm trunk without projection outputs its own width (192 for vit_tiny): the text side must match it
-    cfg["embed_dim"] = 192 if vcfg.get("timm_model_name") and vcfg.get("timm_proj") == "none" else 32
+    cfg["embed_dim"] = 192 if vcfg.get("timm_model_name") and vcfg.get("timm_proj") in ("none", None) else 32
     if "-quickgelu" in arch:
         cfg["quick_gelu"] = True
     custom = cfg.pop("custom_text", False)
@@ -56,7 +57,7 @@ def tiny_timm_vit(arch: str = "vit_base_patch16_224", seed: int = 0, **kwargs) -
     torch.manual_seed(seed)
     model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=32, patch_size=8, embed_dim=64,
                               depth=4, num_heads=2, **kwargs).eval()
-    return Backbone(f"tiny:{arch}", TimmVisionTower(model))
+    return Backbone(f"tiny:{arch}", timm_vision_tower(model))
 
 
 def tiny_hf(model_type: str, seed: int = 0) -> Backbone:
