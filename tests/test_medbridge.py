@@ -220,3 +220,15 @@ def test_real_bundled_backbone_on_real_xrays(nih_sample, bundled_backbone):
     assert torch.isfinite(loss) and model.encoders[0].queries.grad.abs().sum() > 0
     report = model.parameter_report()
     assert report["percent_of_all_frozen"] < 4.0  # the paper counts the whole VLM (vision + text towers)
+
+
+def test_vision_only_expert_with_separate_text_tower():
+    from medbridge.backbones.tiny import tiny_bert_text_tower
+
+    cfg = MedBridgeConfig(labels=LABELS, backbones=["tiny-hf-dinov2"], text_source="minilm-l6", t1=1)
+    model = MedBridgeModel(cfg, [B["tiny-hf-dinov2"]()], text=tiny_bert_text_tower())
+    assert model.text_head.init == "random"  # 48-wide text, 64-wide image: a learnt map
+    out = model(_pixels(model))
+    model.loss(out, torch.ones(2, 3)).backward()
+    assert model.text_head.proj.weight.grad is not None
+    assert all(p.grad is None for p in model.text_head.text.parameters())
