@@ -15,6 +15,7 @@ Source strings (what ``--backbone`` accepts):
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,13 +119,19 @@ for _spec in BUILTIN_BACKBONES:
 
 
 # ----------------------------------------------------------------------------------------------- availability
-def _hf_cached(repo: str) -> bool:
+@functools.lru_cache(maxsize=1)
+def _hf_cached_repos() -> frozenset[str]:
+    """Repo ids in the local Hugging Face cache (scanned once per process, not once per backbone)."""
     try:
         from huggingface_hub import scan_cache_dir
 
-        return any(r.repo_id == repo for r in scan_cache_dir().repos)
+        return frozenset(r.repo_id for r in scan_cache_dir().repos)
     except Exception:
-        return False
+        return frozenset()
+
+
+def _hf_cached(repo: str) -> bool:
+    return repo in _hf_cached_repos()
 
 
 def availability(spec: BackboneSpec) -> str:

@@ -26,7 +26,7 @@ def backbone_fingerprint(backbone: Backbone) -> dict:
     with torch.no_grad():
         params = list(v.parameters())
         probe = [params[0], params[len(params) // 2], params[-1]]
-        checksum = float(sum(p.double().abs().sum() for p in probe))
+        checksum = float(sum(p.detach().cpu().double().abs().sum() for p in probe))  # same on any device
     return {"name": backbone.name, "width": v.width, "depth": v.depth, "embed_dim": v.embed_dim,
             "image_size": v.preprocess.image_size, "checksum": round(checksum, 3)}
 

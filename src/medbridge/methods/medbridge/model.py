@@ -119,9 +119,8 @@ class MedBridgeModel(nn.Module):
         self.mixture = ExpertMixture(dims, self.embed_dim)
         self.text_head = LabelTextHead(text, self.embed_dim, config.template)
         self.head = CosineLogits(config.labels, config.logits, config.init_scale)
-        for b in backbones:  # adapter-only trainability, checked in tests
-            for p in b.parameters():
-                p.requires_grad_(False)
+        for p in text.parameters():  # a separately given text tower is frozen too (backbones froze above)
+            p.requires_grad_(False)
 
     # ------------------------------------------------------------------ views
     @property
