@@ -228,6 +228,7 @@ def test_vision_only_expert_with_separate_text_tower():
     cfg = MedBridgeConfig(labels=LABELS, backbones=["tiny-hf-dinov2"], text_source="minilm-l6", t1=1)
     model = MedBridgeModel(cfg, [B["tiny-hf-dinov2"]()], text=tiny_bert_text_tower())
     assert model.text_head.init == "random"  # 48-wide text, 64-wide image: a learnt map
+    assert not any(n.startswith("text_head.text.") for n in model.trainable_parameters())  # given tower frozen
     out = model(_pixels(model))
     model.loss(out, torch.ones(2, 3)).backward()
     assert model.text_head.proj.weight.grad is not None
