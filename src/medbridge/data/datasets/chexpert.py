@@ -1,0 +1,130 @@
+"""CheXpert v1.0 / CheXpert-v1.0-small (Irvin et al., AAAI 2019) and CheXpert Plus (Chambon et al. 2024)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..labels import CHEXPERT_LABELS, apply_uncertainty
+from ..table import DatasetError, ImageTable, build_table, parse_label_values, read_csv, require_columns
+
+CITATION = ("Irvin J. et al. CheXpert: a large chest radiograph dataset with uncertainty labels and expert "
+            "comparison. AAAI 2019.")
+CITATION_PLUS = ("Chambon P. et al. CheXpert Plus: augmenting a large chest X-ray dataset with text radiology "
+                 "reports, patient demographics and additional image formats. arXiv:2405.19538 (2024).")
+PREFIXES = ("CheXpert-v1.0-small/", "CheXpert-v1.0/")
+PLUS_CSV = "df_chexpert_plus_240401.csv"
+PLUS_LABEL_FILES = ("impression_fixed.json", "findings_fixed.json", "report_fixed.json")
+
+
+def _view(frontal_lateral: pd.Series, ap_pa: pd.Series) -> list[str | None]:
+    out = []
+    for fl, ap in zip(frontal_lateral.fillna(""), ap_pa.fillna("")):
+        fl, ap = str(fl).strip().lower(), str(ap).strip().upper()
+        if fl == "lateral":
+            out.append("LATERAL")
+        elif ap in ("AP", "PA", "LL", "RL"):
+            out.append(ap)
+        else:
+            out.append("FRONTAL" if fl == "frontal" else None)
+    return out
+
+
+def load_chexpert(root: str | Path, *, uncertain: str = "ignore", blank: str = "zeros",
+                  check_files: bool = True) -> ImageTable:
+    """Load CheXpert v1.0 or v1.0-small: ``train.csv`` + ``valid.csv`` (official split train/val) and the
+    ``train/`` ``valid/`` image folders; ``Path`` values' ``CheXpert-v1.0(-small)/`` prefix is stripped.
+    Labels as written (1/0/-1/blank) mapped by ``uncertain`` and ``blank``; "No Finding" is kept as a label
+    exactly as annotated (no rule zeroes other labels)."""
+    root = Path(root)
+    parts = []
+    for fname, split in (("train.csv", "train"), ("valid.csv", "val")):
+        f = root / fname
+        if not f.is_file():
+            if split == "val":
+                continue
+            raise DatasetError(f"CheXpert: expected {f} (train.csv / valid.csv of CheXpert v1.0)")
+        frame = read_csv(f, "CheXpert", dtype={"Path": str})
+        require_columns(frame, ["Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS], f)
+        raw = parse_label_values(frame, CHEXPERT_LABELS, f)
+        parts.append((frame, raw, split))
+    frame = pd.concat([p[0] for p in parts], ignore_index=True)
+    raw = np.concatenate([p[1] for p in parts])
+    split = sum(([p[2]] * len(p[0]) for p in parts), [])
+    rel = frame["Path"].str.strip()
+    for prefix in PREFIXES:
+        rel = rel.str.replace(prefix, "", n=1, regex=False) if rel.str.startswith(prefix).any() else rel
+    patient = rel.str.extract(r"(patient\d+)")[0]
+    if patient.isna().any():
+        i = int(patient.isna().to_numpy().nonzero()[0][0])
+        raise DatasetError(f"CheXpert: row {i + 2} column 'Path': {frame['Path'].iloc[i]!r} has no patientNNNNN part")
+    meta = pd.DataFrame({"path": [str(root / r) for r in rel], "patient_id": patient,
+                         "view": _view(frame["Frontal/Lateral"], frame["AP/PA"]), "split": split, "report": None,
+                         "sex": frame.get("Sex"), "age": frame.get("Age")})
+    return build_table("chexpert", root, CHEXPERT_LABELS, meta, apply_uncertainty(raw, uncertain, blank),
+                       citation=CITATION, check_files=check_files, source=str(root / "train.csv"),
+                       notes={"uncertain": uncertain, "blank": blank})
+
+
+def _read_json_lines(path: Path) -> pd.DataFrame:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}: line {i + 1} is not a JSON object (CheXbert label files are JSON lines): "
+                               f"{exc}") from exc
+    return pd.DataFrame(rows)
+
+
+def _plus_image_root(root: Path) -> Path:
+    for cand in (root / "PNG" / "PNG", root / "PNG", root):
+        if (cand / "train").is_dir() or (cand / "valid").is_dir():
+            return cand
+    return root / "PNG"
+
+
+def load_chexpert_plus(root: str | Path, *, label_source: str = "impression", uncertain: str = "ignore",
+                       blank: str = "zeros", check_files: bool = True) -> ImageTable:
+    """Load CheXpert Plus: ``df_chexpert_plus_240401.csv`` (reports by section, patient ids, split) and CheXbert
+    labels from ``chexbert_labels/{impression,findings,report}_fixed.json`` (JSON lines, merged on
+    path_to_image). Images are the PNG release under ``PNG/PNG/`` or ``PNG/`` (``.jpg`` names mapped to ``.png``)
+    . Report text = findings + impression sections. Official split: train / valid (-> val); no test split."""
+    root = Path(root)
+    csv = root / PLUS_CSV
+    frame = read_csv(csv, "CheXpert Plus", dtype={"path_to_image": str, "deid_patient_id": str})
+    require_columns(frame, ["path_to_image", "deid_patient_id", "frontal_lateral", "ap_pa", "split",
+                            "section_findings", "section_impression"], csv)
+    lab_file = root / "chexbert_labels" / f"{label_source}_fixed.json"
+    if f"{label_source}_fixed.json" not in PLUS_LABEL_FILES:
+        raise DatasetError(f"CheXpert Plus label_source must be impression, findings or report, got {label_source!r}")
+    if not lab_file.is_file():
+        raise DatasetError(f"CheXpert Plus: expected CheXbert labels {lab_file}")
+    labels = _read_json_lines(lab_file)
+    require_columns(labels, ["path_to_image", *CHEXPERT_LABELS], lab_file)
+    if labels["path_to_image"].duplicated().any():
+        p = labels["path_to_image"][labels["path_to_image"].duplicated()].iloc[0]
+        raise DatasetError(f"{lab_file}: image {p} has more than one label line")
+    raw = parse_label_values(labels, CHEXPERT_LABELS, lab_file)
+    values = pd.DataFrame(raw, columns=list(CHEXPERT_LABELS))
+    values["path_to_image"] = labels["path_to_image"].to_numpy()
+    merged = frame.merge(values, on="path_to_image", how="inner")
+    if len(merged) == 0:
+        raise DatasetError(f"CheXpert Plus: no path_to_image in {lab_file} matches {csv}")
+    image_root = _plus_image_root(root)
+    rel = merged["path_to_image"].str.strip().str.replace(r"\.jpe?g$", ".png", regex=True)
+    report = [" ".join(str(x) for x in (f, i) if isinstance(x, str) and x.strip()) or None
+              for f, i in zip(merged["section_findings"], merged["section_impression"])]
+    meta = pd.DataFrame({"path": [str(image_root / r) for r in rel], "patient_id": merged["deid_patient_id"],
+                         "view": _view(merged["frontal_lateral"], merged["ap_pa"]),
+                         "split": merged["split"].map({"train": "train", "valid": "val", "test": "test"}),
+                         "report": report, "sex": merged.get("sex"), "age": merged.get("age")})
+    targets = apply_uncertainty(merged[list(CHEXPERT_LABELS)].to_numpy(dtype="float32"), uncertain, blank)
+    return build_table("chexpert-plus", root, CHEXPERT_LABELS, meta, targets, citation=CITATION_PLUS,
+                       check_files=check_files, source=str(csv),
+                       notes={"label_source": label_source, "uncertain": uncertain, "blank": blank})

@@ -1,0 +1,98 @@
+"""Generic layouts for any other dataset: a label CSV/TSV, or one folder per class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..labels import apply_uncertainty
+from ..table import DatasetError, ImageTable, build_table, parse_label_values, read_csv, require_columns
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
+IMAGE_COLUMNS = ("path", "image", "image_path", "filename", "file", "Path", "Image Index")
+KNOWN_COLUMNS = {"patient_id", "patient", "report", "view", "split", "study_id", "age", "sex"}
+
+
+def load_csv(path: str | Path, *, image_column: str | None = None, label_columns: list[str] | None = None,
+             labels_column: str | None = None, separator: str = "|", patient_column: str | None = None,
+             report_column: str | None = None, view_column: str | None = None, split_column: str | None = None,
+             image_root: str | Path | None = None, uncertain: str = "ignore", blank: str = "ignore",
+             check_files: bool = True, name: str | None = None) -> ImageTable:
+    """Load a CSV (``.csv``) or TSV (``.tsv``/``.txt``) with one row per image.
+
+    - ``image_column``: relative (to ``image_root``, default the CSV's folder) or absolute paths; default: the
+      first of ``path``, ``image``, ``image_path``, ``filename``, ``file``.
+    - Labels either as one column per label with 1 / 0 / -1 / blank (``label_columns``; default: every column
+      not used otherwise), or one ``labels_column`` of ``separator``-delimited names (empty = no finding).
+    - Optional ``patient_column`` (default ``patient_id``/``patient`` if present, else the image is its own
+      patient), ``report_column``, ``view_column``, ``split_column`` (train/val/test).
+    Blank label cells are unknown (NaN) by default (``blank="zeros"`` reads them as negative)."""
+    path = Path(path)
+    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    frame = read_csv(path, "CSV dataset", sep=sep, dtype=str, keep_default_na=True)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if image_column is None:
+        image_column = next((c for c in IMAGE_COLUMNS if c in frame.columns), None)
+        if image_column is None:
+            raise DatasetError(f"{path}: no image-path column; name it one of {list(IMAGE_COLUMNS)} or pass "
+                               f"image_column (columns present: {list(frame.columns)})")
+    patient_column = patient_column or next((c for c in ("patient_id", "patient") if c in frame.columns), None)
+    report_column = report_column or ("report" if "report" in frame.columns else None)
+    view_column = view_column or ("view" if "view" in frame.columns else None)
+    split_column = split_column or ("split" if "split" in frame.columns else None)
+    used = {image_column, patient_column, report_column, view_column, split_column, labels_column} - {None}
+    require_columns(frame, sorted(used), path)
+    if labels_column is not None:
+        tokens = frame[labels_column].fillna("").map(lambda s: [t.strip() for t in str(s).split(separator)
+                                                                  if t.strip()])
+        labels = sorted({t for toks in tokens for t in toks})
+        if not labels:
+            raise DatasetError(f"{path}: column {labels_column!r} names no labels")
+        targets = np.array([[float(lab in toks) for lab in labels] for toks in tokens], dtype=np.float32)
+    else:
+        label_columns = label_columns or [c for c in frame.columns if c not in used and c not in KNOWN_COLUMNS]
+        if not label_columns:
+            raise DatasetError(f"{path}: no label columns (columns present: {list(frame.columns)})")
+        require_columns(frame, label_columns, path)
+        labels = list(label_columns)
+        targets = apply_uncertainty(parse_label_values(frame, labels, path), uncertain, blank)
+    base = Path(image_root) if image_root else path.parent
+    images = frame[image_column]
+    if images.isna().any():
+        i = int(images.isna().to_numpy().nonzero()[0][0])
+        raise DatasetError(f"{path}: row {i + 2} column {image_column!r}: empty image path")
+    paths = [str(p if Path(p).is_absolute() else base / p) for p in images.str.strip()]
+    split = frame[split_column].str.strip().str.lower().replace({"valid": "val", "validate": "val",
+                                                                "validation": "val"}) if split_column else None
+    if split is not None and (~split.isin(["train", "val", "test"]) & split.notna()).any():
+        i = int((~split.isin(["train", "val", "test"]) & split.notna()).to_numpy().nonzero()[0][0])
+        raise DatasetError(f"{path}: row {i + 2} column {split_column!r}: {frame[split_column].iloc[i]!r} is not "
+                           "train / val / test")
+    meta = pd.DataFrame({"path": paths,
+                         "patient_id": frame[patient_column] if patient_column else images.str.strip(),
+                         "view": frame[view_column].str.upper() if view_column else None,
+                         "split": split, "report": frame[report_column] if report_column else None})
+    return build_table(name or path.stem, base, labels, meta, targets, check_files=check_files, source=str(path))
+
+
+def load_folder(root: str | Path, *, check_files: bool = True, name: str | None = None) -> ImageTable:
+    """One sub-folder per class (``root/<class>/*.png``): each image is positive for its folder's class and
+    negative for the others. The file stem is the patient id (use a CSV when patients have several images)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"folder dataset: {root} is not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"folder dataset {root}: expected one sub-folder per class, found none")
+    rows, targets = [], []
+    for j, cls in enumerate(classes):
+        for f in sorted((root / cls).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append({"path": str(f), "patient_id": f.stem, "view": None, "split": None, "report": None})
+                targets.append(np.eye(len(classes), dtype=np.float32)[j])
+    if not rows:
+        raise DatasetError(f"folder dataset {root}: no images ({sorted(IMAGE_SUFFIXES)}) in {classes}")
+    return build_table(name or root.name, root, classes, pd.DataFrame(rows), np.stack(targets),
+                       check_files=check_files, source=str(root))

@@ -1,0 +1,44 @@
+"""RSNA Pneumonia Detection Challenge (Kaggle 2018; Shih et al., Radiology: AI 2019)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..table import DatasetError, ImageTable, build_table, read_csv, require_columns
+
+CITATION = ("Shih G. et al. Augmenting the National Institutes of Health chest radiograph dataset with expert "
+            "annotations of possible pneumonia. Radiology: Artificial Intelligence 1(1), 2019.")
+LABELS = ("Pneumonia",)
+
+
+def load_rsna(root: str | Path, *, read_views: bool = False, check_files: bool = True) -> ImageTable:
+    """Load the RSNA Pneumonia training set: ``stage_2_train_labels.csv`` (one row per box; the image label is the
+    max ``Target`` over its rows) and ``stage_2_train_images/<patientId>.dcm``. One label, "Pneumonia" (lung
+    opacity suggestive of pneumonia); one image per patientId; no official validation/test labels, so split by
+    patient. ``read_views`` reads each DICOM header's ViewPosition (PA/AP) for view filtering.
+    Note: RSNA images are a subset of NIH ChestX-ray14 — do not train on one and test on the other."""
+    root = Path(root)
+    csv = root / "stage_2_train_labels.csv"
+    frame = read_csv(csv, "RSNA Pneumonia", dtype={"patientId": str})
+    require_columns(frame, ["patientId", "Target"], csv)
+    target = pd.to_numeric(frame["Target"], errors="coerce")
+    bad = ~target.isin([0, 1])
+    if bad.any():
+        i = int(bad.to_numpy().nonzero()[0][0])
+        raise DatasetError(f"{csv}: row {i + 2} column 'Target': {frame['Target'].iloc[i]!r} is not 0 or 1")
+    per_image = frame.assign(Target=target).groupby("patientId", sort=False)["Target"].max()
+    ids = per_image.index.str.strip()
+    folder = root / "stage_2_train_images"
+    paths = [str(folder / f"{i}.dcm") for i in ids]
+    views = [None] * len(ids)
+    if read_views:
+        import pydicom
+
+        views = [str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["ViewPosition"])
+                     .get("ViewPosition", "")).upper() or None for p in paths]
+    meta = pd.DataFrame({"path": paths, "patient_id": ids, "view": views, "split": None, "report": None,
+                         "boxes": frame.groupby("patientId", sort=False)["Target"].sum().to_numpy()})
+    return build_table("rsna-pneumonia", root, LABELS, meta, per_image.to_numpy()[:, None], citation=CITATION,
+                       check_files=check_files, source=str(csv))
