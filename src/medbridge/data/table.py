@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -117,6 +118,8 @@ def build_table(name: str, root: Path, labels, meta: pd.DataFrame, targets: np.n
                 source: str = "") -> ImageTable:
     """Fill optional metadata columns, check duplicates / missing files / emptiness, and build the table."""
     meta = meta.reset_index(drop=True).copy()
+    meta["path"] = [os.path.abspath(p) for p in meta["path"]]
+    root = Path(os.path.abspath(root))
     for col in ("view", "split", "report"):
         if col not in meta.columns:
             meta[col] = None

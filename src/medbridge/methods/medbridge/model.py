@@ -158,12 +158,53 @@ class MedBridgeModel(nn.Module):
 
     def forward_from_prefix(self, prefixes: list[Tensor], labels: list[str] | None = None,
                             prompt_names: list[str] | None = None) -> MedBridgeOutput:
-        alpha = self.config.frozen_weight
-        class_tokens, gate_inputs, votes = [], [], []
-        for k, (enc, prefix) in enumerate(zip(self.encoders, prefixes)):
+        encoded = []
+        for enc, prefix in zip(self.encoders, prefixes):
             b, n = prefix.shape[:2]
             frozen, queries = enc.forward_from_prefix(prefix.flatten(0, 1))
-            frozen = frozen.view(b, n, -1)
+            encoded.append((frozen.view(b, n, -1), queries))
+        return self._head(encoded, labels, prompt_names)
+
+    # ------------------------------------------------------------------ cache
+    def cacheable(self, pixels: Tensor | list[Tensor]) -> list[dict[str, Tensor]]:
+        """Everything of the forward pass that no trainable parameter touches, per expert: the prefix
+        {"prefix": [B, N, L, width]} (joint attention) or, in isolated mode, the frozen path's block inputs and
+        pooled output {"states": [B, N, T-T1, L, width], "frozen": [B, N, E]}. :meth:`forward_cached` continues
+        from it exactly."""
+        out = []
+        for enc, prefix in zip(self.encoders, self.prefix_tokens(pixels)):
+            b, n = prefix.shape[:2]
+            if enc.attention == "joint":
+                out.append({"prefix": prefix})
+                continue
+            states, frozen = enc.frozen_states(prefix.flatten(0, 1))
+            out.append({"states": states.view(b, n, *states.shape[1:]), "frozen": frozen.view(b, n, -1)})
+        return out
+
+    def forward_cached(self, cached: list[dict[str, Tensor]], labels: list[str] | None = None,
+                       prompt_names: list[str] | None = None) -> MedBridgeOutput:
+        if len(cached) != len(self.encoders):
+            raise ValueError(f"expected cached tensors for {len(self.encoders)} experts, got {len(cached)}")
+        encoded = []
+        for enc, item in zip(self.encoders, cached):
+            if "prefix" in item:
+                b, n = item["prefix"].shape[:2]
+                frozen, queries = enc.forward_from_prefix(item["prefix"].flatten(0, 1).float())
+                encoded.append((frozen.view(b, n, -1), queries))
+            else:
+                b, n = item["frozen"].shape[:2]
+                frozen, queries = enc.forward_from_states(item["states"].flatten(0, 1).float(),
+                                                          item["frozen"].flatten(0, 1).float())
+                encoded.append((frozen.view(b, n, -1), queries))
+        return self._head(encoded, labels, prompt_names)
+
+    def _head(self, encoded: list[tuple[Tensor, Tensor]], labels: list[str] | None,
+              prompt_names: list[str] | None) -> MedBridgeOutput:
+        """Per expert (pooled frozen tokens [B, N, E], queries [B*N, Q, E]) -> view pooling -> MoE -> logits."""
+        alpha = self.config.frozen_weight
+        class_tokens, gate_inputs, votes = [], [], []
+        for k, (enc, (frozen, queries)) in enumerate(zip(self.encoders, encoded)):
+            b, n = frozen.shape[:2]
             m_bar, m_idx = self.frozen_pool[k](frozen)
             vote = torch.stack([(m_idx == i).float().mean(-1) for i in range(n)], dim=-1)
             if self.config.num_queries > 0:

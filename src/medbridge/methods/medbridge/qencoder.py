@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ...backbones.base import VisionTower
+from ...backbones.query_rows import query_rows
 
 ATTENTION_MODES = ("joint", "isolated")
 
@@ -17,7 +18,7 @@ class QEncoder(nn.Module):
     ``attention="joint"`` (paper): frozen tokens and queries attend to each other.
     ``attention="isolated"``: frozen tokens never see the queries, so their path is exactly the pretrained model
     (queries still attend to everything). Implemented with the backbone's own blocks, no masks: each block runs
-    once on the frozen tokens alone and once on [frozen; queries], keeping only the query rows of the latter.
+    once on the frozen tokens alone and computes only the query rows of [frozen; queries] (see ``query_rows``).
     """
 
     def __init__(self, vision: VisionTower, t1: int, num_queries: int, attention: str = "isolated") -> None:
@@ -57,10 +58,32 @@ class QEncoder(nn.Module):
         else:
             frozen = tokens
             for block in blocks:
-                q = block(torch.cat([frozen, q], dim=1))[:, n_frozen:]
+                q = query_rows(block, frozen, q)
                 with torch.no_grad():
                     frozen = block(frozen)
         return self.vision.finalize(frozen), self.vision.finalize_tokens(q)
+
+    def frozen_states(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Isolated mode's frozen path, which no parameter changes: prefix tokens [B, L, width] -> (inputs of
+        blocks T1+1..T stacked [B, T-T1, L, width], pooled frozen embedding [B, E]). Cacheable like the prefix."""
+        states = []
+        with torch.no_grad():
+            x = tokens
+            for block in list(self.vision.blocks)[self.t1:]:
+                states.append(x)
+                x = block(x)
+            return torch.stack(states, dim=1), self.vision.finalize(x)
+
+    def forward_from_states(self, states: Tensor, frozen_embedding: Tensor) -> tuple[Tensor, Tensor]:
+        """Isolated mode from cached frozen states: only the query rows are computed."""
+        if self.attention != "isolated":
+            raise ValueError("cached per-layer frozen states are exact only for attention='isolated'")
+        q = self.queries.unsqueeze(0).expand(states.shape[0], -1, -1).to(states.dtype)
+        if self.num_queries == 0:
+            return frozen_embedding, states.new_zeros(states.shape[0], 0, self.vision.embed_dim)
+        for j, block in enumerate(list(self.vision.blocks)[self.t1:]):
+            q = query_rows(block, states[:, j], q)
+        return frozen_embedding, self.vision.finalize_tokens(q)
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         return self.forward_from_prefix(self.prefix(pixels))

@@ -1,0 +1,1 @@
+"""Engine: configs, frozen-activation cache, training, metrics, evaluation and run outputs."""

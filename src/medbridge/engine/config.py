@@ -1,0 +1,184 @@
+"""Run configuration: dataclasses with help text and validation, YAML presets, ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..data.focal import FocalConfig
+from ..methods.medbridge.model import MedBridgeConfig
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset folder or CSV file
+    format: str = "auto"  # nih, mimic-cxr, chexpert, chexpert-plus, rsna, covidx, csv, folder, auto
+    options: dict = field(default_factory=dict)  # loader options, e.g. {uncertain: ones}
+    split: str = "auto"  # auto (official if the dataset has one, else patient), official, patient
+    fractions: list = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test for patient splits
+    split_seed: int = 0  # seed of the patient split and the label fraction
+    label_fraction: float = 1.0  # share of training labels used (1%, 10%, 50%, 100% protocols)
+    split_file: str | None = None  # reuse a saved split (overrides split/fractions/split_seed)
+    views: str | None = None  # keep only these views: frontal, lateral, PA, AP (None: all)
+    skip_unreadable: bool = False  # skip corrupt/missing images (counted in the log) instead of failing
+
+    def validate(self) -> None:
+        if self.split not in ("auto", "official", "patient"):
+            raise ConfigError(f"data.split: {self.split!r} is not one of auto, official, patient")
+        if not 0 < float(self.label_fraction) <= 1:
+            raise ConfigError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-4  # AdamW learning rate (paper)
+    weight_decay: float = 0.01
+    batch_size: int = 16  # paper
+    epochs: int = 3  # paper
+    schedule: str = "constant"  # constant or cosine learning rate
+    seed: int = 0  # model init and batch order
+    workers: int = 2  # DataLoader workers for decoding / cache building
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1
+    amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
+    cache: bool = True  # reuse frozen activations across epochs (exact; needs fixed views)
+    cache_dir: str | None = None  # default: $MEDBRIDGE_CACHE/features or the user cache dir
+    checkpoint_every: int = 50  # steps between checkpoints (and at each epoch end)
+    eval_batch_size: int = 32
+
+    def validate(self) -> None:
+        for name in ("lr", "batch_size", "epochs", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.schedule: {self.schedule!r} is not one of constant, cosine")
+        if self.workers < 0 or self.checkpoint_every < 0:
+            raise ConfigError("train.workers and train.checkpoint_every must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as ``config.yaml`` in the run folder."""
+
+    method: str = "medbridge"  # medbridge or linear-probe
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=dict)  # MedBridgeConfig fields (labels come from the data)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: dict = field(default_factory=dict)  # linear-probe options (see methods.linear_probe.ProbeConfig)
+
+    def validate(self) -> None:
+        if self.method not in ("medbridge", "linear-probe"):
+            raise ConfigError(f"method: {self.method!r} is not one of medbridge, linear-probe")
+        self.data.validate()
+        self.train.validate()
+        allowed = {f.name for f in fields(MedBridgeConfig)} - {"labels", "prompt_names"}
+        unknown = set(self.model) - allowed
+        if unknown:
+            raise ConfigError(f"model.{sorted(unknown)[0]}: unknown key; allowed: {sorted(allowed)}")
+        if "focal" in self.model:
+            try:
+                FocalConfig(**self.model["focal"])
+            except TypeError as exc:
+                raise ConfigError(f"model.focal: {exc}") from exc
+            except ValueError as exc:
+                raise ConfigError(f"model.focal: {exc}") from exc
+        try:
+            MedBridgeConfig(labels=["x"], **self.model)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model: {exc}") from exc
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def medbridge_config(self, labels, prompt_names) -> MedBridgeConfig:
+        return MedBridgeConfig(labels=list(labels), prompt_names=list(prompt_names), **self.model)
+
+
+def _merge(base: dict, update: dict, where: str = "") -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options",):
+            out[k] = _merge(out[k], v, f"{where}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    known = {f.name for f in fields(RunConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {sorted(known)}")
+    try:
+        cfg = RunConfig(method=d.get("method", "medbridge"), data=DataConfig(**d.get("data", {})),
+                        model=dict(d.get("model", {})), train=TrainConfig(**d.get("train", {})),
+                        probe=dict(d.get("probe", {})))
+    except TypeError as exc:  # unknown field in a section
+        section = "data" if "DataConfig" in str(exc) else "train"
+        allowed = [f.name for f in fields(DataConfig if section == "data" else TrainConfig)]
+        raise ConfigError(f"{section}: {exc}; allowed keys: {allowed}") from exc
+    cfg.validate()
+    return cfg
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | None = None, files: list[str] | None = None,
+                overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- preset (name in presets/ or a YAML path) <- config files <- ``key.sub=value`` overrides."""
+    d: dict = asdict(RunConfig())
+    sources = []
+    if preset:
+        p = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"preset {preset!r} not found; available: {list_presets()}")
+        sources.append(p)
+    sources += [Path(f) for f in files or []]
+    for p in sources:
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        d = _merge(d, yaml.safe_load(p.read_text()) or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-3")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = d
+        free_form = parts[0] in ("model", "probe")  # validated by MedBridgeConfig / ProbeConfig afterwards
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node.get(part), dict):
+                node = node[part]
+            elif free_form or (i > 0 and parts[i - 1] == "options"):
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])} is not a config section")
+        node[parts[-1]] = _parse_value(value)
+    return config_from_dict(d)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from ..backbones.loading import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)),
+                                            sort_keys=False).encode())
+
+
+__all__ = ["ConfigError", "DataConfig", "TrainConfig", "RunConfig", "load_config", "save_config", "list_presets",
+           "config_from_dict"]

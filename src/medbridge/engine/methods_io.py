@@ -1,0 +1,142 @@
+"""Trained methods behind one interface for evaluation and prediction: MedBridge adapters and linear probes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backbones import Backbone, create_backbone
+from ..data.focal import FocalConfig
+from ..methods.linear_probe import PROBE_CONFIG, LinearProbe, probe_features
+from ..methods.medbridge.adapter import CONFIG as ADAPTER_CONFIG
+from ..methods.medbridge.adapter import backbone_fingerprint, load_adapter
+from ..methods.medbridge.model import MedBridgeModel
+from .cache import FeatureCache
+from .features import CacheSpec
+from .trainer import medbridge_cache_values, predict_cached, split_cached
+
+
+class TrainedMethod:
+    """A trained classifier: scores from cached activations or from views, for its own labels."""
+
+    name: str
+    labels: list[str]
+    focal: FocalConfig
+    preprocess: list
+
+    def cache_spec(self, n_views: int) -> CacheSpec:
+        raise NotImplementedError
+
+    def scores_cached(self, cache: FeatureCache, rows: np.ndarray, device: str = "cpu") -> np.ndarray:
+        raise NotImplementedError
+
+    def scores_views(self, pixels: list[torch.Tensor]) -> tuple[np.ndarray, dict]:
+        raise NotImplementedError
+
+
+class MedBridgeMethod(TrainedMethod):
+    name = "medbridge"
+
+    def __init__(self, model: MedBridgeModel) -> None:
+        self.model = model.eval()
+        self.labels = list(model.config.labels)
+        self.focal = model.config.focal
+        self.preprocess = model.preprocess
+
+    def cache_spec(self, n_views: int) -> CacheSpec:
+        shapes = {}
+        for k, enc in enumerate(self.model.encoders):
+            v = enc.vision
+            n_tokens = enc.prefix(torch.zeros(1, 3, v.preprocess.image_size, v.preprocess.image_size)).shape[1]
+            if enc.attention == "joint":
+                shapes[f"e{k}.prefix"] = (n_views, n_tokens, v.width)
+            else:
+                shapes[f"e{k}.states"] = (n_views, v.depth - enc.t1, n_tokens, v.width)
+                shapes[f"e{k}.frozen"] = (n_views, v.embed_dim)
+        parts = {"what": "medbridge-frozen", "backbones": [backbone_fingerprint(b) for b in self.model.backbones],
+                 "t1": [e.t1 for e in self.model.encoders], "attention": self.model.config.attention,
+                 "focal": self.focal.to_dict(), "preprocess": [p.to_dict() for p in self.preprocess]}
+        return CacheSpec(parts, shapes, lambda px: medbridge_cache_values(self.model, px), self.focal,
+                         self.preprocess)
+
+    def scores_cached(self, cache, rows, device="cpu"):
+        return predict_cached(self.model.to(device), cache, rows, device=device)
+
+    def scores_views(self, pixels):
+        with torch.no_grad():
+            out = self.model(pixels)
+        return torch.sigmoid(out.logits).numpy(), {"gate": out.gate.numpy(), "view_votes": out.view_votes.numpy()}
+
+
+def frozen_embeddings(backbones: list[Backbone], pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Pooled output of each frozen backbone for every view: [B, N, E] per expert."""
+    out = []
+    with torch.no_grad():
+        for b, px in zip(backbones, pixels):
+            v = b.vision
+            e = v.finalize(v.run_blocks(v.embed(px.flatten(0, 1)), 0))
+            out.append(e.view(px.shape[0], px.shape[1], -1))
+    return out
+
+
+def embedding_cache_spec(backbones: list[Backbone], focal: FocalConfig, n_views: int) -> CacheSpec:
+    """Cache of the frozen pooled embeddings of every view (what a linear probe needs)."""
+    preprocess = [b.vision.preprocess for b in backbones]
+    shapes = {f"e{k}.frozen": (n_views, b.vision.embed_dim) for k, b in enumerate(backbones)}
+    parts = {"what": "frozen-embeddings", "backbones": [backbone_fingerprint(b) for b in backbones],
+             "focal": focal.to_dict(), "preprocess": [p.to_dict() for p in preprocess]}
+
+    def compute(pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"e{k}.frozen": e for k, e in enumerate(frozen_embeddings(backbones, pixels))}
+
+    return CacheSpec(parts, shapes, compute, focal, preprocess)
+
+
+def cached_probe_features(cache: FeatureCache, rows: np.ndarray, n_experts: int, features: str,
+                          has_whole: bool) -> torch.Tensor:
+    names = [f"e{k}.frozen" for k in range(n_experts)]
+    values = split_cached(cache.read(rows, names), n_experts, "cpu")
+    return probe_features([v["frozen"] for v in values], features, has_whole)
+
+
+class ProbeMethod(TrainedMethod):
+    name = "linear-probe"
+
+    def __init__(self, probe: LinearProbe, backbones: list[Backbone]) -> None:
+        self.probe = probe.eval()
+        self.backbones = backbones
+        self.labels = probe.labels
+        self.focal = probe.focal
+        self.preprocess = [b.vision.preprocess for b in backbones]
+
+    def cache_spec(self, n_views: int) -> CacheSpec:
+        return embedding_cache_spec(self.backbones, self.focal, n_views)
+
+    def scores_cached(self, cache, rows, device="cpu"):
+        feats = cached_probe_features(cache, rows, len(self.backbones), self.probe.meta["probe"]["features"],
+                                      self.focal.include_whole)
+        with torch.no_grad():
+            return torch.sigmoid(self.probe(feats)).numpy()
+
+    def scores_views(self, pixels):
+        feats = probe_features(frozen_embeddings(self.backbones, pixels), self.probe.meta["probe"]["features"],
+                               self.focal.include_whole)
+        with torch.no_grad():
+            return torch.sigmoid(self.probe(feats)).numpy(), {}
+
+
+def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> TrainedMethod:
+    """A MedBridge adapter folder, a linear-probe folder, or a run folder (its ``medbridge/`` adapter, else its
+    ``linear_probe/``)."""
+    folder = Path(folder)
+    for cand in (folder, folder / "medbridge", folder / "linear_probe"):
+        if (cand / ADAPTER_CONFIG).is_file():
+            return MedBridgeMethod(load_adapter(cand, backbones))
+        if (cand / PROBE_CONFIG).is_file():
+            probe = LinearProbe.load(cand)
+            bbs = backbones or [create_backbone(s) for s in probe.meta["backbones"]]
+            return ProbeMethod(probe, bbs)
+    raise FileNotFoundError(f"{folder}: no trained method found (expected {ADAPTER_CONFIG} or {PROBE_CONFIG}, "
+                            "directly or in medbridge/ or linear_probe/ of a run folder)")

@@ -1,0 +1,88 @@
+"""Run outputs: metrics JSON, per-class CSV, predictions CSV, ROC curves PNG, Markdown report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..backbones.loading import atomic_write_bytes
+from .metrics import roc_curve
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=float).encode())
+
+
+def per_class_table(results: dict[str, dict]) -> pd.DataFrame:
+    """{method: evaluate_scores(...)} -> one row per (method, class)."""
+    rows = []
+    for method, res in results.items():
+        for lab, r in res["per_class"].items():
+            rows.append({"method": method, "label": lab, **{k: r.get(k) for k in
+                         ("auroc", "f1", "acc", "f1_oracle", "acc_oracle", "n", "positives")}})
+    return pd.DataFrame(rows)
+
+
+def write_predictions(path: Path, relative_paths: list[str], labels, scores: np.ndarray, thresholds: dict,
+                      extra: dict | None = None) -> None:
+    frame = pd.DataFrame({"image": relative_paths})
+    for j, lab in enumerate(labels):
+        frame[f"p_{lab}"] = np.round(scores[:, j], 6)
+    for j, lab in enumerate(labels):
+        t = thresholds.get(lab, 0.5)
+        frame[f"y_{lab}"] = (scores[:, j] >= t).astype(int) if np.isfinite(t) else 0
+    for k, v in (extra or {}).items():
+        frame[k] = v
+    atomic_write_bytes(path, frame.to_csv(index=False).encode())
+
+
+def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], labels) -> None:
+    """One panel per class, one line per method; ``curves[method] = (scores, targets, label list)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [j for j, _ in enumerate(labels)
+               if any((~np.isnan(t[:, j])).any() and len(np.unique(t[~np.isnan(t[:, j]), j])) == 2
+                      for _, t, _ in curves.values())]
+    cols = 4
+    n_rows = max(1, int(np.ceil(len(present) / cols)))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.2 * cols, 3.0 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, j in zip(axes.flat, present):
+        ax.axis("on")
+        for method, (scores, targets, _) in curves.items():
+            known = ~np.isnan(targets[:, j])
+            fpr, tpr = roc_curve(scores[known, j], targets[known, j])
+            from .metrics import auroc
+
+            ax.plot(fpr, tpr, label=f"{method} {auroc(scores[known, j], targets[known, j]):.2f}")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+        ax.set_title(f"{labels[j]} (n+={int(np.nansum(targets[:, j]))})", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def summary_table(results: dict[str, dict], extra: dict[str, dict] | None = None) -> str:
+    """Markdown table: method, macro AUROC, F1/ACC at validation thresholds and at oracle thresholds."""
+    lines = ["| method | macro AUROC | F1 (val thr.) | ACC (val thr.) | F1 (oracle thr.) | ACC (oracle thr.) |"
+             + ("".join(f" {k} |" for k in next(iter(extra.values()))) if extra else ""),
+             "|---|---|---|---|---|---|" + ("---|" * len(next(iter(extra.values()))) if extra else "")]
+    for method, res in results.items():
+        m = res["macro"]
+        cells = [f"{100 * m.get(k, float('nan')):.2f}" for k in ("auroc", "f1", "acc", "f1_oracle", "acc_oracle")]
+        more = [str(v) for v in extra[method].values()] if extra else []
+        lines.append(f"| {method} | " + " | ".join(cells + more) + " |")
+    return "\n".join(lines)
