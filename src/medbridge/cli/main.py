@@ -8,8 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from ..backbones import DEFAULT_BACKBONE, BackboneError, availability, list_backbones
-
-SHARED_SAMPLE = "../shared/data/nih-cxr14-sample"
+from .run_commands import SHARED_SAMPLE, add_run_commands
 
 
 def _fmt(values) -> str:
@@ -51,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medbridge",
         description="Adapt frozen foundation vision(-language) models to multi-label medical image classification.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  medbridge list backbones\n  medbridge check-backbone --backbone dinov2-small+minilm-l6",
+        epilog="examples:\n  medbridge demo\n  medbridge train --data /data/nih --out runs/nih\n"
+               "  medbridge eval runs/nih --data /data/nih --json\n  medbridge predict runs/nih image.dcm\n"
+               "  medbridge list backbones",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=SHARED_SAMPLE, help="folder with NIH-style images/ (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=cmd_check_backbone)
+
+    from ..engine.config import list_presets
+
+    add_run_commands(sub, list_presets())
     return parser
 
 
@@ -80,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (BackboneError, FileNotFoundError, ValueError) as exc:
+    except (BackboneError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"medbridge: error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..backbones.base import PreprocessConfig
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 
 
 class ImageReadError(RuntimeError):

@@ -39,9 +39,12 @@ class TrainedMethod:
 class MedBridgeMethod(TrainedMethod):
     name = "medbridge"
 
-    def __init__(self, model: MedBridgeModel) -> None:
+    def __init__(self, model: MedBridgeModel, labels: list[str] | None = None,
+                 prompt_names: list[str] | None = None) -> None:
+        """``labels``/``prompt_names``: score other label names than the trained ones (text prompts)."""
         self.model = model.eval()
-        self.labels = list(model.config.labels)
+        self.labels = list(labels or model.config.labels)
+        self.prompt_names = prompt_names
         self.focal = model.config.focal
         self.preprocess = model.preprocess
 
@@ -62,11 +65,12 @@ class MedBridgeMethod(TrainedMethod):
                          self.preprocess)
 
     def scores_cached(self, cache, rows, device="cpu"):
-        return predict_cached(self.model.to(device), cache, rows, device=device)
+        return predict_cached(self.model.to(device), cache, rows, device=device, labels=self.labels,
+                              prompt_names=self.prompt_names)
 
     def scores_views(self, pixels):
         with torch.no_grad():
-            out = self.model(pixels)
+            out = self.model(pixels, self.labels, self.prompt_names)
         return torch.sigmoid(out.logits).numpy(), {"gate": out.gate.numpy(), "view_votes": out.view_votes.numpy()}
 
 

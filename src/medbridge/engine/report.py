@@ -86,3 +86,43 @@ def summary_table(results: dict[str, dict], extra: dict[str, dict] | None = None
         more = [str(v) for v in extra[method].values()] if extra else []
         lines.append(f"| {method} | " + " | ".join(cells + more) + " |")
     return "\n".join(lines)
+
+
+def collect_runs(folders: list[Path]) -> pd.DataFrame:
+    """One row per (run, method) from the runs' ``metrics.json``: the input of paper-style tables."""
+    import yaml
+
+    rows = []
+    for folder in folders:
+        f = Path(folder) / "metrics.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{folder}: no metrics.json (not a finished run folder)")
+        m = json.loads(f.read_text())
+        cfg_file = Path(folder) / "config.yaml"
+        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
+        for method, res in m["methods"].items():
+            macro = res["macro"]
+            rows.append({"run": str(folder), "dataset": m["dataset"], "method": method,
+                         "backbones": "+".join(cfg.get("model", {}).get("backbones", []) or []),
+                         "label_fraction": cfg.get("data", {}).get("label_fraction", 1.0),
+                         "seed": cfg.get("train", {}).get("seed"), "auroc": macro.get("auroc"),
+                         "f1": macro.get("f1"), "acc": macro.get("acc"), "f1_oracle": macro.get("f1_oracle"),
+                         "acc_oracle": macro.get("acc_oracle"), "classes": res["classes"],
+                         "trainable_parameters": m.get("trainable_parameters", {}).get(method),
+                         "train_s": m.get("timings", {}).get("train_s")})
+    return pd.DataFrame(rows)
+
+
+def paper_table(frame: pd.DataFrame) -> str:
+    """Markdown: mean +- std over seeds of AUROC / F1 / ACC (%) per method, dataset and label fraction."""
+    keys = ["dataset", "label_fraction", "method"]
+    lines = ["| dataset | labels | method | runs | AUROC | F1 (val thr.) | ACC (val thr.) | F1 (oracle) |",
+             "|---|---|---|---|---|---|---|---|"]
+    def ms(g, col):
+        v = 100 * g[col].astype(float)
+        return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+    for key, g in frame.groupby(keys, sort=False):
+        lines.append(f"| {key[0]} | {100 * float(key[1]):g}% | {key[2]} | {len(g)} | {ms(g, 'auroc')} | "
+                     f"{ms(g, 'f1')} | {ms(g, 'acc')} | {ms(g, 'f1_oracle')} |")
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ from ..data.table import DatasetError, ImageTable
 from ..methods.linear_probe import ProbeConfig, fit_linear_probe
 from ..methods.medbridge.adapter import build_medbridge, save_adapter
 from .config import ConfigError, DataConfig, RunConfig, save_config
+from .distributed import barrier, init_from_env, world
 from .features import build_cache, cache_root_from, fixed_view_count
 from .methods_io import (
     MedBridgeMethod,
@@ -87,14 +88,20 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
     split), evaluate on the test split with validation thresholds, and write the run folder."""
     out = Path(out)
     t_start = time.perf_counter()
-    table, split = prepare_data(cfg.data)
-    prepare_out(out, resume, overwrite)
-    save_config(cfg, out / "config.yaml")
-    if not (resume and (out / "split.json").is_file()):
-        save_split(split, table, out / "split.json")
-    else:
-        split = load_split(out / "split.json", table)
     device = resolve_device(cfg.train.device)
+    rank, _ = init_from_env(device)
+    if rank == 0:
+        prepare_out(out, resume, overwrite)
+    table, split = prepare_data(cfg.data)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+        if not (resume and (out / "split.json").is_file()):
+            save_split(split, table, out / "split.json")
+    barrier()
+    if resume and (out / "split.json").is_file():
+        split = load_split(out / "split.json", table)
+    if device == "cuda" and world()[1] > 1:
+        device = f"cuda:{rank % torch.cuda.device_count()}"
     cache_root = cache_root_from(cfg.train.cache_dir)
     torch.manual_seed(cfg.train.seed)
     rows = np.concatenate([split.train, split.val, split.test])
@@ -117,6 +124,8 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
                                   reports=table.reports if model.config.report_weight > 0 else None,
                                   device=device, resume=resume, progress_bar=progress, stop_after=stop_after)
         timings["train_s"] = time.perf_counter() - t0
+        if rank != 0:
+            return {"rank": rank, "history": history}
         save_adapter(model, out / "medbridge", extra={"dataset": table.name, "history": history})
         params["medbridge"] = model.parameter_report()["trainable"]
         sv = method.scores_cached(cache, val_rows, device) if len(val_rows) else None
@@ -143,6 +152,8 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
         done = probe_cache.done()
         train_rows, val_rows, test_rows = (r[done[r]] for r in (split.train, split.val, split.test))
         with_probe = True
+        if rank != 0:
+            return {"rank": rank}
     if with_probe:
         pc = ProbeConfig(**cfg.probe)
         t0 = time.perf_counter()

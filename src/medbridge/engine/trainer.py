@@ -41,6 +41,15 @@ def medbridge_cache_values(model: MedBridgeModel, pixels: list[torch.Tensor]) ->
     return {f"e{k}.{name}": t for k, item in enumerate(model.cacheable(pixels)) for name, t in item.items()}
 
 
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer in ``run_dir/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
 @dataclass
 class Progress:
     epoch: int = 0
@@ -120,6 +129,7 @@ def train_medbridge(model: MedBridgeModel, cache: FeatureCache, targets: np.ndar
         log.info("resumed from %s at epoch %d step %d", ckpt, progress.epoch, progress.step)
     targets_t = torch.from_numpy(targets)
     logf = (run_dir / "log.jsonl").open("a") if rank == 0 else None
+    board = _tensorboard(run_dir) if rank == 0 else None
     use_amp = cfg.amp and str(device).startswith("cuda")
     bar = tqdm(total=total, initial=progress.global_step, desc="training", unit="step",
                disable=not progress_bar or rank != 0, dynamic_ncols=True)
@@ -153,6 +163,8 @@ def train_medbridge(model: MedBridgeModel, cache: FeatureCache, targets: np.ndar
                 if logf:
                     logf.write(json.dumps({"event": "step", **progress.to_dict(), "loss": loss.item(),
                                            "lr": sched.get_last_lr()[0]}) + "\n")
+                if board:
+                    board.add_scalar("train/loss", loss.item(), progress.global_step)
                 if rank == 0 and cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0:
                     save_checkpoint(ckpt, model, opt, progress, history)
                 if stop_after is not None and progress.global_step >= stop_after:
@@ -168,6 +180,8 @@ def train_medbridge(model: MedBridgeModel, cache: FeatureCache, targets: np.ndar
                 save_checkpoint(ckpt, model, opt, progress, history)
                 if logf:
                     logf.write(json.dumps(record) + "\n")
+                if board and "val_macro_auroc" in record:
+                    board.add_scalar("val/macro_auroc", record["val_macro_auroc"], epoch + 1)
                 log.info("epoch %d: %s", epoch + 1, record)
     except KeyboardInterrupt:
         if rank == 0:
@@ -177,5 +191,7 @@ def train_medbridge(model: MedBridgeModel, cache: FeatureCache, targets: np.ndar
     finally:
         if logf:
             logf.close()
+        if board:
+            board.close()
     bar.close()
     return history

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..images import IMAGE_SUFFIXES
 from ..labels import apply_uncertainty
 from ..table import DatasetError, ImageTable, build_table, parse_label_values, read_csv, require_columns
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
 IMAGE_COLUMNS = ("path", "image", "image_path", "filename", "file", "Path", "Image Index")
 KNOWN_COLUMNS = {"patient_id", "patient", "report", "view", "split", "study_id", "age", "sex"}
 

@@ -1,0 +1,258 @@
+"""``medbridge train / eval / predict / demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+SHARED_SAMPLE = "../shared/data/nih-cxr14-sample"
+
+TRAIN_EXAMPLES = """examples:
+  medbridge train --data /data/nih --format nih --out runs/nih-medbridge
+  medbridge train --preset cross-domain --data /data/mimic-cxr-jpg --out runs/mimic --set data.label_fraction=0.1
+  medbridge train --data labels.csv --method linear-probe --out runs/lp
+  medbridge train --data /data/nih --out runs/nih --set model.num_queries=16 --set train.lr=1e-3
+  medbridge train ... --resume          # continue an interrupted run in the same --out folder
+  torchrun --nproc_per_node 4 -m medbridge train ...   # data-parallel on 4 GPUs
+presets: {presets}"""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+def add_common_data(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    p.add_argument("--data", required=required, default=default,
+                   help="dataset folder (official layout) or CSV/TSV file" + (f" (default: {default})" if default
+                                                                              else ""))
+    p.add_argument("--format", default="auto", help="nih, mimic-cxr, chexpert, chexpert-plus, rsna, covidx, csv, "
+                                                    "folder, or auto (detect; default)")
+
+
+def build_run_config(args: argparse.Namespace):
+    from ..engine.config import load_config
+
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.format and args.format != "auto":
+        overrides.append(f"data.format={args.format}")
+    if getattr(args, "method", None):
+        overrides.append(f"method={args.method}")
+    if getattr(args, "backbone", None):
+        overrides.append("model.backbones=" + json.dumps(args.backbone))
+    if getattr(args, "split_file", None):
+        overrides.append(f"data.split_file={args.split_file}")
+    top = [o for o in overrides if o.startswith("method=")]
+    rest = [o for o in overrides if not o.startswith("method=")]
+    cfg = load_config(args.preset, args.config, rest)
+    for o in top:
+        from ..engine.config import config_from_dict
+
+        d = cfg.to_dict()
+        d["method"] = o.split("=", 1)[1]
+        cfg = config_from_dict(d)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..engine.run import train_run
+
+    _setup_logging(args.verbose)
+    cfg = build_run_config(args)
+    try:
+        summary = train_run(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.quiet, with_probe=args.with_probe)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last checkpoint is in {args.out}; continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+    print_summary(summary, Path(args.out))
+    return 0
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    from ..engine.report import summary_table
+
+    print(summary_table(summary["methods"], {m: {"trainable params": f"{n:,}"}
+                                             for m, n in summary["trainable_parameters"].items()}))
+    print(f"\nrun folder: {out}  (report.md, metrics.json, per_class.csv, roc_curves.png, predictions_*.csv)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..engine.evaluate import evaluate_on
+
+    _setup_logging(args.verbose)
+    res = evaluate_on(args.run, args.data, format=args.format, split=args.split, split_file=args.split_file,
+                      approximate=args.approximate, label_space=args.label_space, device=args.device,
+                      cache_dir=args.cache_dir, workers=args.workers, progress=not args.json)
+    if args.json:
+        print(json.dumps(res, default=float))
+        return 0
+    m = res["macro"]
+    print(f"{res['method']} on {res['dataset']} ({res['split']}, n={res['n']}, {res['classes']} classes; "
+          f"skipped: {res['skipped']})")
+    if res.get("alignment"):
+        print("label alignment: " + ", ".join(f"{t}<-{'+'.join(s) or 'none'}"
+                                              for t, s in res["alignment"]["sources"].items()))
+    print(f"macro AUROC {100 * m['auroc']:.2f}  F1/ACC at oracle threshold {100 * m['f1_oracle']:.2f} / "
+          f"{100 * m['acc_oracle']:.2f}" + (f"  at validation threshold {100 * m['f1']:.2f} / {100 * m['acc']:.2f}"
+                                            if "f1" in m else ""))
+    for lab, r in res["per_class"].items():
+        print(f"  {lab:28s} AUROC {100 * r['auroc']:6.2f}  positives {r['positives']}/{r['n']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..backbones.loading import atomic_write_bytes
+    from ..engine.evaluate import collect_images, predict_images, run_thresholds
+    from ..engine.methods_io import load_method
+
+    _setup_logging(args.verbose)
+    method = load_method(args.run)
+    thresholds = run_thresholds(Path(args.run), method.name)
+    rows = predict_images(method, collect_images(args.inputs), thresholds, args.batch_size, args.skip_unreadable)
+    if args.out and args.out.endswith(".csv"):
+        import pandas as pd
+
+        frame = pd.DataFrame([{"image": r["image"], **{f"p_{k}": v for k, v in r.get("probabilities", {}).items()},
+                               "labels": "|".join(r.get("labels", [])), "error": r.get("error", ""),
+                               **({"gate": json.dumps(r["gate"]), "views": json.dumps(r["views"])}
+                                  if "gate" in r else {})} for r in rows])
+        atomic_write_bytes(Path(args.out), frame.to_csv(index=False).encode())
+    elif args.out:
+        atomic_write_bytes(Path(args.out), json.dumps(rows, indent=1).encode())
+    if args.json or not args.out:
+        print(json.dumps(rows if args.json else [{k: r[k] for k in ("image", "labels") if k in r} for r in rows],
+                         indent=None if args.json else 1))
+    else:
+        print(f"{len(rows)} predictions written to {args.out} (thresholds: "
+              f"{'validation split of the run' if thresholds else '0.5'})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..data.datasets.nih import ENTRY_FILES
+    from ..engine.config import load_config
+    from ..engine.run import train_run
+
+    _setup_logging(args.verbose)
+    data = Path(args.data)
+    if not any((data / f).is_file() for f in ENTRY_FILES):
+        print(f"medbridge demo: no NIH ChestX-ray14 data at {data} (expected {ENTRY_FILES[1]} and images/). Point "
+              "--data at the NIH sample (../shared/data/nih-cxr14-sample in the repository's workspace) or at an "
+              "NIH ChestX-ray14 download.", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    overrides = [f"data.path={data}", f"train.seed={args.seed}", f"data.split_seed={args.seed}",
+                 f"train.epochs={args.epochs}"] + list(args.set or [])
+    cfg = load_config("demo", None, overrides)
+    print(f"medbridge demo: MedBridge vs linear probe on {data} with {cfg.model['backbones'][0]}, patient-disjoint "
+          f"split (seed {args.seed}) -> {out}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        summary = train_run(cfg, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+                            with_probe=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: continue with: medbridge demo --out {out} --resume", file=sys.stderr)
+        return 130
+    print(f"\nfinished in {time.perf_counter() - t0:.0f} s\n")
+    print_summary(summary, out)
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from ..engine.report import collect_runs, paper_table
+
+    frame = collect_runs([Path(f) for f in args.runs])
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+    print(paper_table(frame))
+    return 0
+
+
+def add_run_commands(sub, presets: list[str]) -> None:
+    p = sub.add_parser("train", help="train an adapter (MedBridge or a linear probe) on a dataset",
+                       description="Train on the training split, pick thresholds on validation, evaluate on test, "
+                                   "and write a run folder (adapter, metrics, predictions, ROC curves, report).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=TRAIN_EXAMPLES.format(presets=", ".join(presets)))
+    add_common_data(p)
+    p.add_argument("--out", required=True, help="run folder (must be new or empty unless --resume/--overwrite)")
+    p.add_argument("--preset", help=f"config preset: {', '.join(presets)} or a YAML path")
+    p.add_argument("--config", action="append", help="YAML config file(s) applied after the preset")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override, e.g. train.lr=1e-3, model.num_queries=16, data.label_fraction=0.1")
+    p.add_argument("--method", choices=["medbridge", "linear-probe"], help="method (default: medbridge)")
+    p.add_argument("--backbone", action="append", help="backbone source(s); several = mixture of experts")
+    p.add_argument("--split-file", help="reuse a split.json from another run")
+    p.add_argument("--with-probe", action="store_true", help="also fit a linear probe on the same frozen features")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="metrics of a trained adapter/probe on a dataset (also another dataset)",
+                       description="Evaluate a run folder (or adapter/probe folder) on a dataset. On the dataset it "
+                                   "was trained on, the run's test split is used; on another dataset, all its "
+                                   "images (cross-dataset zero-shot), with labels aligned by name.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  medbridge eval runs/nih --data /data/nih --json\n"
+                              "  medbridge eval runs/mimic --data /data/chexpert-plus --format chexpert-plus\n"
+                              "  medbridge eval runs/mimic --data /data/nih --approximate --label-space model")
+    p.add_argument("run", help="run folder, adapter folder or linear-probe folder")
+    add_common_data(p)
+    p.add_argument("--split", choices=["test", "val", "train", "all"], help="which images (default: see above)")
+    p.add_argument("--split-file", help="a split.json to take the split from")
+    p.add_argument("--approximate", action="store_true",
+                   help="also map approximate label counterparts (Nodule/Mass->Lung Lesion, ...)")
+    p.add_argument("--label-space", choices=["model", "data"], default="model",
+                   help="score the model's labels (default) or the dataset's own label names via prompts")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", help="frozen-activation cache folder")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="probabilities and labels for images (PNG/JPEG/DICOM, files or folders)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  medbridge predict runs/demo-x image.dcm folder/ --out predictions.csv\n"
+                              "  medbridge predict runs/demo-x/linear_probe image.png --json")
+    p.add_argument("run", help="run folder, adapter folder or linear-probe folder")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("--out", help="write .csv or .json (atomic)")
+    p.add_argument("--json", action="store_true", help="print full JSON (probabilities, gate, per-view votes)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-unreadable", action="store_true", help="report unreadable images instead of failing")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("collect", help="collect run folders' metrics into a paper-style table",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  medbridge collect runs/nih-s0 runs/nih-s1 runs/nih-s2 --csv results.csv")
+    p.add_argument("runs", nargs="+", help="run folders (with metrics.json)")
+    p.add_argument("--csv", help="also write one row per (run, method) as CSV")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("demo", help="THE main job: MedBridge vs linear probe on the real NIH sample",
+                       description="Train MedBridge and a linear probe on the same frozen features and "
+                                   "patient-disjoint split of the NIH sample with the bundled backbone; print the "
+                                   "comparison; write a run folder usable by eval/predict.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  medbridge demo\n  medbridge demo --data /data/nih --seed 1 --out runs/d1")
+    p.add_argument("--data", default=SHARED_SAMPLE, help="NIH-layout folder (default: %(default)s)")
+    p.add_argument("--out", help="run folder (default: runs/demo-<time>)")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_demo)

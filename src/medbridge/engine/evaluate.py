@@ -1,0 +1,134 @@
+"""Evaluating and applying trained methods on any dataset or image list (cross-dataset with label alignment)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import load_dataset, load_split, make_split
+from ..data.focal import focal_views
+from ..data.images import IMAGE_SUFFIXES, read_image
+from ..data.table import DatasetError
+from .features import cache_root_from
+from .methods_io import MedBridgeMethod, TrainedMethod, load_method
+from .metrics import evaluate_scores
+from .run import method_scores, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def run_thresholds(folder: Path, method: str) -> dict | None:
+    """Validation thresholds stored with a run (``metrics.json``), if the folder is a run folder."""
+    for cand in (folder, folder.parent):
+        f = cand / "metrics.json"
+        if f.is_file():
+            res = json.loads(f.read_text()).get("methods", {}).get(method)
+            if res and res.get("thresholds"):
+                return {k: float(v) for k, v in res["thresholds"].items()}
+    return None
+
+
+def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto", split: str | None = None,
+                split_file: str | None = None, options: dict | None = None, approximate: bool = False,
+                label_space: str = "model", device: str = "auto", cache_dir: str | None = None,
+                workers: int = 2, progress: bool = True) -> dict:
+    """Metrics of a trained method on a dataset. ``split``: test/val/train/all (default: the run's own test
+    split when ``data`` is the dataset it was trained on, else all images: cross-dataset zero-shot).
+    ``label_space``: "model" (the method's labels; the dataset is aligned onto them, NaN where it has no
+    counterpart) or "data" (MedBridge only: the dataset's own label names become prompts)."""
+    folder = Path(method_dir)
+    method = load_method(folder)
+    table = load_dataset(format, data, **(options or {}))
+    run_cfg = folder / "config.yaml"
+    same = False
+    if run_cfg.is_file():
+        import yaml
+
+        trained_on = (yaml.safe_load(run_cfg.read_text()) or {}).get("data", {}).get("path")
+        same = bool(trained_on) and Path(trained_on).resolve() == Path(data).resolve()
+    split = split or ("test" if same else "all")
+    if split_file or (same and split != "all" and (folder / "split.json").is_file()):
+        parts = load_split(split_file or folder / "split.json", table)
+    elif split != "all":
+        parts = make_split(table)
+    rows = np.arange(len(table)) if split == "all" else getattr(parts, split)
+    if len(rows) == 0:
+        raise DatasetError(f"{table.name}: the {split!r} split is empty")
+    alignment = None
+    if label_space == "data":
+        if not isinstance(method, MedBridgeMethod):
+            raise ValueError("label_space='data' needs a text-prompted method (MedBridge); a linear probe only "
+                             "knows its trained labels")
+        method = MedBridgeMethod(method.model, list(table.labels), list(table.prompt_names))
+    elif label_space == "model":
+        if list(table.labels) != method.labels:
+            table, alignment = table.align(method.labels, approximate=approximate)
+            log.info("label alignment: %s", alignment.summary())
+    else:
+        raise ValueError(f"label_space must be 'model' or 'data', got {label_space!r}")
+    dev = resolve_device(device)
+    rows, scores = method_scores(method, table, rows, cache_root_from(cache_dir), dev, workers, progress=progress)
+    thresholds = run_thresholds(folder, method.name) if label_space == "model" else None
+    res = evaluate_scores(scores, table.targets[rows], method.labels, thresholds)
+    res.update({"method": method.name, "dataset": table.name, "data": str(data), "split": split,
+                "threshold_source": "validation split of the training run" if thresholds else "none (oracle only)",
+                "alignment": alignment.to_dict() if alignment else None})
+    return res
+
+
+def collect_images(inputs: list[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input {p} does not exist")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {list(map(str, inputs))}")
+    return files
+
+
+def predict_images(method: TrainedMethod, images: list[Path], thresholds: dict | None = None,
+                   batch_size: int = 8, skip_unreadable: bool = False) -> list[dict]:
+    """Per image: probabilities, thresholded labels and (MedBridge) gate weights and per-view votes/boxes."""
+    rows = []
+    thresholds = thresholds or {}
+    for i in range(0, len(images), batch_size):
+        chunk, views = [], []
+        for path in images[i:i + batch_size]:
+            try:
+                image = read_image(path)
+            except Exception as exc:
+                if not skip_unreadable:
+                    raise
+                log.warning("skipping unreadable image %s: %s", path, exc)
+                rows.append({"image": str(path), "error": str(exc)})
+                continue
+            chunk.append(path)
+            views.append(focal_views(image, method.focal, method.preprocess))
+        if not chunk:
+            continue
+        counts = {v[0].pixels.shape[0] for v in views}
+        groups = [[j for j, v in enumerate(views) if v[0].pixels.shape[0] == n] for n in sorted(counts)]
+        for group in groups:  # images with the same number of views are batched together
+            pixels = [torch.stack([views[j][k].pixels for j in group]) for k in range(len(method.preprocess))]
+            scores, details = method.scores_views(pixels)
+            for gi, j in enumerate(group):
+                row = {"image": str(chunk[j]),
+                       "probabilities": {lab: float(scores[gi, c]) for c, lab in enumerate(method.labels)}}
+                row["labels"] = [lab for lab, p in row["probabilities"].items() if p >= thresholds.get(lab, 0.5)]
+                if details:
+                    row["gate"] = details["gate"][gi].round(4).tolist()
+                    row["views"] = [{"box": views[j][0].boxes[v].tolist(),
+                                     "vote": float(details["view_votes"][gi, :, v].mean())}
+                                    for v in range(views[j][0].boxes.shape[0])]
+                rows.append(row)
+    order = {str(p): k for k, p in enumerate(images)}
+    return sorted(rows, key=lambda r: order.get(r["image"], 0))

@@ -1,0 +1,42 @@
+"""Shared builders for engine/CLI tests: a tiny CLIP saved as a local-dir backbone, a small NIH-sample CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def save_tiny_clip(folder: Path, seed: int = 5) -> str:
+    """A tiny random transformers CLIP saved like a hub download; returns its ``local-dir:`` source."""
+    from medbridge.backbones.tiny import tiny_hf_model
+
+    if not (folder / "config.json").is_file():
+        model, tokenizer = tiny_hf_model("clip", seed=seed)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return f"local-dir:{folder}"
+
+
+def nih_subset_csv(nih_sample: Path, out: Path, n: int = 48) -> Path:
+    """The first ``n`` real NIH sample images as a generic CSV (patient ids kept), labels limited to 3 classes
+    with positives among them."""
+    from medbridge.data import load_dataset
+
+    t = load_dataset("nih", nih_sample)
+    sub = t.meta.iloc[:n]
+    frame = pd.DataFrame({"path": sub["path"], "patient_id": sub["patient_id"], "view": sub["view"]})
+    for lab in ("Pneumonia", "Infiltration", "Effusion"):
+        frame[lab] = t.targets[:n, t.labels.index(lab)].astype(int)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    return out
+
+
+def random_targets(n: int, labels: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = (rng.random((n, labels)) < 0.4).astype(np.float32)
+    t[0] = 1
+    t[1] = 0
+    return t

@@ -1,0 +1,104 @@
+"""The commands users run: train / eval / predict / demo through ``main(argv)`` on real NIH images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tests.engine_helpers import nih_subset_csv, save_tiny_clip
+
+from medbridge.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, nih_sample):
+    """A MedBridge run (plus linear probe) trained through the CLI on 48 real NIH images with a tiny CLIP."""
+    root = tmp_path_factory.mktemp("cli")
+    data = nih_subset_csv(nih_sample, root / "data" / "labels.csv", n=48)
+    backbone = save_tiny_clip(root / "tiny-clip")
+    out = root / "run"
+    argv = ["train", "--data", str(data), "--backbone", backbone, "--out", str(out), "--with-probe", "--quiet",
+            "--set", "train.epochs=2", "--set", f"train.cache_dir={root / 'cache'}", "--set", "train.workers=0",
+            "--set", "model.focal.region_size=512", "--set", "model.focal.stride=512",
+            "--set", "data.fractions=[0.5,0.2,0.3]"]
+    assert main(argv) == 0
+    return {"root": root, "data": data, "out": out, "argv": argv, "backbone": backbone}
+
+
+def test_train_writes_a_complete_run_folder(tiny_run):
+    out = tiny_run["out"]
+    for name in ("config.yaml", "split.json", "log.jsonl", "metrics.json", "per_class.csv", "roc_curves.png",
+                 "report.md", "predictions_medbridge.csv", "predictions_linear-probe.csv",
+                 "medbridge/adapter.safetensors", "medbridge/adapter_config.json", "linear_probe/probe.safetensors"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"medbridge", "linear-probe"}
+    med = metrics["methods"]["medbridge"]
+    assert 0 <= med["macro"]["auroc"] <= 1 and med["thresholds"] and med["per_class"]
+    epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs if e["event"] == "epoch"] == [1, 2]
+    preds = pd.read_csv(out / "predictions_medbridge.csv")
+    assert len(preds) == metrics["split"]["test"] and "p_Pneumonia" in preds and "y_Pneumonia" in preds
+
+
+def test_existing_run_folder_is_not_overwritten_and_resume_finishes(tiny_run, capsys):
+    assert main(tiny_run["argv"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    before = json.loads((tiny_run["out"] / "metrics.json").read_text())["methods"]["medbridge"]["macro"]
+    assert main(tiny_run["argv"] + ["--resume"]) == 0  # already complete: evaluates the same adapter again
+    after = json.loads((tiny_run["out"] / "metrics.json").read_text())["methods"]["medbridge"]["macro"]
+    assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-9)
+
+
+def test_eval_json_matches_the_run_and_cross_dataset_alignment(tiny_run, capsys, nih_sample):
+    cache = str(tiny_run["root"] / "cache")
+    assert main(["eval", str(tiny_run["out"]), "--data", str(tiny_run["data"]), "--json", "--cache-dir", cache,
+                 "--workers", "0"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    run = json.loads((tiny_run["out"] / "metrics.json").read_text())["methods"]["medbridge"]
+    assert res["split"] == "test" and res["n"] == run["n"]
+    assert res["macro"]["auroc"] == pytest.approx(run["macro"]["auroc"], abs=1e-6)
+    assert res["macro"]["f1"] == pytest.approx(run["macro"]["f1"], abs=1e-6)
+    # another dataset (the NIH folder, 14 NIH labels): aligned onto the run's 3 labels; first 40 images only
+    other = tiny_run["root"] / "other.csv"
+    frame = pd.read_csv(tiny_run["data"]).rename(columns={"Effusion": "Pleural Effusion"})
+    frame.drop(columns=["Infiltration"]).assign(Fracture=0).to_csv(other, index=False)
+    assert main(["eval", str(tiny_run["out"] / "linear_probe"), "--data", str(other), "--format", "csv", "--json",
+                 "--cache-dir", cache, "--workers", "0"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["split"] == "all" and res["n"] == 48 and res["method"] == "linear-probe"
+    assert res["alignment"]["sources"] == {"Pneumonia": ["Pneumonia"], "Infiltration": [],
+                                           "Effusion": ["Pleural Effusion"]}
+    assert res["alignment"]["missing"] == ["Infiltration"] and "Infiltration" in res["skipped"]
+
+
+def test_predict_png_and_real_dicom(tiny_run, tmp_path, capsys, nih_sample):
+    data_store = pytest.importorskip("data_store")
+    dicom = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+    png = sorted((nih_sample / "images").glob("*.jpg"))[0]
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_run["out"]), str(png), str(dicom), "--out", str(out)]) == 0
+    frame = pd.read_csv(out)
+    assert list(frame["image"]) == [str(png), str(dicom)]
+    assert {"p_Pneumonia", "p_Infiltration", "p_Effusion", "labels", "gate", "views"} <= set(frame.columns)
+    assert frame["p_Pneumonia"].between(0, 1).all()
+    views = json.loads(frame["views"][0])
+    assert len(views) == 5 and views[0]["box"] == [0, 0, 1024, 1024]
+    capsys.readouterr()
+    assert main(["predict", str(tiny_run["out"] / "linear_probe"), str(png), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert set(rows[0]["probabilities"]) == {"Pneumonia", "Infiltration", "Effusion"}
+    assert main(["predict", str(tiny_run["out"]), str(tmp_path / "missing.png")]) == 2
+
+
+def test_demo_without_data_says_where_to_point(tmp_path, capsys):
+    assert main(["demo", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "no NIH ChestX-ray14 data" in capsys.readouterr().err
+
+
+def test_train_config_error_exit_code(tmp_path, capsys, nih_sample):
+    assert main(["train", "--data", str(nih_sample), "--out", str(tmp_path / "r"), "--set",
+                 "train.schedule=warm"]) == 2
+    assert "train.schedule" in capsys.readouterr().err

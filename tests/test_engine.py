@@ -1,0 +1,217 @@
+"""Engine: metrics vs scikit-learn, the frozen-activation cache, training resume/NaN guard, configs, DDP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.engine_helpers import nih_subset_csv, random_targets
+
+from medbridge.engine.cache import FeatureCache
+from medbridge.engine.config import ConfigError, load_config
+from medbridge.engine.features import CacheSpec, build_cache
+from medbridge.engine.metrics import auroc, best_f1_threshold, evaluate_scores, f1_acc, pick_thresholds, roc_curve
+from medbridge.engine.trainer import TrainingError, medbridge_cache_values, predict_cached, train_medbridge
+
+
+# --------------------------------------------------------------------------- metrics
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(4, 80))
+        y = rng.integers(0, 2, n)
+        s = np.round(rng.random(n), 1)  # many ties
+        if y.min() == y.max():
+            continue
+        assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        f1, acc = f1_acc(s, y, best_f1_threshold(s, y))
+        assert f1 == pytest.approx(max(f1_score(y, s >= t) for t in np.unique(s)), abs=1e-12)
+        assert acc == pytest.approx(((s >= best_f1_threshold(s, y)) == y).mean())
+    fpr, tpr = roc_curve(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+
+
+def test_evaluate_scores_skips_and_masks():
+    scores = np.array([[0.9, 0.2, 0.5], [0.1, 0.3, 0.5], [0.8, 0.9, 0.5], [0.3, 0.1, 0.5]])
+    targets = np.array([[1, np.nan, 0], [0, 0, 0], [1, 1, 0], [0, np.nan, 0]], dtype=np.float32)
+    res = evaluate_scores(scores, targets, ["a", "b", "c"], pick_thresholds(scores, targets, ["a", "b", "c"]))
+    assert res["skipped"] == ["c"] and res["classes"] == 2
+    assert res["per_class"]["a"]["auroc"] == 1.0 and res["per_class"]["b"]["n"] == 2
+    assert res["macro"]["auroc"] == 1.0 and res["macro"]["f1"] == 1.0
+
+
+# --------------------------------------------------------------------------- cache
+def tiny_model(attention: str = "isolated", labels=("a", "b", "c")):
+    from medbridge.backbones.registry import tiny_builders
+    from medbridge.methods.medbridge.model import MedBridgeConfig, MedBridgeModel
+
+    torch.manual_seed(0)
+    builders = tiny_builders()
+    cfg = MedBridgeConfig(labels=list(labels), backbones=["tiny"], num_queries=4, attention=attention, t1=2)
+    return MedBridgeModel(cfg, [builders["tiny-hf-dinov2"]()], text=builders["tiny-hf-clip"]().text)
+
+
+def filled_cache(tmp_path, model, n: int = 12, views: int = 3):
+    torch.manual_seed(1)
+    size = model.backbones[0].vision.preprocess.image_size
+    pixels = torch.randn(n, views, 3, size, size)
+    with torch.no_grad():
+        values = medbridge_cache_values(model, [pixels])
+    shapes = {k: tuple(v.shape[1:]) for k, v in values.items()}
+    cache = FeatureCache(tmp_path / "cache", {"test": 1}, n, shapes)
+    cache.write(np.arange(n), values)
+    cache.mark_done(np.arange(n))
+    return cache, pixels
+
+
+def test_feature_cache_round_trip_and_keys(tmp_path):
+    model = tiny_model()
+    cache, pixels = filled_cache(tmp_path, model)
+    again = FeatureCache(tmp_path / "cache", {"test": 1}, cache.n_rows, cache.shapes)
+    assert again.dir == cache.dir and again.done().all()
+    rows = np.array([5, 2, 7])
+    got = again.read(rows)
+    with torch.no_grad():
+        ref = medbridge_cache_values(model, [pixels[rows]])
+    for k in ref:
+        torch.testing.assert_close(got[k].float(), ref[k].half().float())
+    other = FeatureCache(tmp_path / "cache", {"test": 2}, cache.n_rows, cache.shapes)
+    assert other.dir != cache.dir and not other.done().any()
+
+
+def test_interrupted_cache_build_resumes(tmp_path, nih_sample):
+    from medbridge.data import FocalConfig, load_dataset
+
+    table = load_dataset("csv", nih_subset_csv(nih_sample, tmp_path / "d.csv", n=6))
+    calls = []
+
+    def compute(pixels):
+        calls.append(pixels[0].shape[0])
+        if len(calls) == 2 and not getattr(compute, "resumed", False):
+            raise KeyboardInterrupt
+        return {"e0.frozen": pixels[0].mean(dim=(2, 3, 4))[..., None]}
+
+    from medbridge.backbones.base import PreprocessConfig
+
+    spec = CacheSpec({"k": 1}, {"e0.frozen": (1, 1)}, compute, FocalConfig(num_crops=0),
+                     [PreprocessConfig(16, (0.5,) * 3, (0.5,) * 3)])
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(spec, table, root=tmp_path / "c", batch_size=2, workers=0, progress=False)
+    compute.resumed = True
+    calls.clear()
+    cache = build_cache(spec, table, root=tmp_path / "c", batch_size=2, workers=0, progress=False)
+    assert sum(calls) == 4 and cache.done().all()  # only the 4 rows not done before were computed
+
+
+# --------------------------------------------------------------------------- training
+def _train_cfg(**kw):
+    from medbridge.engine.config import TrainConfig
+
+    base = dict(lr=1e-2, batch_size=4, epochs=2, checkpoint_every=1, seed=3, workers=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    model_a = tiny_model()
+    cache, _ = filled_cache(tmp_path, model_a)
+    targets = random_targets(12, 3)
+    rows = np.arange(10)
+    train_medbridge(model_a, cache, targets, rows, _train_cfg(), tmp_path / "a", progress_bar=False)
+    (tmp_path / "b").mkdir()
+    model_b = tiny_model()
+    with pytest.raises(KeyboardInterrupt):  # interrupted mid-epoch 1 (3 steps per epoch)
+        train_medbridge(model_b, cache, targets, rows, _train_cfg(), tmp_path / "b", progress_bar=False,
+                        stop_after=4)
+    model_c = tiny_model()  # a fresh process: new model, state from the checkpoint
+    hist = train_medbridge(model_c, cache, targets, rows, _train_cfg(), tmp_path / "b", resume=True,
+                           progress_bar=False)
+    assert len(hist) == 2
+    pa, pc = model_a.trainable_parameters(), model_c.trainable_parameters()
+    changed = any(not torch.equal(p, tiny_model().trainable_parameters()[n]) for n, p in pa.items())
+    assert changed
+    for n in pa:
+        torch.testing.assert_close(pc[n], pa[n], atol=1e-6, rtol=1e-6, msg=n)
+    for p in model_c.backbones[0].parameters():
+        assert not p.requires_grad
+
+
+def test_training_changes_only_the_adapter_and_stops_on_nan(tmp_path):
+    model = tiny_model()
+    cache, _ = filled_cache(tmp_path, model)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = predict_cached(model, cache, np.arange(4))
+    (tmp_path / "r").mkdir()
+    train_medbridge(model, cache, random_targets(12, 3), np.arange(12), _train_cfg(epochs=1), tmp_path / "r",
+                    progress_bar=False)
+    assert not np.allclose(before, predict_cached(model, cache, np.arange(4)))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    with torch.no_grad():
+        model.text_head.proj.weight.fill_(float("nan"))
+    (tmp_path / "n").mkdir()
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 1 step 1"):
+        train_medbridge(model, cache, random_targets(12, 3), np.arange(12), _train_cfg(), tmp_path / "n",
+                        progress_bar=False)
+
+
+def _ddp_worker(rank, world_size, init_file, cache_dir, out_dir, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    model = tiny_model()
+    if rank == 1:  # different init on rank 1: the broadcast from rank 0 must fix it
+        with torch.no_grad():
+            for p in model.trainable_parameters().values():
+                p.add_(1.0)
+    cache = FeatureCache(cache_dir, {"test": 1}, 12, _shapes(cache_dir))
+    train_medbridge(model, cache, random_targets(12, 3), np.arange(12), _train_cfg(checkpoint_every=0),
+                    out_dir, progress_bar=False)
+    if rank == 0:
+        torch.save({n: p.detach() for n, p in model.trainable_parameters().items()}, result_file)
+    dist.destroy_process_group()
+
+
+def _shapes(cache_dir):
+    import json
+
+    meta = next(cache_dir.glob("*/meta.json"))
+    return {k: tuple(v) for k, v in json.loads(meta.read_text())["shapes"].items()}
+
+
+def test_two_process_data_parallel_matches_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    model = tiny_model()
+    cache, _ = filled_cache(tmp_path, model)
+    (tmp_path / "single").mkdir()
+    train_medbridge(model, cache, random_targets(12, 3), np.arange(12), _train_cfg(checkpoint_every=0),
+                    tmp_path / "single", progress_bar=False)
+    (tmp_path / "ddp").mkdir()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), tmp_path / "cache", tmp_path / "ddp",
+                                str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for n, p in model.trainable_parameters().items():
+        torch.testing.assert_close(ddp[n], p.detach(), atol=2e-5, rtol=1e-4, msg=n)
+
+
+# --------------------------------------------------------------------------- config
+def test_config_errors_name_key_and_allowed_values(tmp_path):
+    cfg = load_config("demo", overrides=["train.lr=1e-3", "model.num_queries=16", "model.focal.num_crops=4"])
+    assert cfg.train.lr == 1e-3 and cfg.model["num_queries"] == 16 and cfg.model["focal"]["num_crops"] == 4
+    with pytest.raises(ConfigError, match=r"train.schedule: 'warm' is not one of constant, cosine"):
+        load_config(overrides=["train.schedule=warm"])
+    with pytest.raises(ConfigError, match=r"model.bogus: unknown key; allowed: \["):
+        load_config(overrides=["model.bogus=1"])
+    with pytest.raises(ConfigError, match=r"attention must be 'joint' or 'isolated'"):
+        load_config(overrides=["model.attention=both"])
+    with pytest.raises(ConfigError, match=r"train: .*'lrr'.*allowed keys"):
+        load_config(overrides=["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"preset 'nope' not found; available: \[.*'demo'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(overrides=["train.lr"])
+    with pytest.raises(ConfigError, match="focal mode must be"):
+        load_config(overrides=["model.focal.mode=grid"])
