@@ -193,8 +193,18 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), tmp_path / "cache", tmp_path / "ddp",
                                 str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    for n, p in model.trainable_parameters().items():
-        torch.testing.assert_close(ddp[n], p.detach(), atol=2e-5, rtol=1e-4, msg=n)
+    start = tiny_model()
+    assert not torch.equal(ddp["head.bias"], start.trainable_parameters()["head.bias"])  # it trained
+    ddp_model = tiny_model()
+    with torch.no_grad():
+        for n, p in ddp_model.trainable_parameters().items():
+            p.copy_(ddp[n])
+    # compare what the model computes: parameters whose gradient is structurally zero (e.g. attention key
+    # biases) take Adam steps driven by float noise that differs with the reduction order, without effect
+    rows = np.arange(12)
+    np.testing.assert_allclose(predict_cached(ddp_model, cache, rows), predict_cached(model, cache, rows),
+                               atol=1e-4)
+    assert not np.allclose(predict_cached(start, cache, rows), predict_cached(model, cache, rows), atol=1e-3)
 
 
 # --------------------------------------------------------------------------- config

@@ -113,10 +113,32 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
 
 
 def _parse_value(text: str):
+    """YAML value, with numbers YAML 1.1 leaves as strings (``1e-3``) read as numbers."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
+
+
+def _coerce(section: str, cls, values: dict) -> dict:
+    """Cast strings of numeric fields (YAML reads ``1e-3`` as a string) and name the key when impossible."""
+    out = dict(values)
+    types = {f.name: f.type for f in fields(cls)}
+    for k, v in values.items():
+        t = types.get(k)
+        if isinstance(v, str) and t in ("float", "int"):
+            try:
+                out[k] = float(v) if t == "float" else int(v)
+            except ValueError as exc:
+                raise ConfigError(f"{section}.{k}: expected a number ({t}), got {v!r}") from exc
+    return out
 
 
 def config_from_dict(d: dict) -> RunConfig:
@@ -125,8 +147,10 @@ def config_from_dict(d: dict) -> RunConfig:
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {sorted(known)}")
     try:
-        cfg = RunConfig(method=d.get("method", "medbridge"), data=DataConfig(**d.get("data", {})),
-                        model=dict(d.get("model", {})), train=TrainConfig(**d.get("train", {})),
+        cfg = RunConfig(method=d.get("method", "medbridge"),
+                        data=DataConfig(**_coerce("data", DataConfig, d.get("data", {}))),
+                        model=dict(d.get("model", {})),
+                        train=TrainConfig(**_coerce("train", TrainConfig, d.get("train", {}))),
                         probe=dict(d.get("probe", {})))
     except TypeError as exc:  # unknown field in a section
         section = "data" if "DataConfig" in str(exc) else "train"

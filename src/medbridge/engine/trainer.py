@@ -111,6 +111,9 @@ def train_medbridge(model: MedBridgeModel, cache: FeatureCache, targets: np.ndar
     from tqdm import tqdm
 
     rank, size = world()
+    run_dir = Path(run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
