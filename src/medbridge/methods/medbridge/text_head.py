@@ -49,9 +49,10 @@ class LabelTextHead(nn.Module):
     def frozen_features(self, texts: list[str]) -> Tensor:
         """Pooled frozen features [len(texts), width]; cached for label prompts."""
         key = tuple(texts)
-        if key not in self._cache:
+        device = self.proj.weight.device
+        if key not in self._cache or self._cache[key].device != device:  # re-encode after .to(device)
             with torch.no_grad():
-                self._cache[key] = self.text.encode_text(list(texts)).pooled.detach()
+                self._cache[key] = self.text.encode_text(list(texts)).pooled.detach().to(device)
         return self._cache[key]
 
     def encode_uncached(self, texts: list[str]) -> Tensor:
