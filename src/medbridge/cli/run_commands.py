@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 SHARED_SAMPLE = "../shared/data/nih-cxr14-sample"
+METHOD_CHOICES = ["medbridge", "linear-probe", "zero-shot", "coop", "cocoop", "kgcoop", "prograd", "clip-adapter",
+                  "lp-text", "mma", "mmrl"]
 
 TRAIN_EXAMPLES = """examples:
   medbridge train --data /data/nih --format nih --out runs/nih-medbridge
@@ -175,6 +177,26 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from ..engine.benchmark import run_benchmark
+
+    _setup_logging(args.verbose)
+    args.method = None
+    cfg = build_run_config(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_CHOICES]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {METHOD_CHOICES}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    res = run_benchmark(cfg, methods, seeds, args.out, progress=not args.quiet,
+                        command="medbridge " + " ".join(sys.argv[1:]))
+    print(res["table"])
+    for m, why in res["not_applicable"].items():
+        print(f"n/a {m}: {why}")
+    print(f"\nwritten: {res['results']} (+ results.csv, results.png, one run folder per method and seed)")
+    return 0
+
+
 def add_run_commands(sub, presets: list[str]) -> None:
     p = sub.add_parser("train", help="train an adapter (MedBridge or a linear probe) on a dataset",
                        description="Train on the training split, pick thresholds on validation, evaluate on test, "
@@ -187,7 +209,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--config", action="append", help="YAML config file(s) applied after the preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override, e.g. train.lr=1e-3, model.num_queries=16, data.label_fraction=0.1")
-    p.add_argument("--method", choices=["medbridge", "linear-probe"], help="method (default: medbridge)")
+    p.add_argument("--method", choices=METHOD_CHOICES, help="method (default: medbridge)")
     p.add_argument("--backbone", action="append", help="backbone source(s); several = mixture of experts")
     p.add_argument("--split-file", help="reuse a split.json from another run")
     p.add_argument("--with-probe", action="store_true", help="also fit a linear probe on the same frozen features")
@@ -239,6 +261,25 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("runs", nargs="+", help="run folders (with metrics.json)")
     p.add_argument("--csv", help="also write one row per (run, method) as CSV")
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("benchmark", help="compare methods on the same data, split, seeds and backbone",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  medbridge benchmark --data ../shared/data/nih-cxr14-sample --methods "
+                              "medbridge,linear-probe,zero-shot --seeds 0,1,2 --out runs/bench\n"
+                              "  medbridge benchmark --preset cross-domain --data /data/nih --methods "
+                              "medbridge,linear-probe,zero-shot,coop,cocoop,kgcoop,prograd,clip-adapter,lp-text "
+                              "--out runs/nih-table1")
+    add_common_data(p)
+    p.add_argument("--methods", default="medbridge,linear-probe", help="comma-separated methods")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (split + initialisation)")
+    p.add_argument("--out", required=True, help="benchmark folder (finished runs inside are reused)")
+    p.add_argument("--preset", help="config preset for every method")
+    p.add_argument("--config", action="append")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--backbone", action="append")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="THE main job: MedBridge vs linear probe on the real NIH sample",
                        description="Train MedBridge and a linear probe on the same frozen features and "

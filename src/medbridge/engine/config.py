@@ -73,10 +73,14 @@ class RunConfig:
     model: dict = field(default_factory=dict)  # MedBridgeConfig fields (labels come from the data)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: dict = field(default_factory=dict)  # linear-probe options (see methods.linear_probe.ProbeConfig)
+    baseline: dict = field(default_factory=dict)  # baseline options: hparams (lr, epochs, ...) and method kwargs
 
     def validate(self) -> None:
-        if self.method not in ("medbridge", "linear-probe"):
-            raise ConfigError(f"method: {self.method!r} is not one of medbridge, linear-probe")
+        from ..methods.baselines import BASELINES, NOT_YET
+
+        methods = ["medbridge", "linear-probe", *BASELINES, *NOT_YET]
+        if self.method not in methods:
+            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(methods)}")
         self.data.validate()
         self.train.validate()
         allowed = {f.name for f in fields(MedBridgeConfig)} - {"labels", "prompt_names"}
@@ -151,7 +155,7 @@ def config_from_dict(d: dict) -> RunConfig:
                         data=DataConfig(**_coerce("data", DataConfig, d.get("data", {}))),
                         model=dict(d.get("model", {})),
                         train=TrainConfig(**_coerce("train", TrainConfig, d.get("train", {}))),
-                        probe=dict(d.get("probe", {})))
+                        probe=dict(d.get("probe", {})), baseline=dict(d.get("baseline", {})))
     except TypeError as exc:  # unknown field in a section
         section = "data" if "DataConfig" in str(exc) else "train"
         allowed = [f.name for f in fields(DataConfig if section == "data" else TrainConfig)]
@@ -185,7 +189,7 @@ def load_config(preset: str | None = None, files: list[str] | None = None,
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = d
-        free_form = parts[0] in ("model", "probe")  # validated by MedBridgeConfig / ProbeConfig afterwards
+        free_form = parts[0] in ("model", "probe", "baseline")  # validated by MedBridgeConfig / ProbeConfig afterwards
         for i, part in enumerate(parts[:-1]):
             if isinstance(node.get(part), dict):
                 node = node[part]

@@ -131,11 +131,42 @@ class ProbeMethod(TrainedMethod):
             return torch.sigmoid(self.probe(feats)).numpy(), {}
 
 
+class BaselineIO(TrainedMethod):
+    """A feature-space baseline: whole image at the backbone's input size, frozen pooled embedding -> logits."""
+
+    def __init__(self, method) -> None:
+        self.method = method.eval()
+        self.name = method.name
+        self.labels = method.labels
+        self.focal = FocalConfig(num_crops=0)
+        self.preprocess = [method.backbone.vision.preprocess]
+
+    def cache_spec(self, n_views: int) -> CacheSpec:
+        return embedding_cache_spec([self.method.backbone], self.focal, n_views)
+
+    def features_cached(self, cache: FeatureCache, rows: np.ndarray) -> torch.Tensor:
+        return cache.read(rows, ["e0.frozen"])["e0.frozen"][:, 0].float()
+
+    def scores_cached(self, cache, rows, device="cpu"):
+        with torch.no_grad():
+            return torch.sigmoid(self.method(self.features_cached(cache, rows))).numpy()
+
+    def scores_views(self, pixels):
+        feats = frozen_embeddings([self.method.backbone], pixels)[0][:, 0]
+        with torch.no_grad():
+            return torch.sigmoid(self.method(feats)).numpy(), {}
+
+
 def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> TrainedMethod:
     """A MedBridge adapter folder, a linear-probe folder, or a run folder (its ``medbridge/`` adapter, else its
     ``linear_probe/``)."""
+    from ..methods.baselines import BASELINES, load_baseline
+    from ..methods.baselines import CONFIG as BASELINE_CONFIG
+
     folder = Path(folder)
-    for cand in (folder, folder / "medbridge", folder / "linear_probe"):
+    for cand in (folder, folder / "medbridge", folder / "linear_probe", *(folder / n for n in BASELINES)):
+        if (cand / BASELINE_CONFIG).is_file():
+            return BaselineIO(load_baseline(cand, backbones[0] if backbones else None))
         if (cand / ADAPTER_CONFIG).is_file():
             return MedBridgeMethod(load_adapter(cand, backbones))
         if (cand / PROBE_CONFIG).is_file():

@@ -135,6 +135,12 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
         backbones = list(model.backbones)
         focal = model.config.focal
         probe_cache = cache
+    elif cfg.method not in ("linear-probe",):
+        backbones, results, scores, params, timings, test_rows = _train_baseline(
+            cfg, table, split, out, device, cache_root, backbones, progress, timings)
+        with_probe = False
+        if rank != 0:
+            return {"rank": rank}
     else:
         from ..backbones import create_backbone
 
@@ -166,6 +172,7 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
                                        table.targets[val_rows] if len(val_rows) else None,
                                        list(table.labels), pc, meta)
         timings["probe_fit_s"] = time.perf_counter() - t0
+        timings.setdefault("train_s", timings["probe_fit_s"])
         probe.save(out / "linear_probe")
         params["linear-probe"] = int(probe.weight.numel() + probe.bias.numel())
         with torch.no_grad():
@@ -176,6 +183,51 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
     timings["total_s"] = time.perf_counter() - t_start
     summary = write_outputs(out, table, test_rows, results, scores, params, timings, cfg, split)
     return summary
+
+
+def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, device: str, cache_root: Path,
+                    backbones, progress: bool, timings: dict):
+    """A feature-space baseline on the cached whole-image embedding of one backbone."""
+    from dataclasses import fields, replace
+
+    from ..backbones import create_backbone
+    from ..data.focal import FocalConfig
+    from ..methods.baselines import Hparams, build_baseline, fit_feature_method, save_baseline
+
+    names = cfg.model.get("backbones", ["dinov2-small+minilm-l6"])
+    backbone = (backbones or [create_backbone(names[0])])[0]
+    hp_keys = {f.name for f in fields(Hparams)}
+    opts = dict(cfg.baseline)
+    hp_over = {k: opts.pop(k) for k in list(opts) if k in hp_keys}
+    method = build_baseline(cfg.method, backbone, list(table.labels), list(table.prompt_names), **opts)
+    hp = replace(method.default_hparams, **hp_over)
+    focal = FocalConfig(num_crops=0)
+    spec = embedding_cache_spec([backbone], focal, 1)
+    rows = np.concatenate([split.train, split.val, split.test])
+    t0 = time.perf_counter()
+    cache = build_cache(spec, table, rows, root=cache_root, batch_size=cfg.train.batch_size,
+                        workers=cfg.train.workers, device=device, skip_unreadable=cfg.data.skip_unreadable,
+                        progress=progress)
+    timings["cache_s"] = time.perf_counter() - t0
+    done = cache.done()
+    train_rows, val_rows, test_rows = (r[done[r]] for r in (split.train, split.val, split.test))
+
+    def feats(r):
+        return cache.read(r, ["e0.frozen"])["e0.frozen"][:, 0].float()
+
+    y = torch.from_numpy(table.targets)
+    t0 = time.perf_counter()
+    info = fit_feature_method(method, feats(train_rows), y[train_rows],
+                              feats(val_rows) if len(val_rows) else None, y[val_rows] if len(val_rows) else None,
+                              hp, seed=cfg.train.seed, progress=progress)
+    timings["train_s"] = time.perf_counter() - t0
+    save_baseline(method, out / cfg.method, extra={"fit": info, "hparams": hp.__dict__})
+    with torch.no_grad():
+        sv = torch.sigmoid(method(feats(val_rows))).numpy() if len(val_rows) else None
+        st = torch.sigmoid(method(feats(test_rows))).numpy()
+    res = {cfg.method: evaluate_split(sv, table.targets[val_rows], st, table.targets[test_rows], table.labels)}
+    params = {cfg.method: sum(p.numel() for p in method.trainable_parameters().values())}
+    return [backbone], res, {cfg.method: st}, params, timings, test_rows
 
 
 def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, params, timings, cfg: RunConfig,

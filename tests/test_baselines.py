@@ -1,0 +1,188 @@
+"""Baselines on a tiny random CLIP (specs/baselines.md section 12): the invariants that make them faithful."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medbridge.backbones.tiny import tiny_open_clip
+from medbridge.engine.metrics import auroc
+from medbridge.methods.baselines import (
+    BASELINES,
+    CoCoOp,
+    CoOp,
+    KgCoOp,
+    LPText,
+    NotApplicableError,
+    ProGrad,
+    build_baseline,
+    fit_feature_method,
+    load_baseline,
+    save_baseline,
+)
+
+LABELS = ["Effusion", "Pneumonia", "Cardiomegaly"]
+NAMES = ["pleural effusion", "pneumonia", "cardiomegaly"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_open_clip("ViT-B-16-quickgelu", layers=12)
+
+
+@pytest.fixture(scope="module")
+def data(clip):
+    torch.manual_seed(0)
+    v = clip.vision
+    with torch.no_grad():
+        feats = v.finalize(v.run_blocks(v.embed(torch.randn(24, 3, 32, 32)), 0))
+    targets = (torch.rand(24, 3) < 0.4).float()
+    targets[0], targets[1] = 1, 0
+    return feats, targets
+
+
+def zero_shot_logits(clip, feats):
+    zs = build_baseline("zero-shot", clip, LABELS, NAMES)
+    zs.init_from_features(feats)
+    return zs(feats), zs
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_trainable_set_step_and_frozen_backbone(name, clip, data):
+    feats, targets = data
+    method = build_baseline(name, clip, LABELS, NAMES)
+    method.init_from_features(feats)
+    expected = {"zero-shot": set(), "coop": {"prompt.ctx", "head.bias"}, "kgcoop": {"prompt.ctx", "head.bias"},
+                "prograd": {"prompt.ctx", "head.bias"},
+                "cocoop": {"prompt.ctx", "head.bias", "meta_net.0.weight", "meta_net.0.bias", "meta_net.2.weight",
+                           "meta_net.2.bias"},
+                "clip-adapter": {"adapter.0.weight", "adapter.2.weight", "head.bias"},
+                "lp-text": {"weight", "bias", "alpha"}}[name]
+    assert set(method.trainable_parameters()) == expected
+    logits = method(feats)
+    assert logits.shape == (24, 3) and torch.isfinite(logits).all()
+    if not expected:
+        return
+    before_backbone = {k: v.clone() for k, v in clip.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in method.trainable_parameters().items()}
+    if name == "lp-text":
+        method.init_weights(feats, targets)
+        before = {k: v.detach().clone() for k, v in method.trainable_parameters().items()}
+    opt = torch.optim.SGD(method.trainable_parameters().values(), lr=0.1)
+    method.train_step(feats, targets, opt)
+    for k, v in method.trainable_parameters().items():
+        assert v.grad is not None and torch.isfinite(v.grad).all(), k
+    assert any(not torch.equal(v, before[k]) for k, v in method.trainable_parameters().items())
+    assert all(torch.equal(v, before_backbone[k]) for k, v in clip.state_dict().items())
+
+
+def test_coop_from_template_equals_zero_shot(clip, data):
+    feats, _ = data
+    zs_logits, zs = zero_shot_logits(clip, feats)
+    coop = CoOp(clip, LABELS, NAMES)
+    coop.init_from_features(feats)
+    torch.testing.assert_close(coop.text_features(), zs.text_features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(coop(feats), zs_logits, atol=1e-4, rtol=1e-5)
+    random = CoOp(clip, LABELS, NAMES, init=None, n_ctx=16, class_specific=True)
+    assert random.prompt.ctx.shape == (3, 16, clip.text.width)
+    assert not torch.allclose(random.text_features(), zs.text_features, atol=1e-3)
+
+
+def test_cocoop_with_zero_meta_net_equals_coop(clip, data):
+    feats, _ = data
+    coop, cocoop = CoOp(clip, LABELS, NAMES, n_ctx=4), CoCoOp(clip, LABELS, NAMES)
+    for m in (coop, cocoop):
+        m.init_from_features(feats)
+    with torch.no_grad():
+        cocoop.meta_net[2].weight.zero_()
+        cocoop.meta_net[2].bias.zero_()
+    torch.testing.assert_close(cocoop(feats[:4]), coop(feats[:4]), atol=1e-4, rtol=1e-5)
+
+
+def test_prograd_never_conflicts_with_the_teacher(clip, data):
+    feats, targets = data
+    method = ProGrad(clip, LABELS, NAMES)
+    method.init_from_features(feats)
+    with torch.no_grad():
+        method.prompt.ctx.add_(torch.randn_like(method.prompt.ctx) * 0.5)  # move away from the teacher
+    with torch.no_grad():
+        method.head.bias.add_(3.0)  # student more positive than the teacher ...
+    targets = torch.ones_like(targets)  # ... and labels pushing further up: the bias gradients conflict
+    params = list(method.trainable_parameters().values())
+    logits = method(feats)
+    task = method.loss(logits, targets)
+    guide = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.sigmoid(method.teacher_logits(feats)))
+    g_d = torch.autograd.grad(task, params, retain_graph=True)
+    g_g = torch.autograd.grad(guide, params)
+    _, projected = method.projected_gradients(feats, targets)
+    conflicts = 0
+    for gd, gg, g in zip(g_d, g_g, projected):
+        assert (g * gg).sum() >= -1e-6 * gg.norm() * g.norm()
+        if (gd * gg).sum() >= 0:
+            torch.testing.assert_close(g, gd)
+        else:
+            conflicts += 1
+    assert conflicts > 0  # the perturbation made the task and teacher gradients disagree somewhere
+
+
+def test_kgcoop_regulariser_zero_at_init(clip, data):
+    feats, _ = data
+    method = KgCoOp(clip, LABELS, NAMES)
+    assert float(method.knowledge_loss().detach()) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        method.prompt.ctx.add_(torch.randn_like(method.prompt.ctx))
+    assert float(method.knowledge_loss().detach()) > 1e-3
+
+
+def test_clip_adapter_zero_w2_equals_zero_shot(clip, data):
+    feats, _ = data
+    zs_logits, _ = zero_shot_logits(clip, feats)
+    method = build_baseline("clip-adapter", clip, LABELS, NAMES)
+    method.init_from_features(feats)
+    with torch.no_grad():
+        method.adapter[2].weight.zero_()
+    # W2 = 0: f' = (1 - a) f, a positive rescaling: cosine unchanged
+    torch.testing.assert_close(method(feats), zs_logits, atol=1e-4, rtol=1e-5)
+
+
+def test_lp_text_with_zero_linear_part_ranks_like_zero_shot(clip, data):
+    feats, targets = data
+    zs_logits, _ = zero_shot_logits(clip, feats)
+    method = LPText(clip, LABELS, NAMES)
+    method.init_weights(feats, targets)
+    with torch.no_grad():
+        method.weight.zero_()
+        method.bias.zero_()
+    out = method(feats).detach().numpy()
+    for j in range(3):
+        y = targets[:, j].numpy()
+        assert auroc(out[:, j], y) == pytest.approx(auroc(zs_logits[:, j].detach().numpy(), y), abs=1e-9)
+    info = fit_feature_method(method, feats, targets, feats, targets)
+    assert info["best_val_auroc"] > 0.5
+
+
+def test_fit_save_load_round_trip(clip, data, tmp_path):
+    feats, targets = data
+    method = build_baseline("coop", clip, LABELS, NAMES)
+    from medbridge.methods.baselines import Hparams
+
+    info = fit_feature_method(method, feats, targets, hp=Hparams(epochs=3, batch_size=8, lr=0.01))
+    assert info["epochs"] == 3
+    save_baseline(method, tmp_path / "coop")
+    again = load_baseline(tmp_path / "coop", clip)
+    torch.testing.assert_close(again(feats), method(feats).detach())
+
+
+def test_text_methods_refuse_unaligned_backbones(data):
+    from medbridge.backbones.registry import tiny_builders
+    from medbridge.backbones.base import Backbone
+
+    b = tiny_builders()
+    unaligned = Backbone("dino+bert", b["tiny-hf-dinov2"]().vision, b["tiny-hf-clip"]().text, aligned=False)
+    for name in sorted(BASELINES):
+        with pytest.raises(NotApplicableError, match=f"{name} needs a CLIP-style backbone"):
+            build_baseline(name, unaligned, LABELS, NAMES)
+    with pytest.raises(NotApplicableError, match="MMA .* not implemented yet"):
+        build_baseline("mma", unaligned, LABELS, NAMES)
+    assert np.isfinite(1.0)
