@@ -197,6 +197,19 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from ..engine.ablation import run_ablations, summarise
+
+    _setup_logging(args.verbose)
+    frame = run_ablations(args.study, args.data, args.out, only=args.only.split(",") if args.only else None,
+                          seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+                          extra=args.set, progress=not args.quiet)
+    text = summarise(frame, Path(args.out))
+    Path(args.out, "ablations.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def add_run_commands(sub, presets: list[str]) -> None:
     p = sub.add_parser("train", help="train an adapter (MedBridge or a linear probe) on a dataset",
                        description="Train on the training split, pick thresholds on validation, evaluate on test, "
@@ -280,6 +293,21 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("ablate", help="run an ablation study (settings x seeds) and tabulate/plot it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  medbridge ablate --data ../shared/data/nih-cxr14-sample --out runs/abl\n"
+                              "  medbridge ablate --study my_study.yaml --data /data/nih --only t1,alpha "
+                              "--seeds 0,1,2 --out runs/abl-nih --set 'model.backbones=[\"clip-vit-b-16\"]'")
+    p.add_argument("--study", default="ablations", help="study YAML (default: the presets/ablations.yaml study)")
+    p.add_argument("--data", default=SHARED_SAMPLE)
+    p.add_argument("--out", required=True, help="study folder (finished runs are reused)")
+    p.add_argument("--only", help="comma-separated study names to run")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the study's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="THE main job: MedBridge vs linear probe on the real NIH sample",
                        description="Train MedBridge and a linear probe on the same frozen features and "

@@ -79,6 +79,8 @@ def evaluate_split(scores_val, targets_val, scores_test, targets_test, labels) -
     thresholds = pick_thresholds(scores_val, targets_val, labels) if scores_val is not None else None
     res = evaluate_scores(scores_test, targets_test, labels, thresholds)
     res["thresholds"] = thresholds
+    if scores_val is not None:  # for model selection (ablations choose settings on validation only)
+        res["val_macro"] = evaluate_scores(scores_val, targets_val, labels)["macro"]
     return res
 
 
