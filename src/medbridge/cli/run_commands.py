@@ -203,7 +203,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     frame = run_ablations(args.study, args.data, args.out, only=args.only.split(",") if args.only else None,
                           seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
-                          extra=args.set, progress=not args.quiet)
+                          extra=args.set, progress=not args.quiet, train=not args.no_train)
     text = summarise(frame, Path(args.out))
     Path(args.out, "ablations.md").write_text(text + "\n")
     print(text)
@@ -303,6 +303,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--data", default=SHARED_SAMPLE)
     p.add_argument("--out", required=True, help="study folder (finished runs are reused)")
     p.add_argument("--only", help="comma-separated study names to run")
+    p.add_argument("--no-train", action="store_true", help="only summarise the runs that have finished")
     p.add_argument("--seeds", help="comma-separated seeds (default: the study's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
     p.add_argument("--quiet", action="store_true")

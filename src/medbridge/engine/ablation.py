@@ -47,7 +47,7 @@ def _metrics(run_dir: Path, method: str) -> dict:
 
 def run_ablations(study_file: str, data: str, out: str | Path, *, only: list[str] | None = None,
                   seeds: list[int] | None = None, extra: list[str] | None = None,
-                  progress: bool = False) -> pd.DataFrame:
+                  progress: bool = False, train: bool = True) -> pd.DataFrame:
     study = read_study(study_file)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +57,8 @@ def run_ablations(study_file: str, data: str, out: str | Path, *, only: list[str
     def one(name: str, setting: str, overrides: list[str], seed: int, method: str = "medbridge"):
         run_dir = out / name / f"{setting.replace(' ', '_').replace('/', '-')}-s{seed}"
         if not (run_dir / "metrics.json").is_file():
+            if not train:
+                return  # summarising only: skip runs that have not finished
             cfg = load_config(study.get("base"), None, [f"data.path={data}", f"train.seed={seed}",
                                                         f"data.split_seed={seed}", *overrides, *(extra or [])])
             d = cfg.to_dict()
@@ -77,6 +79,8 @@ def run_ablations(study_file: str, data: str, out: str | Path, *, only: list[str
             for seed in seeds:
                 one(name, s["name"], _overrides(s.get("set", {})), seed)
     frame = pd.DataFrame(rows)
+    if frame.empty:
+        raise ConfigError(f"{out}: no finished runs to summarise")
     atomic_write_bytes(out / "ablations.csv", frame.to_csv(index=False).encode())
     return frame
 

@@ -29,6 +29,15 @@ class TrainedMethod:
     def cache_spec(self, n_views: int) -> CacheSpec:
         raise NotImplementedError
 
+    def to(self, device: str) -> TrainedMethod:
+        """Move the frozen backbones (which compute the cache) to ``device``; scoring happens there too."""
+        for b in self.backbone_modules():
+            b.to(device)
+        return self
+
+    def backbone_modules(self) -> list:
+        return []
+
     def scores_cached(self, cache: FeatureCache, rows: np.ndarray, device: str = "cpu") -> np.ndarray:
         raise NotImplementedError
 
@@ -48,11 +57,16 @@ class MedBridgeMethod(TrainedMethod):
         self.focal = model.config.focal
         self.preprocess = model.preprocess
 
+    def backbone_modules(self) -> list:
+        return [self.model]
+
     def cache_spec(self, n_views: int) -> CacheSpec:
         shapes = {}
         for k, enc in enumerate(self.model.encoders):
             v = enc.vision
-            n_tokens = enc.prefix(torch.zeros(1, 3, v.preprocess.image_size, v.preprocess.image_size)).shape[1]
+            dev = next(v.parameters()).device
+            size = v.preprocess.image_size
+            n_tokens = enc.prefix(torch.zeros(1, 3, size, size, device=dev)).shape[1]
             if enc.attention == "joint":
                 shapes[f"e{k}.prefix"] = (n_views, n_tokens, v.width)
             else:
@@ -115,6 +129,9 @@ class ProbeMethod(TrainedMethod):
         self.focal = probe.focal
         self.preprocess = [b.vision.preprocess for b in backbones]
 
+    def backbone_modules(self) -> list:
+        return list(self.backbones)
+
     def cache_spec(self, n_views: int) -> CacheSpec:
         return embedding_cache_spec(self.backbones, self.focal, n_views)
 
@@ -141,6 +158,9 @@ class BaselineIO(TrainedMethod):
         self.focal = FocalConfig(num_crops=0)
         self.preprocess = [method.backbone.vision.preprocess]
 
+    def backbone_modules(self) -> list:
+        return [self.method]
+
     def cache_spec(self, n_views: int) -> CacheSpec:
         return embedding_cache_spec([self.method.backbone], self.focal, n_views)
 
@@ -149,12 +169,13 @@ class BaselineIO(TrainedMethod):
 
     def scores_cached(self, cache, rows, device="cpu"):
         with torch.no_grad():
-            return torch.sigmoid(self.method(self.features_cached(cache, rows))).numpy()
+            feats = self.features_cached(cache, rows).to(next(self.method.parameters()).device)
+            return torch.sigmoid(self.method(feats)).cpu().numpy()
 
     def scores_views(self, pixels):
         feats = frozen_embeddings([self.method.backbone], pixels)[0][:, 0]
         with torch.no_grad():
-            return torch.sigmoid(self.method(feats)).numpy(), {}
+            return torch.sigmoid(self.method(feats)).cpu().numpy(), {}
 
 
 def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> TrainedMethod:

@@ -67,6 +67,7 @@ def method_scores(method: TrainedMethod, table: ImageTable, rows: np.ndarray, ca
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Scores of ``method`` for ``rows`` of ``table`` through the cache (built as needed); returns the rows
     actually scored (unreadable images skipped) and their scores."""
+    method.to(device)
     spec = method.cache_spec(fixed_view_count(table, method.focal))
     cache = build_cache(spec, table, rows, root=cache_root, batch_size=batch_size, workers=workers, device=device,
                         skip_unreadable=skip_unreadable, progress=progress)
@@ -111,6 +112,7 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
     if cfg.method == "medbridge":
         model = build_medbridge(cfg.medbridge_config(table.labels, table.prompt_names), backbones)
         method = MedBridgeMethod(model)
+        model.to(device)
         spec = method.cache_spec(fixed_view_count(table, model.config.focal))
         t0 = time.perf_counter()
         cache = build_cache(spec, table, rows, root=cache_root, batch_size=cfg.train.batch_size,
@@ -151,6 +153,8 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
         from ..data.focal import FocalConfig
 
         focal = FocalConfig(**cfg.model.get("focal", {}))
+        for b in backbones:
+            b.to(device)
         spec = embedding_cache_spec(backbones, focal, fixed_view_count(table, focal))
         t0 = time.perf_counter()
         probe_cache = build_cache(spec, table, rows, root=cache_root, batch_size=cfg.train.batch_size,
@@ -201,7 +205,7 @@ def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, 
     hp_keys = {f.name for f in fields(Hparams)}
     opts = dict(cfg.baseline)
     hp_over = {k: opts.pop(k) for k in list(opts) if k in hp_keys}
-    method = build_baseline(cfg.method, backbone, list(table.labels), list(table.prompt_names), **opts)
+    method = build_baseline(cfg.method, backbone, list(table.labels), list(table.prompt_names), **opts).to(device)
     hp = replace(method.default_hparams, **hp_over)
     focal = FocalConfig(num_crops=0)
     spec = embedding_cache_spec([backbone], focal, 1)
@@ -215,9 +219,9 @@ def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, 
     train_rows, val_rows, test_rows = (r[done[r]] for r in (split.train, split.val, split.test))
 
     def feats(r):
-        return cache.read(r, ["e0.frozen"])["e0.frozen"][:, 0].float()
+        return cache.read(r, ["e0.frozen"])["e0.frozen"][:, 0].float().to(device)
 
-    y = torch.from_numpy(table.targets)
+    y = torch.from_numpy(table.targets).to(device)
     t0 = time.perf_counter()
     info = fit_feature_method(method, feats(train_rows), y[train_rows],
                               feats(val_rows) if len(val_rows) else None, y[val_rows] if len(val_rows) else None,
@@ -225,8 +229,8 @@ def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, 
     timings["train_s"] = time.perf_counter() - t0
     save_baseline(method, out / cfg.method, extra={"fit": info, "hparams": hp.__dict__})
     with torch.no_grad():
-        sv = torch.sigmoid(method(feats(val_rows))).numpy() if len(val_rows) else None
-        st = torch.sigmoid(method(feats(test_rows))).numpy()
+        sv = torch.sigmoid(method(feats(val_rows))).cpu().numpy() if len(val_rows) else None
+        st = torch.sigmoid(method(feats(test_rows))).cpu().numpy()
     res = {cfg.method: evaluate_split(sv, table.targets[val_rows], st, table.targets[test_rows], table.labels)}
     params = {cfg.method: sum(p.numel() for p in method.trainable_parameters().values())}
     return [backbone], res, {cfg.method: st}, params, timings, test_rows

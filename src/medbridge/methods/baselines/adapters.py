@@ -100,7 +100,8 @@ class LPText(FeatureMethod):
                     self.alpha -= lr_a * self.alpha.grad
             if x_val is not None and y_val is not None:
                 with torch.no_grad():
-                    score = evaluate_scores(self(x_val).numpy(), y_val.numpy(), self.labels)["macro"]["auroc"]
+                    scores = self(x_val).cpu().numpy()
+                    score = evaluate_scores(scores, y_val.cpu().numpy(), self.labels)["macro"]["auroc"]
                 if np.isfinite(score) and score > best:
                     best, best_state = score, {k: v.clone() for k, v in self.trainable_parameters().items()}
         if best_state is not None:
