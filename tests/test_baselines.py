@@ -175,8 +175,8 @@ def test_fit_save_load_round_trip(clip, data, tmp_path):
 
 
 def test_text_methods_refuse_unaligned_backbones(data):
-    from medbridge.backbones.registry import tiny_builders
     from medbridge.backbones.base import Backbone
+    from medbridge.backbones.registry import tiny_builders
 
     b = tiny_builders()
     unaligned = Backbone("dino+bert", b["tiny-hf-dinov2"]().vision, b["tiny-hf-clip"]().text, aligned=False)
