@@ -102,3 +102,28 @@ def test_train_config_error_exit_code(tmp_path, capsys, nih_sample):
     assert main(["train", "--data", str(nih_sample), "--out", str(tmp_path / "r"), "--set",
                  "train.schedule=warm"]) == 2
     assert "train.schedule" in capsys.readouterr().err
+
+
+def test_benchmark_and_ablate_commands(tiny_run, tmp_path, capsys):
+    common = ["--data", str(tiny_run["data"]), "--set", "train.epochs=1", "--set",
+              f"train.cache_dir={tiny_run['root'] / 'cache'}", "--set", "train.workers=0",
+              "--set", "model.focal.stride=512", "--set", "data.fractions=[0.5,0.2,0.3]", "--quiet"]
+    out = tmp_path / "bench"
+    assert main(["benchmark", *common, "--backbone", tiny_run["backbone"], "--methods", "medbridge,zero-shot,coop,mma",
+                 "--seeds", "0,1", "--set", "baseline.epochs=1", "--out", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    for m in ("medbridge", "zero-shot", "coop"):
+        assert f"| {m} | 2 |" in text
+    assert "- mma: MMA" in text and not (out / "mma-s0").exists() and (out / "results.png").is_file()
+    frame = pd.read_csv(out / "results.csv")
+    assert len(frame) == 6 and set(frame["seed"]) == {0, 1}
+    study = tmp_path / "study.yaml"
+    study.write_text("base: demo\nseeds: [0]\nbaselines: [linear-probe]\nstudies:\n  alpha:\n"
+                     "    - {name: a0, set: {model.frozen_weight: 0.0}}\n    - {name: a1, set: {model.frozen_weight: 1.0}}\n")
+    abl = tmp_path / "abl"
+    assert main(["ablate", "--study", str(study), *common, "--set", "data.format=csv", "--set",
+                 f"model.backbones=[\"{tiny_run['backbone']}\"]", "--out", str(abl)]) == 0
+    md = (abl / "ablations.md").read_text()
+    assert "**(best val)**" in md and "| a0" in md and "| a1" in md and (abl / "ablation_alpha.png").is_file()
+    assert main(["ablate", "--study", str(study), "--data", str(tiny_run["data"]), "--out", str(abl),
+                 "--no-train", "--quiet"]) == 0  # summarising again reuses the finished runs
