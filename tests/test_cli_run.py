@@ -119,7 +119,8 @@ def test_benchmark_and_ablate_commands(tiny_run, tmp_path, capsys):
     assert len(frame) == 6 and set(frame["seed"]) == {0, 1}
     study = tmp_path / "study.yaml"
     study.write_text("base: demo\nseeds: [0]\nbaselines: [linear-probe]\nstudies:\n  alpha:\n"
-                     "    - {name: a0, set: {model.frozen_weight: 0.0}}\n    - {name: a1, set: {model.frozen_weight: 1.0}}\n")
+                     "    - {name: a0, set: {model.frozen_weight: 0.0}}\n"
+                     "    - {name: a1, set: {model.frozen_weight: 1.0}}\n")
     abl = tmp_path / "abl"
     assert main(["ablate", "--study", str(study), *common, "--set", "data.format=csv", "--set",
                  f"model.backbones=[\"{tiny_run['backbone']}\"]", "--out", str(abl)]) == 0
