@@ -35,6 +35,11 @@ def add_common_data(p: argparse.ArgumentParser, required: bool = True, default: 
                                                     "folder, or auto (detect; default)")
 
 
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
 def build_run_config(args: argparse.Namespace):
     from ..engine.config import load_config
 
@@ -228,8 +233,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--with-probe", action="store_true", help="also fit a linear probe on the same frozen features")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    add_output_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics of a trained adapter/probe on a dataset (also another dataset)",
@@ -290,8 +294,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--config", action="append")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--backbone", action="append")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_output_flags(p)
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("ablate", help="run an ablation study (settings x seeds) and tabulate/plot it",
@@ -306,8 +309,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--no-train", action="store_true", help="only summarise the runs that have finished")
     p.add_argument("--seeds", help="comma-separated seeds (default: the study's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_output_flags(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="THE main job: MedBridge vs linear probe on the real NIH sample",
@@ -323,6 +325,5 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_output_flags(p)
     p.set_defaults(func=cmd_demo)

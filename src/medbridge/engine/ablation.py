@@ -5,7 +5,6 @@ numbers are reported beside them, with the paired difference to the linear probe
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 
 from ..backbones.loading import atomic_write_bytes
 from .config import PRESET_DIR, ConfigError, load_config
+from .report import save_figure
 from .run import train_run
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,4 @@ def plot_study(g: pd.DataFrame, lp: pd.DataFrame, path: Path, title: str) -> Non
     ax.set_ylabel("macro AUROC (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import platform
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from ..backbones.loading import atomic_write_bytes
 from ..methods.baselines import NotApplicableError
 from .config import RunConfig, config_from_dict
-from .report import collect_runs, paper_table
+from .report import collect_runs, paper_table, save_figure
 from .run import train_run
 
 log = logging.getLogger(__name__)
@@ -35,11 +34,7 @@ def bar_chart(frame: pd.DataFrame, path: Path, title: str) -> None:
     lo = max(0.0, float((mean - std).min()) - 5)
     ax.set_ylim(lo, min(100.0, float((mean + std).max()) + 3))
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def run_benchmark(base: RunConfig, methods: list[str], seeds: list[int], out: str | Path, *,

@@ -16,6 +16,19 @@ def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, default=float).encode())
 
 
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    """Tight layout, PNG, written atomically, figure closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def per_class_table(results: dict[str, dict]) -> pd.DataFrame:
     """{method: evaluate_scores(...)} -> one row per (method, class)."""
     rows = []
@@ -66,13 +79,7 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
         ax.set_title(f"{labels[j]} (n+={int(np.nansum(targets[:, j]))})", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=90)
 
 
 def summary_table(results: dict[str, dict], extra: dict[str, dict] | None = None) -> str:

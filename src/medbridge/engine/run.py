@@ -76,6 +76,22 @@ def method_scores(method: TrainedMethod, table: ImageTable, rows: np.ndarray, ca
     return rows, method.scores_cached(cache, rows, device)
 
 
+def cache_for_split(spec, table: ImageTable, split: Split, cfg: RunConfig, device: str, cache_root: Path,
+                    progress: bool, timings: dict):
+    """Build (or reuse) the cache of every image of the split; returns it and the readable train/val/test rows."""
+    rows = np.concatenate([split.train, split.val, split.test])
+    t0 = time.perf_counter()
+    cache = build_cache(spec, table, rows, root=cache_root, batch_size=cfg.train.batch_size,
+                        workers=cfg.train.workers, device=device, amp=cfg.train.amp,
+                        skip_unreadable=cfg.data.skip_unreadable, progress=progress)
+    timings["cache_s"] = time.perf_counter() - t0
+    done = cache.done()
+    parts = [r[done[r]] for r in (split.train, split.val, split.test)]
+    if len(parts[0]) < len(split.train):
+        log.warning("%d training image(s) unreadable and skipped", len(split.train) - len(parts[0]))
+    return (cache, *parts)
+
+
 def evaluate_split(scores_val, targets_val, scores_test, targets_test, labels) -> dict:
     thresholds = pick_thresholds(scores_val, targets_val, labels) if scores_val is not None else None
     res = evaluate_scores(scores_test, targets_test, labels, thresholds)
@@ -107,22 +123,14 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
         device = f"cuda:{rank % torch.cuda.device_count()}"
     cache_root = cache_root_from(cfg.train.cache_dir)
     torch.manual_seed(cfg.train.seed)
-    rows = np.concatenate([split.train, split.val, split.test])
     timings, results, scores, params = {}, {}, {}, {}
     if cfg.method == "medbridge":
         model = build_medbridge(cfg.medbridge_config(table.labels, table.prompt_names), backbones)
         method = MedBridgeMethod(model)
         model.to(device)
         spec = method.cache_spec(fixed_view_count(table, model.config.focal))
-        t0 = time.perf_counter()
-        cache = build_cache(spec, table, rows, root=cache_root, batch_size=cfg.train.batch_size,
-                            workers=cfg.train.workers, device=device, amp=cfg.train.amp,
-                            skip_unreadable=cfg.data.skip_unreadable, progress=progress)
-        timings["cache_s"] = time.perf_counter() - t0
-        done = cache.done()
-        train_rows, val_rows, test_rows = (r[done[r]] for r in (split.train, split.val, split.test))
-        if len(train_rows) < len(split.train):
-            log.warning("%d training image(s) unreadable and skipped", len(split.train) - len(train_rows))
+        cache, train_rows, val_rows, test_rows = cache_for_split(spec, table, split, cfg, device, cache_root,
+                                                                 progress, timings)
         t0 = time.perf_counter()
         history = train_medbridge(model, cache, table.targets, train_rows, cfg.train, out, val_rows,
                                   reports=table.reports if model.config.report_weight > 0 else None,
@@ -156,13 +164,8 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
         for b in backbones:
             b.to(device)
         spec = embedding_cache_spec(backbones, focal, fixed_view_count(table, focal))
-        t0 = time.perf_counter()
-        probe_cache = build_cache(spec, table, rows, root=cache_root, batch_size=cfg.train.batch_size,
-                                  workers=cfg.train.workers, device=device, skip_unreadable=cfg.data.skip_unreadable,
-                                  progress=progress)
-        timings["cache_s"] = time.perf_counter() - t0
-        done = probe_cache.done()
-        train_rows, val_rows, test_rows = (r[done[r]] for r in (split.train, split.val, split.test))
+        probe_cache, train_rows, val_rows, test_rows = cache_for_split(spec, table, split, cfg, device, cache_root,
+                                                                       progress, timings)
         with_probe = True
         if rank != 0:
             return {"rank": rank}
@@ -209,14 +212,8 @@ def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, 
     hp = replace(method.default_hparams, **hp_over)
     focal = FocalConfig(num_crops=0)
     spec = embedding_cache_spec([backbone], focal, 1)
-    rows = np.concatenate([split.train, split.val, split.test])
-    t0 = time.perf_counter()
-    cache = build_cache(spec, table, rows, root=cache_root, batch_size=cfg.train.batch_size,
-                        workers=cfg.train.workers, device=device, skip_unreadable=cfg.data.skip_unreadable,
-                        progress=progress)
-    timings["cache_s"] = time.perf_counter() - t0
-    done = cache.done()
-    train_rows, val_rows, test_rows = (r[done[r]] for r in (split.train, split.val, split.test))
+    cache, train_rows, val_rows, test_rows = cache_for_split(spec, table, split, cfg, device, cache_root, progress,
+                                                             timings)
 
     def feats(r):
         return cache.read(r, ["e0.frozen"])["e0.frozen"][:, 0].float().to(device)
