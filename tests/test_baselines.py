@@ -42,6 +42,16 @@ def data(clip):
     return feats, targets
 
 
+@pytest.fixture(scope="module")
+def prefix(clip):
+    """Vision tokens after block 4 (what MMA trains on) and the pooled features of the same images."""
+    torch.manual_seed(1)
+    v = clip.vision
+    with torch.no_grad():
+        tokens = v.run_blocks(v.embed(torch.randn(12, 3, 32, 32)), 0, 4)
+        return tokens, v.finalize(v.run_blocks(tokens, 4))
+
+
 def zero_shot_logits(clip, feats):
     zs = build_baseline("zero-shot", clip, LABELS, NAMES)
     zs.init_from_features(feats)
@@ -49,8 +59,10 @@ def zero_shot_logits(clip, feats):
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
-def test_trainable_set_step_and_frozen_backbone(name, clip, data):
+def test_trainable_set_step_and_frozen_backbone(name, clip, data, prefix):
     feats, targets = data
+    if name == "mma":
+        feats, targets = prefix[0], targets[:12]
     method = build_baseline(name, clip, LABELS, NAMES)
     method.init_from_features(feats)
     expected = {"zero-shot": set(), "coop": {"prompt.ctx", "head.bias"}, "kgcoop": {"prompt.ctx", "head.bias"},
@@ -58,10 +70,12 @@ def test_trainable_set_step_and_frozen_backbone(name, clip, data):
                 "cocoop": {"prompt.ctx", "head.bias", "meta_net.0.weight", "meta_net.0.bias", "meta_net.2.weight",
                            "meta_net.2.bias"},
                 "clip-adapter": {"adapter.0.weight", "adapter.2.weight", "head.bias"},
-                "lp-text": {"weight", "bias", "alpha"}}[name]
+                "lp-text": {"weight", "bias", "alpha"},
+                "mma": {f"{m}.{k}.{w}" for m in ("text_down", "text_up", "vis_down", "vis_up", "shared")
+                        for k in range(8) for w in ("weight", "bias")} | {"head.bias"}}[name]
     assert set(method.trainable_parameters()) == expected
     logits = method(feats)
-    assert logits.shape == (24, 3) and torch.isfinite(logits).all()
+    assert logits.shape == (len(feats), 3) and torch.isfinite(logits).all()
     if not expected:
         return
     before_backbone = {k: v.clone() for k, v in clip.state_dict().items()}
@@ -75,6 +89,8 @@ def test_trainable_set_step_and_frozen_backbone(name, clip, data):
         assert v.grad is not None and torch.isfinite(v.grad).all(), k
     assert any(not torch.equal(v, before[k]) for k, v in method.trainable_parameters().items())
     assert all(torch.equal(v, before_backbone[k]) for k, v in clip.state_dict().items())
+    if name == "mma":
+        method.remove_hooks()  # the module-scoped tiny CLIP is shared with the other tests
 
 
 def test_coop_from_template_equals_zero_shot(clip, data):
@@ -183,6 +199,43 @@ def test_text_methods_refuse_unaligned_backbones(data):
     for name in sorted(BASELINES):
         with pytest.raises(NotApplicableError, match=f"{name} needs a CLIP-style backbone"):
             build_baseline(name, unaligned, LABELS, NAMES)
-    with pytest.raises(NotApplicableError, match="MMA .* not implemented yet"):
-        build_baseline("mma", unaligned, LABELS, NAMES)
+    with pytest.raises(NotApplicableError, match="MMRL .* not implemented yet"):
+        build_baseline("mmrl", unaligned, LABELS, NAMES)
     assert np.isfinite(1.0)
+
+
+def test_mma_zero_up_projection_equals_zero_shot_and_early_blocks_untouched(clip, prefix):
+    from medbridge.methods.baselines import MMA
+
+    tokens, pooled = prefix
+    zs = build_baseline("zero-shot", clip, LABELS, NAMES)
+    zs.init_from_features(pooled)
+    mma = MMA(clip, LABELS, NAMES)
+    try:
+        mma.init_from_features(tokens)
+        with torch.no_grad():
+            for up in (*mma.text_up, *mma.vis_up):
+                up.weight.zero_()
+                up.bias.zero_()
+        torch.testing.assert_close(mma(tokens), zs(pooled), atol=1e-4, rtol=1e-5)
+        with torch.no_grad():  # non-zero adapters: blocks 1-4 still give the same tokens, later blocks differ
+            for up in (*mma.text_up, *mma.vis_up):
+                up.weight.normal_()
+        v = clip.vision
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad(), mma.adapters_on():
+            early_on, late_on = v.run_blocks(v.embed(x), 0, 4), v.run_blocks(v.embed(x), 0)
+        with torch.no_grad():
+            early_off, late_off = v.run_blocks(v.embed(x), 0, 4), v.run_blocks(v.embed(x), 0)
+        assert torch.equal(early_on, early_off) and not torch.allclose(late_on, late_off)
+        torch.testing.assert_close(mma(tokens), mma(tokens))  # hooks only act inside forward: no drift
+        # the gradient trick: adapter gradients are the plain gradients times 1/s
+        loss = mma(tokens).sum()
+        params = mma.adapter_parameters()
+        g_trick = torch.autograd.grad(loss, params, retain_graph=True)
+        mma.grad_trick = False
+        g_plain = torch.autograd.grad(loss, params)
+        for a, b in zip(g_trick, g_plain):
+            torch.testing.assert_close(a, b / mma.scale)
+    finally:
+        mma.remove_hooks()

@@ -109,14 +109,26 @@ def test_benchmark_and_ablate_commands(tiny_run, tmp_path, capsys):
               f"train.cache_dir={tiny_run['root'] / 'cache'}", "--set", "train.workers=0",
               "--set", "model.focal.stride=512", "--set", "data.fractions=[0.5,0.2,0.3]", "--quiet"]
     out = tmp_path / "bench"
-    assert main(["benchmark", *common, "--backbone", tiny_run["backbone"], "--methods", "medbridge,zero-shot,coop,mma",
+    assert main(["benchmark", *common, "--backbone", tiny_run["backbone"], "--methods", "medbridge,zero-shot,coop,mma,mmrl",
                  "--seeds", "0,1", "--set", "baseline.epochs=1", "--out", str(out)]) == 0
     text = (out / "results.md").read_text()
     for m in ("medbridge", "zero-shot", "coop"):
         assert f"| {m} | 2 |" in text
-    assert "- mma: MMA" in text and not (out / "mma-s0").exists() and (out / "results.png").is_file()
+    assert "- mma: mma adapts blocks 5..end; the towers have 4 / 4 blocks" in text  # the tiny CLIP is 4 deep
+    assert "- mmrl: MMRL" in text and not (out / "mmrl-s0").exists() and (out / "results.png").is_file()
     frame = pd.read_csv(out / "results.csv")
     assert len(frame) == 6 and set(frame["seed"]) == {0, 1}
+    # MMA end to end on the 4-block tiny CLIP (adapters from block 2): train, save, evaluate, predict
+    mma = tmp_path / "mma"
+    assert main(["train", *common, "--backbone", tiny_run["backbone"], "--method", "mma", "--set", "baseline.first=2",
+                 "--set", "baseline.epochs=1", "--out", str(mma)]) == 0
+    assert (mma / "mma" / "baseline.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(mma), "--data", str(tiny_run["data"]), "--json", "--workers", "0",
+                 "--cache-dir", str(tiny_run["root"] / "cache")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = json.loads((mma / "metrics.json").read_text())["methods"]["mma"]
+    assert res["method"] == "mma" and res["macro"]["auroc"] == pytest.approx(run["macro"]["auroc"], abs=1e-6)
     study = tmp_path / "study.yaml"
     study.write_text("base: demo\nseeds: [0]\nbaselines: [linear-probe]\nstudies:\n  alpha:\n"
                      "    - {name: a0, set: {model.frozen_weight: 0.0}}\n"

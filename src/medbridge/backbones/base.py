@@ -153,6 +153,11 @@ class TextTower(nn.Module, ABC):
         """The model's own text projection as (weight [embed_dim, width], bias) or None when it has none."""
         return None
 
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks (for hooks, e.g. MMA's adapters); towers that do not expose them raise."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its blocks")
+
     def encode(self, tokens: TextTokens) -> TextFeatures:
         return self.encode_embeddings(self.token_embeddings(tokens), tokens)
 

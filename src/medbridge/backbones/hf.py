@@ -111,6 +111,12 @@ class HFTextTower(TextTower):
         self.pooling = {"clip": "eos", "siglip": "last", "bert": "mean"}[kind]
         self.max_length = max_length or getattr(cfg, "max_position_embeddings", 77)
 
+    @property
+    def blocks(self):
+        """The encoder layers (CLIP/SigLIP text ``encoder.layers``; BERT ``encoder.layer``)."""
+        enc = self.tm.encoder
+        return enc.layers if hasattr(enc, "layers") else enc.layer
+
     def tokenize(self, texts: list[str]) -> TextTokens:
         if self.kind == "siglip":  # SigLIP was trained on fixed-length padded text: pool at the last position
             enc = self.tokenizer(list(texts), padding="max_length", truncation=True,

@@ -89,6 +89,10 @@ class OpenClipTextTower(TextTower):
     def token_embeddings(self, tokens: TextTokens) -> Tensor:
         return self.text.token_embedding(tokens.input_ids)
 
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.text.transformer.resblocks
+
     def _attn_mask(self, ids: Tensor, dtype: torch.dtype) -> Tensor | None:
         seq_len = ids.shape[1]
         mask = self.text.attn_mask

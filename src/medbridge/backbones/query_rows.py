@@ -83,3 +83,13 @@ def query_rows(block: nn.Module, frozen: Tensor, queries: Tensor) -> Tensor:
 
 def has_fast_path(block: nn.Module) -> bool:
     return _kind(getattr(block, "block", block)) is not None
+
+
+def block_input_norm(block: nn.Module) -> nn.Module:
+    """The block's own first normalisation (applied to its input before attention): timm ``norm1``, open_clip
+    ``ln_1``, transformers ``norm1`` / ``layer_norm1``. Adapters that read "LN1(x)" (MMA) use it."""
+    inner = getattr(block, "block", block)
+    for name in ("norm1", "ln_1", "layer_norm1"):
+        if hasattr(inner, name):
+            return getattr(inner, name)
+    raise ValueError(f"{type(inner).__name__}: no pre-attention norm found (expected norm1, ln_1 or layer_norm1)")

@@ -148,6 +148,34 @@ class ProbeMethod(TrainedMethod):
             return torch.sigmoid(self.probe(feats)).numpy(), {}
 
 
+def baseline_cache_spec(method) -> CacheSpec:
+    """What a feature-space baseline trains on: the pooled whole-image embedding, or (MMA) the vision tokens after
+    its first ``cache_prefix_blocks`` frozen blocks."""
+    focal = FocalConfig(num_crops=0)
+    t = getattr(method, "cache_prefix_blocks", None)
+    if t is None:
+        return embedding_cache_spec([method.backbone], focal, 1)
+    v = method.backbone.vision
+    size = v.preprocess.image_size
+    dev = next(v.parameters()).device
+    with torch.no_grad():
+        n_tokens = v.run_blocks(v.embed(torch.zeros(1, 3, size, size, device=dev)), 0, t).shape[1]
+
+    def compute(pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        px = pixels[0]
+        out = v.run_blocks(v.embed(px.flatten(0, 1)), 0, t)
+        return {"e0.prefix": out.view(px.shape[0], px.shape[1], *out.shape[1:])}
+
+    parts = {"what": f"vision-prefix-{t}", "backbones": [backbone_fingerprint(method.backbone)],
+             "focal": focal.to_dict(), "preprocess": [v.preprocess.to_dict()]}
+    return CacheSpec(parts, {"e0.prefix": (1, n_tokens, v.width)}, compute, focal, [v.preprocess])
+
+
+def baseline_features(cache: FeatureCache, rows: np.ndarray, method) -> torch.Tensor:
+    name = "e0.frozen" if getattr(method, "cache_prefix_blocks", None) is None else "e0.prefix"
+    return cache.read(rows, [name])[name][:, 0].float()
+
+
 class BaselineIO(TrainedMethod):
     """A feature-space baseline: whole image at the backbone's input size, frozen pooled embedding -> logits."""
 
@@ -162,10 +190,10 @@ class BaselineIO(TrainedMethod):
         return [self.method]
 
     def cache_spec(self, n_views: int) -> CacheSpec:
-        return embedding_cache_spec([self.method.backbone], self.focal, n_views)
+        return baseline_cache_spec(self.method)
 
     def features_cached(self, cache: FeatureCache, rows: np.ndarray) -> torch.Tensor:
-        return cache.read(rows, ["e0.frozen"])["e0.frozen"][:, 0].float()
+        return baseline_features(cache, rows, self.method)
 
     def scores_cached(self, cache, rows, device="cpu"):
         with torch.no_grad():
@@ -173,8 +201,9 @@ class BaselineIO(TrainedMethod):
             return torch.sigmoid(self.method(feats)).cpu().numpy()
 
     def scores_views(self, pixels):
-        feats = frozen_embeddings([self.method.backbone], pixels)[0][:, 0]
         with torch.no_grad():
+            feats = baseline_cache_spec(self.method).compute(pixels)
+            feats = next(iter(feats.values()))[:, 0]
             return torch.sigmoid(self.method(feats)).cpu().numpy(), {}
 
 

@@ -20,6 +20,8 @@ from .features import build_cache, cache_root_from, fixed_view_count
 from .methods_io import (
     MedBridgeMethod,
     TrainedMethod,
+    baseline_cache_spec,
+    baseline_features,
     cached_probe_features,
     embedding_cache_spec,
 )
@@ -200,7 +202,6 @@ def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, 
     from dataclasses import fields, replace
 
     from ..backbones import create_backbone
-    from ..data.focal import FocalConfig
     from ..methods.baselines import Hparams, build_baseline, fit_feature_method, save_baseline
 
     names = cfg.model.get("backbones", ["dinov2-small+minilm-l6"])
@@ -210,13 +211,12 @@ def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, 
     hp_over = {k: opts.pop(k) for k in list(opts) if k in hp_keys}
     method = build_baseline(cfg.method, backbone, list(table.labels), list(table.prompt_names), **opts).to(device)
     hp = replace(method.default_hparams, **hp_over)
-    focal = FocalConfig(num_crops=0)
-    spec = embedding_cache_spec([backbone], focal, 1)
+    spec = baseline_cache_spec(method)
     cache, train_rows, val_rows, test_rows = cache_for_split(spec, table, split, cfg, device, cache_root, progress,
                                                              timings)
 
     def feats(r):
-        return cache.read(r, ["e0.frozen"])["e0.frozen"][:, 0].float().to(device)
+        return baseline_features(cache, r, method).to(device)
 
     y = torch.from_numpy(table.targets).to(device)
     t0 = time.perf_counter()
