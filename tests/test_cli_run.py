@@ -109,8 +109,9 @@ def test_benchmark_and_ablate_commands(tiny_run, tmp_path, capsys):
               f"train.cache_dir={tiny_run['root'] / 'cache'}", "--set", "train.workers=0",
               "--set", "model.focal.stride=512", "--set", "data.fractions=[0.5,0.2,0.3]", "--quiet"]
     out = tmp_path / "bench"
-    assert main(["benchmark", *common, "--backbone", tiny_run["backbone"], "--methods", "medbridge,zero-shot,coop,mma,mmrl",
-                 "--seeds", "0,1", "--set", "baseline.epochs=1", "--out", str(out)]) == 0
+    assert main(["benchmark", *common, "--backbone", tiny_run["backbone"], "--methods",
+                 "medbridge,zero-shot,coop,mma,mmrl", "--seeds", "0,1", "--set", "baseline.epochs=1",
+                 "--out", str(out)]) == 0
     text = (out / "results.md").read_text()
     for m in ("medbridge", "zero-shot", "coop"):
         assert f"| {m} | 2 |" in text
