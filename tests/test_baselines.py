@@ -61,8 +61,10 @@ def zero_shot_logits(clip, feats):
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_trainable_set_step_and_frozen_backbone(name, clip, data, prefix):
     feats, targets = data
-    if name == "mma":
-        feats, targets = prefix[0], targets[:12]
+    if name in ("mma", "mmrl"):  # trained on cached vision tokens after block 4 / 5
+        v = clip.vision
+        feats = prefix[0] if name == "mma" else v.run_blocks(prefix[0], 4, 5).detach()
+        targets = targets[:12]
     method = build_baseline(name, clip, LABELS, NAMES)
     method.init_from_features(feats)
     expected = {"zero-shot": set(), "coop": {"prompt.ctx", "head.bias"}, "kgcoop": {"prompt.ctx", "head.bias"},
@@ -72,7 +74,9 @@ def test_trainable_set_step_and_frozen_backbone(name, clip, data, prefix):
                 "clip-adapter": {"adapter.0.weight", "adapter.2.weight", "head.bias"},
                 "lp-text": {"weight", "bias", "alpha"},
                 "mma": {f"{m}.{k}.{w}" for m in ("text_down", "text_up", "vis_down", "vis_up", "shared")
-                        for k in range(8) for w in ("weight", "bias")} | {"head.bias"}}[name]
+                        for k in range(8) for w in ("weight", "bias")} | {"head.bias"},
+                "mmrl": {f"{m}.{k}.{w}" for m in ("to_text", "to_vision") for k in range(7)
+                         for w in ("weight", "bias")} | {"rep", "rep_proj", "head.bias"}}[name]
     assert set(method.trainable_parameters()) == expected
     logits = method(feats)
     assert logits.shape == (len(feats), 3) and torch.isfinite(logits).all()
@@ -199,8 +203,6 @@ def test_text_methods_refuse_unaligned_backbones(data):
     for name in sorted(BASELINES):
         with pytest.raises(NotApplicableError, match=f"{name} needs a CLIP-style backbone"):
             build_baseline(name, unaligned, LABELS, NAMES)
-    with pytest.raises(NotApplicableError, match="MMRL .* not implemented yet"):
-        build_baseline("mmrl", unaligned, LABELS, NAMES)
     assert np.isfinite(1.0)
 
 
@@ -239,3 +241,35 @@ def test_mma_zero_up_projection_equals_zero_shot_and_early_blocks_untouched(clip
             torch.testing.assert_close(a, b / mma.scale)
     finally:
         mma.remove_hooks()
+
+
+def test_mmrl_sequence_lengths_and_untouched_early_blocks(clip, prefix):
+    from medbridge.methods.baselines import MMRL
+
+    v, t = clip.vision, clip.text
+    tokens5 = v.run_blocks(prefix[0], 4, 5).detach()
+    method = MMRL(clip, LABELS, NAMES, num_tokens=5)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, inputs[0].shape[1])
+        return hook
+
+    handles = [blk.register_forward_hook(record(f"v{i}")) for i, blk in enumerate(v.blocks)]
+    handles += [blk.register_forward_hook(record(f"t{i}")) for i, blk in enumerate(t.blocks)]
+    try:
+        logits = method(tokens5)
+    finally:
+        for h in handles:
+            h.remove()
+    n_vis = tokens5.shape[1]
+    assert logits.shape == (12, 3) and torch.isfinite(logits).all()
+    assert all(f"v{i}" not in seen for i in range(5))  # vision blocks 1-5 never run with MMRL's tokens
+    assert all(seen[f"v{i}"] == n_vis + 5 for i in range(5, 12))  # 17 + K from block 6
+    assert seen["t4"] == 77 and all(seen[f"t{i}"] == 77 + 5 for i in range(5, 12))  # 77 + K from block 6
+    # with the inserted tokens' maps at zero the class path sees zero tokens; the loss has the regulariser
+    loss = method.loss_terms(tokens5, (torch.rand(12, 3) < 0.5).float())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert method.rep.grad is not None and method.to_text[0].weight.grad is not None

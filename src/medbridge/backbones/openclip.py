@@ -47,6 +47,10 @@ class OpenClipVisionTower(VisionTower):
     def finalize_tokens(self, tokens: Tensor) -> Tensor:
         return self._project(self.visual.ln_post(tokens))
 
+    def final_norm(self, tokens: Tensor) -> Tensor:
+        """The final norm alone (no projection), e.g. for tokens projected by a method's own matrix."""
+        return self.visual.ln_post(tokens)
+
     def finalize(self, tokens: Tensor) -> Tensor:
         pooled, _ = self.visual._pool(tokens)
         return self._project(pooled)
@@ -92,6 +96,28 @@ class OpenClipTextTower(TextTower):
     @property
     def blocks(self) -> Sequence[nn.Module]:
         return self.text.transformer.resblocks
+
+    def encode_with_inserted(self, embeddings: Tensor, tokens: TextTokens, start: int, make) -> TextFeatures:
+        """Encode from word embeddings with K extra tokens placed right after BOS from block ``start`` on
+        (``make(block_index) -> [K, width]``; inserted at ``start``, replaced at later blocks), the causal mask
+        rebuilt for the longer sequence and pooling shifted by K (MMRL). OpenAI-style argmax pooling only."""
+        if self.pooling != "argmax" or self.use_pad_mask:
+            raise ValueError(f"token insertion supports argmax-pooled causal text towers, not {self.pooling!r}")
+        ids = tokens.input_ids
+        x = embeddings + self.text.positional_embedding[: ids.shape[1]].to(embeddings.dtype)
+        mask = self._attn_mask(ids, x.dtype)
+        k = 0
+        for i, blk in enumerate(self.blocks):
+            if i >= start:
+                new = make(i).to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+                x = torch.cat([x[:, :1], new, x[:, 1 + k:]], dim=1)
+                k = new.shape[1]
+                n = x.shape[1]
+                mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
+            x = blk(x, attn_mask=mask)
+        x = self.text.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1) + k]
+        return TextFeatures(pooled, self.project(pooled))
 
     def _attn_mask(self, ids: Tensor, dtype: torch.dtype) -> Tensor | None:
         seq_len = ids.shape[1]

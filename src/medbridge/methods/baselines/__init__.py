@@ -12,6 +12,7 @@ from ...backbones.loading import atomic_write_bytes
 from .adapters import ClipAdapter, LPText
 from .base import FeatureMethod, Hparams, NotApplicableError, require_aligned_text
 from .mma import MMA
+from .mmrl import MMRL
 from .prompt_learning import CoCoOp, CoOp, KgCoOp, ProGrad, PromptLearner
 from .zero_shot import ZeroShot
 
@@ -19,10 +20,10 @@ from .zero_shot import ZeroShot
 #: methods/linear_probe.py; MedBridge in methods/medbridge/.
 BASELINES: dict[str, type[FeatureMethod]] = {
     "zero-shot": ZeroShot, "coop": CoOp, "cocoop": CoCoOp, "kgcoop": KgCoOp, "prograd": ProGrad,
-    "clip-adapter": ClipAdapter, "lp-text": LPText, "mma": MMA,
+    "clip-adapter": ClipAdapter, "lp-text": LPText, "mma": MMA, "mmrl": MMRL,
 }
 #: In the paper's Table 1 but not implemented yet (token-inserting methods): a clear error names them.
-NOT_YET = {"mmrl": "MMRL (representation tokens inserted from block 6)"}
+NOT_YET: dict[str, str] = {}
 BASELINE_FORMAT = "medbridge-baseline/1"
 WEIGHTS, CONFIG = "baseline.safetensors", "baseline_config.json"
 
@@ -112,4 +113,4 @@ def fit_feature_method(method: FeatureMethod, x_train: torch.Tensor, y_train: to
 
 __all__ = ["BASELINES", "NOT_YET", "FeatureMethod", "Hparams", "NotApplicableError", "PromptLearner",
            "build_baseline", "save_baseline", "load_baseline", "fit_feature_method", "require_aligned_text",
-           "ZeroShot", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "ClipAdapter", "LPText", "MMA"]
+           "ZeroShot", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "ClipAdapter", "LPText", "MMA", "MMRL"]
