@@ -19,7 +19,7 @@ from .text_head import DEFAULT_TEMPLATE, LabelTextHead, readable_name
 
 @dataclass
 class MedBridgeConfig:
-    """MedBridge hyperparameters. Defaults marked (abl.) are to be settled by the ablation study (docs)."""
+    """MedBridge hyperparameters. Fields marked (abl.) were studied on the NIH sample: docs/ablations.md."""
 
     labels: list[str]  # label names as the dataset spells them
     prompt_names: list[str] | None = None  # readable names for prompts, aligned with labels (default: derived)
