@@ -243,7 +243,8 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
     write_json(out / "metrics.json", summary)
     per_class = per_class_table(results)
     (out / "per_class.csv").write_text(per_class.to_csv(index=False))
-    rel = [table.relative_paths()[i] for i in test_rows]
+    all_rel = table.relative_paths()
+    rel = [all_rel[i] for i in test_rows]
     for method, s in scores.items():
         write_predictions(out / f"predictions_{method}.csv", rel, labels, s, results[method].get("thresholds") or {})
     targets = table.targets[test_rows]
