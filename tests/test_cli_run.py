@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from tests.engine_helpers import nih_subset_csv, save_tiny_clip
+from tests.helpers import nih_subset_csv, rg1_dicom, save_tiny_clip
 
 from medbridge.cli.main import main
 
@@ -75,8 +74,7 @@ def test_eval_json_matches_the_run_and_cross_dataset_alignment(tiny_run, capsys,
 
 
 def test_predict_png_and_real_dicom(tiny_run, tmp_path, capsys, nih_sample):
-    data_store = pytest.importorskip("data_store")
-    dicom = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+    dicom = rg1_dicom()
     png = sorted((nih_sample / "images").glob("*.jpg"))[0]
     out = tmp_path / "preds.csv"
     assert main(["predict", str(tiny_run["out"]), str(png), str(dicom), "--out", str(out)]) == 0

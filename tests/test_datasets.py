@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tests.helpers import rg1_dicom
 
 from medbridge.backbones.base import PreprocessConfig
 from medbridge.data import (
@@ -44,14 +45,6 @@ def tree_digest(root: Path) -> str:
 
 def sample_images(nih_sample: Path, n: int) -> list[Path]:
     return sorted((nih_sample / "images").glob("*.jpg"))[:n]
-
-
-def rg1_dicom() -> Path:
-    data_store = pytest.importorskip("data_store")
-    path = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
-    if not path.is_file():
-        pytest.skip("pydicom-data's RG1 chest DICOM is not installed")
-    return path
 
 
 # --------------------------------------------------------------------------- NIH

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.engine_helpers import nih_subset_csv, random_targets
+from tests.helpers import nih_subset_csv, random_targets
 
 from medbridge.engine.cache import FeatureCache
 from medbridge.engine.config import ConfigError, load_config

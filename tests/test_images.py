@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from tests.helpers import rg1_dicom
 
 from medbridge.data.images import ImageReadError, read_image
-
-
-def _rg1(kind: str) -> Path:
-    import data_store  # pydicom-data
-
-    path = Path(data_store.__file__).parent / "data" / f"RG1_{kind}.dcm"
-    if not path.is_file():
-        pytest.skip("pydicom-data's RG1 files are not installed")
-    return path
 
 
 def test_monochrome1_is_inverted_and_scaled():
     import pydicom
 
-    img = read_image(_rg1("UNCR"))
-    raw = pydicom.dcmread(_rg1("UNCR")).pixel_array.astype(np.float64)
+    img = read_image(rg1_dicom("UNCR"))
+    raw = pydicom.dcmread(rg1_dicom("UNCR")).pixel_array.astype(np.float64)
     assert img.shape == raw.shape == (1955, 1841) and img.dtype == np.float32
     assert img.min() == 0.0 and img.max() == 1.0
     assert np.corrcoef(img.ravel()[::97], raw.ravel()[::97])[0, 1] < -0.9  # MONOCHROME1: high raw = dark
 
 
 def test_jpeg2000_lossless_equals_uncompressed():
-    np.testing.assert_array_equal(read_image(_rg1("J2KR")), read_image(_rg1("UNCR")))
-    lossy, exact = read_image(_rg1("J2KI")), read_image(_rg1("UNCI"))
+    np.testing.assert_array_equal(read_image(rg1_dicom("J2KR")), read_image(rg1_dicom("UNCR")))
+    lossy, exact = read_image(rg1_dicom("J2KI")), read_image(rg1_dicom("UNCI"))
     assert np.abs(lossy - exact).mean() < 0.01
 
 

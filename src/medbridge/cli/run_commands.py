@@ -40,6 +40,15 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
+def add_config_args(p: argparse.ArgumentParser, presets: list[str]) -> None:
+    """--preset / --config / --set / --backbone: the layers of a run's configuration."""
+    p.add_argument("--preset", help=f"config preset: {', '.join(presets)} or a YAML path")
+    p.add_argument("--config", action="append", help="YAML config file(s) applied after the preset")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override, e.g. train.lr=1e-3, model.num_queries=16, data.label_fraction=0.1")
+    p.add_argument("--backbone", action="append", help="backbone source(s); several = mixture of experts")
+
+
 def build_run_config(args: argparse.Namespace):
     from ..engine.config import load_config
 
@@ -54,16 +63,7 @@ def build_run_config(args: argparse.Namespace):
         overrides.append("model.backbones=" + json.dumps(args.backbone))
     if getattr(args, "split_file", None):
         overrides.append(f"data.split_file={args.split_file}")
-    top = [o for o in overrides if o.startswith("method=")]
-    rest = [o for o in overrides if not o.startswith("method=")]
-    cfg = load_config(args.preset, args.config, rest)
-    for o in top:
-        from ..engine.config import config_from_dict
-
-        d = cfg.to_dict()
-        d["method"] = o.split("=", 1)[1]
-        cfg = config_from_dict(d)
-    return cfg
+    return load_config(args.preset, args.config, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -223,12 +223,8 @@ def add_run_commands(sub, presets: list[str]) -> None:
                        epilog=TRAIN_EXAMPLES.format(presets=", ".join(presets)))
     add_common_data(p)
     p.add_argument("--out", required=True, help="run folder (must be new or empty unless --resume/--overwrite)")
-    p.add_argument("--preset", help=f"config preset: {', '.join(presets)} or a YAML path")
-    p.add_argument("--config", action="append", help="YAML config file(s) applied after the preset")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override, e.g. train.lr=1e-3, model.num_queries=16, data.label_fraction=0.1")
+    add_config_args(p, presets)
     p.add_argument("--method", choices=METHOD_CHOICES, help="method (default: medbridge)")
-    p.add_argument("--backbone", action="append", help="backbone source(s); several = mixture of experts")
     p.add_argument("--split-file", help="reuse a split.json from another run")
     p.add_argument("--with-probe", action="store_true", help="also fit a linear probe on the same frozen features")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -290,10 +286,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--methods", default="medbridge,linear-probe", help="comma-separated methods")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (split + initialisation)")
     p.add_argument("--out", required=True, help="benchmark folder (finished runs inside are reused)")
-    p.add_argument("--preset", help="config preset for every method")
-    p.add_argument("--config", action="append")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--backbone", action="append")
+    add_config_args(p, presets)
     add_output_flags(p)
     p.set_defaults(func=cmd_benchmark)
 

@@ -60,12 +60,9 @@ def run_ablations(study_file: str, data: str, out: str | Path, *, only: list[str
             if not train:
                 return  # summarising only: skip runs that have not finished
             cfg = load_config(study.get("base"), None, [f"data.path={data}", f"train.seed={seed}",
-                                                        f"data.split_seed={seed}", *overrides, *(extra or [])])
-            d = cfg.to_dict()
-            d["method"] = method
-            from .config import config_from_dict
-
-            train_run(config_from_dict(d), run_dir, overwrite=True, progress=progress)
+                                                        f"data.split_seed={seed}", f"method={method}", *overrides,
+                                                        *(extra or [])])
+            train_run(cfg, run_dir, overwrite=True, progress=progress)
         rows.append({"study": name, "setting": setting, "seed": seed, **_metrics(run_dir, method)})
         log.info("%s / %s / seed %d: %s", name, setting, seed, rows[-1])
 

@@ -65,7 +65,7 @@ def build_cache(spec: CacheSpec, table: ImageTable, rows: np.ndarray | None = No
     rank, size = world()
     root = Path(root) if root else default_cache_root()
     parts = {**spec.parts, "images": image_keys(table.paths)}
-    if rank == 0:
+    if rank == 0 and size > 1:  # create the files before the other ranks open them
         FeatureCache(root, parts, len(table), spec.shapes)
     barrier()
     cache = FeatureCache(root, parts, len(table), spec.shapes, rank=rank)

@@ -185,12 +185,19 @@ class BaselineIO(TrainedMethod):
         self.labels = method.labels
         self.focal = FocalConfig(num_crops=0)
         self.preprocess = [method.backbone.vision.preprocess]
+        self._spec: CacheSpec | None = None
 
     def backbone_modules(self) -> list:
         return [self.method]
 
+    def to(self, device: str) -> TrainedMethod:
+        self._spec = None  # the spec's probe tensors live on the device
+        return super().to(device)
+
     def cache_spec(self, n_views: int) -> CacheSpec:
-        return baseline_cache_spec(self.method)
+        if self._spec is None:
+            self._spec = baseline_cache_spec(self.method)
+        return self._spec
 
     def features_cached(self, cache: FeatureCache, rows: np.ndarray) -> torch.Tensor:
         return baseline_features(cache, rows, self.method)
@@ -202,7 +209,7 @@ class BaselineIO(TrainedMethod):
 
     def scores_views(self, pixels):
         with torch.no_grad():
-            feats = baseline_cache_spec(self.method).compute(pixels)
+            feats = self.cache_spec(1).compute(pixels)
             feats = next(iter(feats.values()))[:, 0]
             return torch.sigmoid(self.method(feats)).cpu().numpy(), {}
 

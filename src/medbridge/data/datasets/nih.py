@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..images import IMAGE_SUFFIXES
 from ..labels import NIH_LABELS
 from ..table import DatasetError, ImageTable, build_table, read_csv, require_columns
 
@@ -16,7 +17,6 @@ CITATION = ("Wang X. et al. ChestX-ray8: Hospital-scale chest X-ray database and
 ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 COLUMNS = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
            "View Position")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 
 
 def image_index(root: Path) -> dict[str, Path]:

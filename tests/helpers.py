@@ -1,4 +1,5 @@
-"""Shared builders for engine/CLI tests: a tiny CLIP saved as a local-dir backbone, a small NIH-sample CSV."""
+"""Shared test builders: a tiny CLIP saved as a local-dir backbone, a small NIH-sample CSV, pydicom-data's real
+chest X-ray DICOM."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+
+def rg1_dicom(kind: str = "UNCR") -> Path:
+    """pydicom-data's real chest X-ray ``RG1_<kind>.dcm`` (UNCR, J2KR, J2KI, UNCI); skips the test without it."""
+    import pytest
+
+    data_store = pytest.importorskip("data_store")
+    path = Path(data_store.__file__).parent / "data" / f"RG1_{kind}.dcm"
+    if not path.is_file():
+        pytest.skip("pydicom-data's RG1 chest DICOM files are not installed")
+    return path
 
 
 def save_tiny_clip(folder: Path, seed: int = 5) -> str:
