@@ -71,6 +71,14 @@ def test_eval_json_matches_the_run_and_cross_dataset_alignment(tiny_run, capsys,
     assert res["alignment"]["sources"] == {"Pneumonia": ["Pneumonia"], "Infiltration": [],
                                            "Effusion": ["Pleural Effusion"]}
     assert res["alignment"]["missing"] == ["Infiltration"] and "Infiltration" in res["skipped"]
+    # MedBridge can instead score the other dataset's own label names through its text prompts
+    assert main(["eval", str(tiny_run["out"]), "--data", str(other), "--format", "csv", "--json", "--label-space",
+                 "data", "--cache-dir", cache, "--workers", "0"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["per_class"]) | set(res["skipped"]) == {"Pneumonia", "Pleural Effusion", "Fracture"}
+    assert res["alignment"] is None and "Fracture" in res["skipped"]
+    assert main(["eval", str(tiny_run["out"] / "linear_probe"), "--data", str(other), "--format", "csv",
+                 "--label-space", "data", "--cache-dir", cache, "--workers", "0"]) == 2  # a probe has no prompts
 
 
 def test_predict_png_and_real_dicom(tiny_run, tmp_path, capsys, nih_sample):
@@ -89,6 +97,12 @@ def test_predict_png_and_real_dicom(tiny_run, tmp_path, capsys, nih_sample):
     rows = json.loads(capsys.readouterr().out)
     assert set(rows[0]["probabilities"]) == {"Pneumonia", "Infiltration", "Effusion"}
     assert main(["predict", str(tiny_run["out"]), str(tmp_path / "missing.png")]) == 2
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 40)
+    assert main(["predict", str(tiny_run["out"]), str(bad), str(png)]) == 2
+    assert main(["predict", str(tiny_run["out"]), str(bad), str(png), "--skip-unreadable", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "corrupt.png" in rows[0]["error"] and rows[1]["image"] == str(png) and rows[1]["probabilities"]
 
 
 def test_demo_without_data_says_where_to_point(tmp_path, capsys):
@@ -118,6 +132,12 @@ def test_benchmark_and_ablate_commands(tiny_run, tmp_path, capsys):
     assert (out / "results.png").is_file()
     frame = pd.read_csv(out / "results.csv")
     assert len(frame) == 6 and set(frame["seed"]) == {0, 1}
+    capsys.readouterr()
+    runs = [str(out / "medbridge-s0"), str(out / "medbridge-s1")]
+    assert main(["collect", *runs, "--csv", str(tmp_path / "c.csv")]) == 0
+    table = capsys.readouterr().out
+    mean = 100 * frame[frame["method"] == "medbridge"]["auroc"].mean()
+    assert "| medbridge | 2 |" in table and f"{mean:.2f} ±" in table and len(pd.read_csv(tmp_path / "c.csv")) == 2
     # MMA end to end on the 4-block tiny CLIP (adapters from block 2): train, save, evaluate, predict
     mma = tmp_path / "mma"
     assert main(["train", *common, "--backbone", tiny_run["backbone"], "--method", "mma", "--set", "baseline.first=2",

@@ -105,6 +105,25 @@ def test_interrupted_cache_build_resumes(tmp_path, nih_sample):
     assert sum(calls) == 4 and cache.done().all()  # only the 4 rows not done before were computed
 
 
+def test_cache_needs_a_fixed_number_of_views(tmp_path, nih_sample):
+    from PIL import Image
+
+    from medbridge.data import FocalConfig, load_dataset
+    from medbridge.data.table import DatasetError
+    from medbridge.engine.features import fixed_view_count
+
+    src = sorted((nih_sample / "images").glob("*.jpg"))[:2]
+    Image.open(src[1]).resize((512, 1024)).save(tmp_path / "narrow.png")
+    import pandas as pd
+
+    pd.DataFrame({"path": [str(src[0]), str(tmp_path / "narrow.png")], "X": [1, 0]}).to_csv(tmp_path / "d.csv",
+                                                                                           index=False)
+    table = load_dataset("csv", tmp_path / "d.csv")
+    with pytest.raises(DatasetError, match=r"different numbers of focal views .*set model.focal.num_crops"):
+        fixed_view_count(table, FocalConfig())
+    assert fixed_view_count(table, FocalConfig(region_size=0.5, num_crops=2)) == 3
+
+
 # --------------------------------------------------------------------------- training
 def _train_cfg(**kw):
     from medbridge.engine.config import TrainConfig
@@ -223,5 +242,10 @@ def test_config_errors_name_key_and_allowed_values(tmp_path):
         load_config("nope")
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(overrides=["train.lr"])
+    with pytest.raises(ConfigError, match=r"train.lr: expected a number \(float\), got 'fast'"):
+        load_config(overrides=["train.lr=fast"])
+    assert load_config(overrides=["method=coop"]).method == "coop"
+    with pytest.raises(ConfigError, match="method: 'cop' is not one of"):
+        load_config(overrides=["method=cop"])
     with pytest.raises(ConfigError, match="focal mode must be"):
         load_config(overrides=["model.focal.mode=grid"])
