@@ -10,6 +10,7 @@ reused). Distributed builds: each rank fills its own rows and marks them in ``do
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -55,6 +56,7 @@ class FeatureCache:
                 mode = "r+"  # rank 0 creates; others wait on a barrier before opening (see build_cache)
             self.arrays[name] = np.memmap(f, dtype=np.float16, mode=mode, shape=(n_rows, *shape))
         self._done_file = self.dir / ("done.npy" if rank == 0 else f"done.rank{rank}.npy")
+        self._mine: np.ndarray | None = None
 
     @property
     def bytes(self) -> int:
@@ -78,12 +80,11 @@ class FeatureCache:
     def mark_done(self, rows: np.ndarray) -> None:
         for a in self.arrays.values():
             a.flush()
-        mine = np.load(self._done_file) if self._done_file.is_file() else np.zeros(self.n_rows, dtype=bool)
-        mine[rows] = True
-        import io
-
+        if self._mine is None:  # this process's flags, read once and kept
+            self._mine = np.load(self._done_file) if self._done_file.is_file() else np.zeros(self.n_rows, dtype=bool)
+        self._mine[rows] = True
         buf = io.BytesIO()
-        np.save(buf, mine)
+        np.save(buf, self._mine)
         atomic_write_bytes(self._done_file, buf.getvalue())
 
     def read(self, rows: np.ndarray, names: list[str] | None = None) -> dict[str, torch.Tensor]:
