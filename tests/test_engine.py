@@ -167,6 +167,8 @@ def test_training_changes_only_the_adapter_and_stops_on_nan(tmp_path):
                     progress_bar=False)
     assert not np.allclose(before, predict_cached(model, cache, np.arange(4)))
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    train_frozen = cache.read(np.arange(12))["e0.frozen"].float().flatten(0, 1)  # statistics of the train rows
+    torch.testing.assert_close(model.feature_norms[0].mean, train_frozen.mean(0), atol=1e-3, rtol=1e-3)
     with torch.no_grad():
         model.text_head.proj.weight.fill_(float("nan"))
     (tmp_path / "n").mkdir()
@@ -189,7 +191,7 @@ def _ddp_worker(rank, world_size, init_file, cache_dir, out_dir, result_file):
     train_medbridge(model, cache, random_targets(12, 3), np.arange(12), _train_cfg(checkpoint_every=0),
                     out_dir, progress_bar=False)
     if rank == 0:
-        torch.save({n: p.detach() for n, p in model.trainable_parameters().items()}, result_file)
+        torch.save({n: p.detach() for n, p in model.adapter_tensors().items()}, result_file)
     dist.destroy_process_group()
 
 
@@ -216,7 +218,7 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     assert not torch.equal(ddp["head.bias"], start.trainable_parameters()["head.bias"])  # it trained
     ddp_model = tiny_model()
     with torch.no_grad():
-        for n, p in ddp_model.trainable_parameters().items():
+        for n, p in ddp_model.adapter_tensors().items():
             p.copy_(ddp[n])
     # compare what the model computes: parameters whose gradient is structurally zero (e.g. attention key
     # biases) take Adam steps driven by float noise that differs with the reduction order, without effect

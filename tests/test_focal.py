@@ -57,6 +57,16 @@ def test_train_subsets_random_eval_deterministic():
     assert select_boxes(900, 800, rnd, train=False) == select_boxes(900, 800, rnd, train=False)
 
 
+def test_random_eval_boxes_fixed_per_image_and_different_between_images(nih_sample):
+    """Evaluation (and the cache) sees the same random boxes for an image every time, but not the same boxes
+    for every image of a size (all NIH images are 1024 x 1024)."""
+    cfg = FocalConfig(region_size=512, mode="random", num_crops=4)
+    a, b = [read_image(p) for p in sorted((nih_sample / "images").glob("*.jpg"))[:2]]
+    boxes_a = focal_views(a, cfg, GREY).boxes
+    assert torch.equal(boxes_a, focal_views(a.copy(), cfg, GREY).boxes)
+    assert not torch.equal(boxes_a, focal_views(b, cfg, GREY).boxes)
+
+
 def test_rgb_and_16bit_and_real_xray(nih_sample):
     rgb = np.random.default_rng(0).integers(0, 255, (600, 500, 3), dtype=np.uint8)
     v = focal_views(rgb, FocalConfig(region_size=256), GREY)

@@ -154,6 +154,7 @@ def test_adapter_round_trip_and_wrong_backbone(tmp_path):
     with torch.no_grad():
         for p in model.trainable_parameters().values():
             p.add_(torch.randn_like(p) * 0.05)
+    model.fit_feature_norms([torch.randn(20, 2, b.vision.embed_dim) * 3 + 1 for b in model.backbones])
     save_adapter(model, tmp_path)
     assert {f.name for f in tmp_path.iterdir()} == {"adapter.safetensors", "adapter_config.json"}
     px = _pixels(model)
@@ -168,7 +169,41 @@ def test_adapter_round_trip_and_wrong_backbone(tmp_path):
     assert report["trainable"] == sum(p.numel() for p in model.trainable_parameters().values())
 
 
+def test_feature_standardisation_equals_the_plain_model_on_standardised_features():
+    """Frozen-only model: standardising inside == the un-normalised model fed (f - mean) / std."""
+    kw = dict(num_queries=0, frozen_weight=1.0, view_attention=False)
+    std_model, plain = _model(**kw), _model(feature_norm="none", **kw)
+    plain.load_state_dict({k: v for k, v in std_model.state_dict().items() if "feature_norms" not in k})
+    e = std_model.backbones[0].vision.embed_dim
+    train = torch.randn(50, 2, e) * torch.linspace(0.1, 30, e) + 5  # a few dimensions dominate, as in DINOv2
+    std_model.fit_feature_norms([train])
+    mean, std = train.reshape(-1, e).mean(0), train.reshape(-1, e).std(0)
+    torch.testing.assert_close(std_model.feature_norms[0].mean, mean)
+    frozen = torch.randn(4, 2, e) * 10
+    with torch.no_grad():
+        a = std_model.forward_cached([{"states": torch.zeros(4, 2, 1, 1, 1), "frozen": frozen}]).logits
+        b = plain.forward_cached([{"states": torch.zeros(4, 2, 1, 1, 1), "frozen": (frozen - mean) / std}]).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"expected \[n >= 2"):
+        std_model.fit_feature_norms([torch.randn(1, e)])
+    assert "feature_norms.0.mean" in std_model.adapter_tensors()
+    assert not any(p.requires_grad for p in std_model.feature_norms.buffers())
+
+
+def test_adapter_from_before_feature_norm_loads_unstandardised(tmp_path):
+    import json
+
+    model = _model(feature_norm="none")
+    save_adapter(model, tmp_path)
+    cfg_file = tmp_path / "adapter_config.json"
+    meta = json.loads(cfg_file.read_text())
+    del meta["config"]["feature_norm"]
+    cfg_file.write_text(json.dumps(meta))
+    assert load_adapter(tmp_path, [B["tiny-clip-vit-b-16"]()]).config.feature_norm == "none"
+
+
 @pytest.mark.parametrize("kw, match", [
+    (dict(labels=["A"], feature_norm="batch"), "feature_norm"),
     (dict(labels=[]), "empty"),
     (dict(labels=["A"], prompt_names=[""]), "no prompt name"),
     (dict(labels=["A"], num_queries=-1), "num_queries"),

@@ -11,6 +11,7 @@ then an upscaled crop, never padding.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -82,12 +83,14 @@ def sliding_boxes(height: int, width: int, region: int, stride: int) -> list[tup
 
 def select_boxes(height: int, width: int, cfg: FocalConfig, train: bool,
                  rng: np.random.Generator | None = None) -> list[tuple[int, int, int, int]]:
-    """The crop boxes for one image: all windows, a random subset (training) or a fixed subset (evaluation)."""
+    """The crop boxes for one image: all windows, a random subset (training) or a fixed subset (evaluation).
+    Random mode at evaluation uses ``rng`` when given (:func:`focal_views` seeds it from the image content), else
+    a generator fixed per image size."""
     region = cfg.region_pixels(height, width)
+    if cfg.mode == "random" and not train and rng is None:
+        rng = np.random.default_rng(height * 100003 + width)
     rng = rng if rng is not None else np.random.default_rng(0)
     if cfg.mode == "random":
-        if not train:  # deterministic at evaluation: a fixed generator per image size
-            rng = np.random.default_rng(height * 100003 + width)
         ys = rng.integers(0, height - min(region, height) + 1, size=cfg.num_crops)
         xs = rng.integers(0, width - min(region, width) + 1, size=cfg.num_crops)
         return [(int(x), int(y), int(x) + min(region, width), int(y) + min(region, height)) for x, y in zip(xs, ys)]
@@ -115,6 +118,8 @@ def focal_views(image: np.ndarray, cfg: FocalConfig, preprocess: PreprocessConfi
     boxes are used for each."""
     image = check_image_array(image)
     h, w = image.shape[:2]
+    if cfg.mode == "random" and not train and rng is None:  # fixed per image, different between images
+        rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(image.tobytes(), digest_size=8).digest(), "big"))
     boxes = ([(0, 0, w, h)] if cfg.include_whole else []) + select_boxes(h, w, cfg, train, rng)
     crops = [image[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes]
     box_t = torch.tensor(boxes, dtype=torch.long)

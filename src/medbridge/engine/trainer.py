@@ -41,6 +41,27 @@ def medbridge_cache_values(model: MedBridgeModel, pixels: list[torch.Tensor]) ->
     return {f"e{k}.{name}": t for k, item in enumerate(model.cacheable(pixels)) for name, t in item.items()}
 
 
+def fit_feature_norms(model: MedBridgeModel, cache: FeatureCache, train_rows: np.ndarray) -> None:
+    """Standardisation statistics from the training rows' cached frozen embeddings (every view)."""
+    names = [f"e{k}.frozen" for k in range(len(model.encoders))]
+    if not all(n in cache.arrays for n in names):  # joint attention caches only the prefix: run the frozen path
+        names = None
+    frozen = [[] for _ in model.encoders]
+    with torch.no_grad():
+        for i in range(0, len(train_rows), 256):
+            cached = split_cached(cache.read(train_rows[i:i + 256], names), len(model.encoders), "cpu")
+            for k, (enc, item) in enumerate(zip(model.encoders, cached)):
+                if "frozen" in item:
+                    frozen[k].append(item["frozen"].float())
+                else:
+                    b, n = item["prefix"].shape[:2]
+                    weight = next(enc.vision.parameters())
+                    x = item["prefix"].flatten(0, 1).to(weight.device, weight.dtype)
+                    out = enc.vision.finalize(enc.vision.run_blocks(x, enc.t1))
+                    frozen[k].append(out.view(b, n, -1).cpu().float())
+    model.fit_feature_norms([torch.cat(f) for f in frozen])
+
+
 def _tensorboard(run_dir: Path):
     """A TensorBoard writer in ``run_dir/tensorboard`` when tensorboard is installed, else None."""
     try:
@@ -62,7 +83,7 @@ class Progress:
 
 def save_checkpoint(path: Path, model: MedBridgeModel, opt: torch.optim.Optimizer, progress: Progress,
                     history: list) -> None:
-    state = {"trainable": {n: p.detach().cpu() for n, p in model.trainable_parameters().items()},
+    state = {"trainable": {n: p.detach().cpu() for n, p in model.adapter_tensors().items()},
              "optimizer": opt.state_dict(), "progress": progress.to_dict(), "history": json.dumps(history)}
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -71,7 +92,7 @@ def save_checkpoint(path: Path, model: MedBridgeModel, opt: torch.optim.Optimize
 
 def load_checkpoint(path: Path, model: MedBridgeModel, opt: torch.optim.Optimizer) -> tuple[Progress, list]:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    params = model.trainable_parameters()
+    params = model.adapter_tensors()
     missing = set(params) - set(state["trainable"])
     if missing:
         raise TrainingError(f"{path}: checkpoint lacks {sorted(missing)[:3]}: it belongs to another model config")
@@ -115,6 +136,7 @@ def train_medbridge(model: MedBridgeModel, cache: FeatureCache, targets: np.ndar
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    fit_feature_norms(model, cache, np.asarray(train_rows))  # deterministic: the same on resume and every rank
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     broadcast_parameters(params)

@@ -43,7 +43,7 @@ def save_adapter(model: MedBridgeModel, folder: str | Path, extra: dict | None =
     from safetensors.torch import save
 
     folder = Path(folder)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.trainable_parameters().items()}
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.adapter_tensors().items()}
     meta = {
         "format": FORMAT, "method": "medbridge", "config": model.config.to_dict(),
         "backbones": [backbone_fingerprint(b) for b in model.backbones],
@@ -71,7 +71,7 @@ def load_adapter(folder: str | Path, backbones: list[Backbone] | None = None) ->
 
     folder = Path(folder)
     meta = read_adapter_config(folder)
-    config = MedBridgeConfig(**meta["config"])
+    config = MedBridgeConfig(**{"feature_norm": "none", **meta["config"]})  # adapters older than feature_norm
     model = build_medbridge(config, backbones)
     for k, (saved, b) in enumerate(zip(meta["backbones"], model.backbones)):
         now = backbone_fingerprint(b)
@@ -81,7 +81,7 @@ def load_adapter(folder: str | Path, backbones: list[Backbone] | None = None) ->
             raise AdapterMismatchError(f"{folder}: expert {k} was trained on backbone {saved['name']!r} but "
                                        f"{now['name']!r} differs ({'; '.join(diffs)})")
     tensors = load_file(str(folder / WEIGHTS))
-    own = model.trainable_parameters()
+    own = model.adapter_tensors()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise AdapterMismatchError(f"{folder / WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")

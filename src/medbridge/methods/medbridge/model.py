@@ -16,6 +16,32 @@ from .pooling import ViewPooling
 from .qencoder import QEncoder
 from .text_head import DEFAULT_TEMPLATE, LabelTextHead, readable_name
 
+FEATURE_NORMS = ("standardize", "none")
+
+
+class FeatureStandardizer(nn.Module):
+    """(x - mean) / std per embedding dimension, with statistics of the training set's frozen embeddings
+    (buffers saved with the adapter; identity until :meth:`fit`). Frozen ViT embeddings have a few dimensions of
+    very large magnitude (DINOv2 most of all) that would otherwise dominate the cosine head; the linear probe
+    standardises the same way."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, embeddings: Tensor) -> None:
+        """embeddings [n, dim] (n >= 2) -> set mean/std (std floored at 1e-6)."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.mean.shape[0] or embeddings.shape[0] < 2:
+            raise ValueError(f"expected [n >= 2, {self.mean.shape[0]}] embeddings, got {tuple(embeddings.shape)}")
+        e = embeddings.double()
+        self.mean.copy_(e.mean(0).to(self.mean))
+        self.std.copy_(e.std(0).clamp_min(1e-6).to(self.std))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
 
 @dataclass
 class MedBridgeConfig:
@@ -33,6 +59,7 @@ class MedBridgeConfig:
     view_attention: bool = True  # self-attention across views before max-pooling
     view_heads: int = 4
     logits: str = "scaled"  # "cosine" (paper-literal) or "scaled" (learnable temperature + per-class bias)
+    feature_norm: str = "standardize"  # "standardize" frozen/query tokens with training-set statistics, or "none"
     init_scale: float = 10.0  # initial temperature for "scaled" logits
     report_weight: float = 0.0  # lambda_report: weight of the report-text BCE (0 = off)
     focal: FocalConfig = field(default_factory=FocalConfig)
@@ -60,6 +87,8 @@ class MedBridgeConfig:
             raise ValueError("num_queries=0 leaves no query path: set frozen_weight=1.0")
         if self.attention not in ("joint", "isolated"):
             raise ValueError(f"attention must be 'joint' or 'isolated', got {self.attention!r}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         if self.logits not in ("cosine", "scaled"):
             raise ValueError(f"logits must be 'cosine' or 'scaled', got {self.logits!r}")
         if self.report_weight < 0:
@@ -104,12 +133,15 @@ class MedBridgeModel(nn.Module):
                 raise ValueError(f"expert {config.text_source} ({backbones[config.text_source].name}) has no text "
                                  "tower: choose a text-capable expert or a separate text tower (e.g. minilm-l6)")
         self.encoders = nn.ModuleList()
+        self.feature_norms = nn.ModuleList()
         self.frozen_pool = nn.ModuleList()
         self.query_pool = nn.ModuleList()
         for b in backbones:
             v = b.vision
             t1 = v.depth // 2 if config.t1 is None else config.t1
             self.encoders.append(QEncoder(v, t1, config.num_queries, config.attention))
+            self.feature_norms.append(FeatureStandardizer(v.embed_dim) if config.feature_norm == "standardize"
+                                      else nn.Identity())
             self.frozen_pool.append(ViewPooling(v.embed_dim, config.view_heads, config.view_attention))
             self.query_pool.append(ViewPooling(v.embed_dim, config.view_heads, config.view_attention)
                                    if config.num_queries > 0 else nn.Identity())
@@ -205,6 +237,7 @@ class MedBridgeModel(nn.Module):
         class_tokens, gate_inputs, votes = [], [], []
         for k, (enc, (frozen, queries)) in enumerate(zip(self.encoders, encoded)):
             b, n = frozen.shape[:2]
+            frozen, queries = self.feature_norms[k](frozen), self.feature_norms[k](queries)
             m_bar, m_idx = self.frozen_pool[k](frozen)
             vote = torch.stack([(m_idx == i).float().mean(-1) for i in range(n)], dim=-1)
             if self.config.num_queries > 0:
@@ -245,6 +278,19 @@ class MedBridgeModel(nn.Module):
     # ------------------------------------------------------------------ bookkeeping
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """What an adapter file holds: the trainable parameters plus the feature statistics."""
+        stats = {f"feature_norms.{n}": t for n, t in self.feature_norms.named_buffers()}
+        return {**self.trainable_parameters(), **stats}
+
+    def fit_feature_norms(self, frozen: list[Tensor]) -> None:
+        """Per expert, the training set's frozen pooled embeddings [n, (N,) E] (every view) -> statistics."""
+        if len(frozen) != len(self.feature_norms):
+            raise ValueError(f"expected embeddings for {len(self.feature_norms)} experts, got {len(frozen)}")
+        for norm, f in zip(self.feature_norms, frozen):
+            if isinstance(norm, FeatureStandardizer):
+                norm.fit(f.reshape(-1, f.shape[-1]).float())
 
     def parameter_report(self) -> dict:
         trainable = sum(p.numel() for p in self.trainable_parameters().values())
