@@ -172,7 +172,7 @@ def test_adapter_round_trip_and_wrong_backbone(tmp_path):
 def test_feature_standardisation_equals_the_plain_model_on_standardised_features():
     """Frozen-only model: standardising inside == the un-normalised model fed (f - mean) / std."""
     kw = dict(num_queries=0, frozen_weight=1.0, view_attention=False)
-    std_model, plain = _model(**kw), _model(feature_norm="none", **kw)
+    std_model, plain = _model(feature_norm="standardize", **kw), _model(feature_norm="none", **kw)
     plain.load_state_dict({k: v for k, v in std_model.state_dict().items() if "feature_norms" not in k})
     e = std_model.backbones[0].vision.embed_dim
     train = torch.randn(50, 2, e) * torch.linspace(0.1, 30, e) + 5  # a few dimensions dominate, as in DINOv2
@@ -188,6 +188,12 @@ def test_feature_standardisation_equals_the_plain_model_on_standardised_features
         std_model.fit_feature_norms([torch.randn(1, e)])
     assert "feature_norms.0.mean" in std_model.adapter_tensors()
     assert not any(p.requires_grad for p in std_model.feature_norms.buffers())
+
+
+def test_feature_norm_auto_keeps_an_aligned_clip_unstandardised():
+    assert not _model().standardized  # tiny CLIP: text tower aligned with its image tower -> zero-shot start kept
+    assert isinstance(_model().feature_norms[0], torch.nn.Identity)
+    assert _model(feature_norm="standardize").standardized
 
 
 def test_adapter_from_before_feature_norm_loads_unstandardised(tmp_path):
@@ -263,6 +269,7 @@ def test_vision_only_expert_with_separate_text_tower():
     cfg = MedBridgeConfig(labels=LABELS, backbones=["tiny-hf-dinov2"], text_source="minilm-l6", t1=1)
     model = MedBridgeModel(cfg, [B["tiny-hf-dinov2"]()], text=tiny_bert_text_tower())
     assert model.text_head.init == "random"  # 48-wide text, 64-wide image: a learnt map
+    assert model.standardized  # auto: no aligned text tower, so no zero-shot start to keep
     assert not any(n.startswith("text_head.text.") for n in model.trainable_parameters())  # given tower frozen
     out = model(_pixels(model))
     model.loss(out, torch.ones(2, 3)).backward()

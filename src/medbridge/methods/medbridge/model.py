@@ -16,7 +16,7 @@ from .pooling import ViewPooling
 from .qencoder import QEncoder
 from .text_head import DEFAULT_TEMPLATE, LabelTextHead, readable_name
 
-FEATURE_NORMS = ("standardize", "none")
+FEATURE_NORMS = ("auto", "standardize", "none")
 
 
 class FeatureStandardizer(nn.Module):
@@ -59,7 +59,9 @@ class MedBridgeConfig:
     view_attention: bool = True  # self-attention across views before max-pooling
     view_heads: int = 4
     logits: str = "scaled"  # "cosine" (paper-literal) or "scaled" (learnable temperature + per-class bias)
-    feature_norm: str = "standardize"  # "standardize" frozen/query tokens with training-set statistics, or "none"
+    # "standardize" frozen/query tokens with training-set statistics, "none" (paper), or "auto": standardize
+    # unless the text tower is aligned with its image tower (a CLIP's zero-shot start is kept) (abl.)
+    feature_norm: str = "auto"
     init_scale: float = 10.0  # initial temperature for "scaled" logits
     report_weight: float = 0.0  # lambda_report: weight of the report-text BCE (0 = off)
     focal: FocalConfig = field(default_factory=FocalConfig)
@@ -132,6 +134,8 @@ class MedBridgeModel(nn.Module):
             if text is None:
                 raise ValueError(f"expert {config.text_source} ({backbones[config.text_source].name}) has no text "
                                  "tower: choose a text-capable expert or a separate text tower (e.g. minilm-l6)")
+        aligned = isinstance(config.text_source, int) and bool(backbones[config.text_source].aligned)
+        self.standardized = config.feature_norm == "standardize" or (config.feature_norm == "auto" and not aligned)
         self.encoders = nn.ModuleList()
         self.feature_norms = nn.ModuleList()
         self.frozen_pool = nn.ModuleList()
@@ -140,8 +144,7 @@ class MedBridgeModel(nn.Module):
             v = b.vision
             t1 = v.depth // 2 if config.t1 is None else config.t1
             self.encoders.append(QEncoder(v, t1, config.num_queries, config.attention))
-            self.feature_norms.append(FeatureStandardizer(v.embed_dim) if config.feature_norm == "standardize"
-                                      else nn.Identity())
+            self.feature_norms.append(FeatureStandardizer(v.embed_dim) if self.standardized else nn.Identity())
             self.frozen_pool.append(ViewPooling(v.embed_dim, config.view_heads, config.view_attention))
             self.query_pool.append(ViewPooling(v.embed_dim, config.view_heads, config.view_attention)
                                    if config.num_queries > 0 else nn.Identity())
