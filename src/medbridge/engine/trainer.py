@@ -43,6 +43,8 @@ def medbridge_cache_values(model: MedBridgeModel, pixels: list[torch.Tensor]) ->
 
 def fit_feature_norms(model: MedBridgeModel, cache: FeatureCache, train_rows: np.ndarray) -> None:
     """Standardisation statistics from the training rows' cached frozen embeddings (every view)."""
+    if not model.standardized:
+        return
     names = [f"e{k}.frozen" for k in range(len(model.encoders))]
     if not all(n in cache.arrays for n in names):  # joint attention caches only the prefix: run the frozen path
         names = None
