@@ -251,3 +251,14 @@ def test_config_errors_name_key_and_allowed_values(tmp_path):
         load_config(overrides=["method=cop"])
     with pytest.raises(ConfigError, match="focal mode must be"):
         load_config(overrides=["model.focal.mode=grid"])
+
+
+def test_study_settings_become_overrides_that_keep_null_lists_and_booleans():
+    from medbridge.engine.ablation import _overrides
+    from medbridge.engine.config import load_config
+
+    setting = {"model.focal.num_crops": None, "model.focal.stride": 512, "train.lr": 1.0e-3,
+               "model.view_attention": False, "model.backbones": ["a", "b"], "model.focal.mode": "sliding"}
+    cfg = load_config("demo", None, _overrides(setting))
+    assert cfg.model["focal"]["num_crops"] is None and cfg.model["focal"]["stride"] == 512
+    assert cfg.train.lr == 1.0e-3 and cfg.model["view_attention"] is False and cfg.model["backbones"] == ["a", "b"]

@@ -33,7 +33,8 @@ def read_study(path_or_name: str) -> dict:
 
 
 def _overrides(d: dict) -> list[str]:
-    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict, bool)) else v}" for k, v in d.items()]
+    """A study setting's {key: value} -> ``key=value`` overrides (YAML/JSON text, so null stays None)."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in d.items()]
 
 
 def _metrics(run_dir: Path, method: str) -> dict:
