@@ -262,3 +262,16 @@ def test_study_settings_become_overrides_that_keep_null_lists_and_booleans():
     cfg = load_config("demo", None, _overrides(setting))
     assert cfg.model["focal"]["num_crops"] is None and cfg.model["focal"]["stride"] == 512
     assert cfg.train.lr == 1.0e-3 and cfg.model["view_attention"] is False and cfg.model["backbones"] == ["a", "b"]
+
+
+def test_joint_mode_statistics_come_from_the_frozen_path(tmp_path):
+    """A joint-attention cache holds only the prefix: the statistics must equal those an isolated cache stores."""
+    iso, joint = tiny_model(), tiny_model("joint")
+    cache_iso, _ = filled_cache(tmp_path / "i", iso)
+    cache_joint, _ = filled_cache(tmp_path / "j", joint)
+    rows = np.arange(12)
+    for model, cache, name in ((iso, cache_iso, "ri"), (joint, cache_joint, "rj")):
+        train_medbridge(model, cache, random_targets(12, 3), rows, _train_cfg(epochs=1), tmp_path / name,
+                        progress_bar=False)
+    torch.testing.assert_close(joint.feature_norms[0].mean, iso.feature_norms[0].mean, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(joint.feature_norms[0].std, iso.feature_norms[0].std, atol=1e-3, rtol=1e-3)

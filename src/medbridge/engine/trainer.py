@@ -58,8 +58,7 @@ def fit_feature_norms(model: MedBridgeModel, cache: FeatureCache, train_rows: np
                 else:
                     b, n = item["prefix"].shape[:2]
                     weight = next(enc.vision.parameters())
-                    x = item["prefix"].flatten(0, 1).to(weight.device, weight.dtype)
-                    out = enc.vision.finalize(enc.vision.run_blocks(x, enc.t1))
+                    out = enc.frozen_embedding(item["prefix"].flatten(0, 1).to(weight.device, weight.dtype))
                     frozen[k].append(out.view(b, n, -1).cpu().float())
     model.fit_feature_norms([torch.cat(f) for f in frozen])
 

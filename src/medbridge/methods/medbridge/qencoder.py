@@ -47,9 +47,7 @@ class QEncoder(nn.Module):
         n_frozen = tokens.shape[1]
         q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1).to(tokens.dtype)
         if self.num_queries == 0:
-            with torch.no_grad():
-                frozen = self.vision.run_blocks(tokens, self.t1)
-            return self.vision.finalize(frozen), tokens.new_zeros(tokens.shape[0], 0, self.vision.embed_dim)
+            return self.frozen_embedding(tokens), tokens.new_zeros(tokens.shape[0], 0, self.vision.embed_dim)
         if self.attention == "joint":
             x = torch.cat([tokens, q], dim=1)
             for block in blocks:
@@ -62,6 +60,11 @@ class QEncoder(nn.Module):
                 with torch.no_grad():
                     frozen = block(frozen)
         return self.vision.finalize(frozen), self.vision.finalize_tokens(q)
+
+    def frozen_embedding(self, tokens: Tensor) -> Tensor:
+        """Prefix tokens [B, L, width] -> the pretrained model's pooled embedding [B, E] (no queries)."""
+        with torch.no_grad():
+            return self.vision.finalize(self.vision.run_blocks(tokens, self.t1))
 
     def frozen_states(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Isolated mode's frozen path, which no parameter changes: prefix tokens [B, L, width] -> (inputs of
