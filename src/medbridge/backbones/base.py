@@ -37,6 +37,19 @@ HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 
 
+class FrozenModule(nn.Module):
+    """A pretrained tower that stays in eval mode (dropout off) whatever its parent's mode, while ``frozen``.
+
+    Methods call ``model.train()`` on modules that contain frozen towers; without this, a text tower's dropout
+    would be on while label features are computed and cached. A method that fine-tunes a tower sets
+    ``tower.frozen = False`` first."""
+
+    frozen: bool = True
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        return super().train(mode and not self.frozen)
+
+
 class TokenBlock(nn.Module):
     """Wraps one transformer block of a library so that ``block(tokens) -> tokens`` ([B, L, D] both ways)."""
 
@@ -55,7 +68,7 @@ class TokenBlock(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-class VisionTower(nn.Module, ABC):
+class VisionTower(FrozenModule, ABC):
     """A frozen ViT-style image encoder, exposed block by block.
 
     Attributes set by every implementation: ``width`` (token width), ``depth`` (number of blocks),
@@ -122,7 +135,7 @@ class TextFeatures:
     projected: Tensor
 
 
-class TextTower(nn.Module, ABC):
+class TextTower(FrozenModule, ABC):
     """A frozen text encoder with the model's own pooling.
 
     ``width`` is the hidden width, ``embed_dim`` the width after the model's text projection (equal to ``width``

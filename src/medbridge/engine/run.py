@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -9,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backbones import DEFAULT_BACKBONE
+from ..backbones.loading import atomic_write_bytes
 from ..data import load_dataset, load_split, make_split, save_split
 from ..data.splits import Split
 from ..data.table import DatasetError, ImageTable
+from ..io import check_finite
 from ..methods.linear_probe import ProbeConfig, fit_linear_probe
 from ..methods.medbridge.adapter import build_medbridge, save_adapter
 from .config import ConfigError, DataConfig, RunConfig, save_config
@@ -24,10 +28,11 @@ from .methods_io import (
     baseline_features,
     cached_probe_features,
     embedding_cache_spec,
+    load_method,
 )
 from .metrics import evaluate_scores, pick_thresholds
 from .report import per_class_table, plot_roc, summary_table, write_json, write_predictions
-from .trainer import train_medbridge
+from .trainer import CHECKPOINT, train_medbridge
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +61,83 @@ def prepare_data(dc: DataConfig) -> tuple[ImageTable, Split]:
     return table, split
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool = False) -> None:
-    """A run folder is never silently overwritten: it must be new/empty, or resumed, or --overwrite given."""
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise FileExistsError(f"output folder {out} exists and is not empty: choose another --out, continue it "
-                              "with --resume, or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+RUN_MARKER = ".medbridge-run"
+#: keys of a run's config that may change on --resume: where/how things run, not what is computed
+RESUMABLE_CHANGES = ("train.workers", "train.device", "train.cache_dir", "train.checkpoint_every",
+                     "train.eval_batch_size")
+
+
+def is_run_folder(out: Path) -> bool:
+    """Made by medbridge: it has the run marker (or, for older runs, a config.yaml with a split or metrics)."""
+    return (out / RUN_MARKER).is_file() or ((out / "config.yaml").is_file() and any(
+        (out / f).is_file() for f in ("split.json", "metrics.json")))
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool = False) -> bool:
+    """A run folder is never silently overwritten: it must be new/empty, or resumed, or --overwrite given (which
+    replaces a medbridge run folder's contents and refuses any other folder). Returns True when it starts empty."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder: choose a folder path for the run")
+    fresh = not (out.exists() and any(out.iterdir()))
+    if not fresh:
+        if resume:
+            if not is_run_folder(out):
+                raise FileExistsError(f"--resume: {out} is not a medbridge run folder (no {RUN_MARKER} or "
+                                      "config.yaml): nothing to resume")
+        elif overwrite:
+            if not is_run_folder(out):
+                raise FileExistsError(f"--overwrite: {out} was not made by medbridge (no {RUN_MARKER} or config.yaml"
+                                      "); refusing to delete files medbridge did not write: choose another --out")
+            clear_folder(out)
+            fresh = True
+        else:
+            raise FileExistsError(f"output folder {out} exists and is not empty: choose another --out, continue it "
+                                  "with --resume, or pass --overwrite (replaces the previous run)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / RUN_MARKER, b"medbridge run folder\n")
+    except OSError as exc:
+        raise OSError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
+    return fresh
+
+
+def clear_folder(out: Path) -> None:
+    """Delete everything inside a medbridge run folder (adapters, checkpoints, predictions of the old run)."""
+    import shutil
+
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def check_resume_config(cfg: RunConfig, out: Path) -> None:
+    """--resume continues the saved run only: a changed effective config is refused, naming the keys."""
+    import yaml
+
+    saved_file = out / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
+    now = flatten(yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)))))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+                  and not k.startswith(RESUMABLE_CHANGES))
+    if diff:
+        shown = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff[:6])
+        raise ConfigError(f"--resume: the configuration differs from the run's {saved_file} ({shown}"
+                          f"{' ...' if len(diff) > 6 else ''}); resume with the same settings, or start a new "
+                          "run (--out elsewhere, or --overwrite)")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def method_scores(method: TrainedMethod, table: ImageTable, rows: np.ndarray, cache_root: Path, device: str,
@@ -75,7 +151,7 @@ def method_scores(method: TrainedMethod, table: ImageTable, rows: np.ndarray, ca
                         skip_unreadable=skip_unreadable, progress=progress)
     done = cache.done()
     rows = np.asarray(rows)[done[np.asarray(rows)]]
-    return rows, method.scores_cached(cache, rows, device)
+    return rows, check_finite(method.scores_cached(cache, rows, device), f"{method.name} scores")
 
 
 def cache_for_split(spec, table: ImageTable, split: Split, cfg: RunConfig, device: str, cache_root: Path,
@@ -106,13 +182,30 @@ def evaluate_split(scores_val, targets_val, scores_test, targets_test, labels) -
 def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
               progress: bool = True, backbones=None, with_probe: bool = False, stop_after: int | None = None) -> dict:
     """Train ``cfg.method`` (and, with ``with_probe``, a linear probe on the same cached frozen features and
-    split), evaluate on the test split with validation thresholds, and write the run folder."""
+    split), evaluate on the test split with validation thresholds, and write the run folder.
+
+    The metrics come from the saved method files, loaded back the way ``medbridge eval`` loads them, so a run's
+    metrics.json and a later ``eval`` of its folder agree exactly. A run that fails before its first checkpoint
+    leaves no files behind (the same --out works again)."""
     out = Path(out)
-    t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     rank, _ = init_from_env(device)
+    fresh = False
     if rank == 0:
-        prepare_out(out, resume, overwrite)
+        if resume and out.is_dir():
+            check_resume_config(cfg, out)
+        fresh = prepare_out(out, resume, overwrite)
+    try:
+        return _train_run(cfg, out, device, rank, resume, progress, backbones, with_probe, stop_after)
+    except BaseException:
+        if rank == 0 and fresh and not (out / CHECKPOINT).is_file() and not (out / "metrics.json").is_file():
+            clear_folder(out)  # nothing worth resuming: leave the folder as it was (empty)
+        raise
+
+
+def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, progress: bool, backbones,
+               with_probe: bool, stop_after: int | None) -> dict:
+    t_start = time.perf_counter()
     table, split = prepare_data(cfg.data)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
@@ -125,7 +218,8 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
         device = f"cuda:{rank % torch.cuda.device_count()}"
     cache_root = cache_root_from(cfg.train.cache_dir)
     torch.manual_seed(cfg.train.seed)
-    timings, results, scores, params = {}, {}, {}, {}
+    timings, params = {}, {}
+    saved: dict[str, tuple[Path, object]] = {}  # method name -> (folder, cache its scores are read from)
     if cfg.method == "medbridge":
         model = build_medbridge(cfg.medbridge_config(table.labels, table.prompt_names), backbones)
         method = MedBridgeMethod(model)
@@ -141,27 +235,24 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
         if rank != 0:
             return {"rank": rank, "history": history}
         save_adapter(model, out / "medbridge", extra={"dataset": table.name, "history": history})
+        saved["medbridge"] = (out / "medbridge", cache)
         params["medbridge"] = model.parameter_report()["trainable"]
-        sv = method.scores_cached(cache, val_rows, device) if len(val_rows) else None
-        scores["medbridge"] = method.scores_cached(cache, test_rows, device)
-        results["medbridge"] = evaluate_split(sv, table.targets[val_rows], scores["medbridge"],
-                                              table.targets[test_rows], table.labels)
         backbones = list(model.backbones)
         focal = model.config.focal
         probe_cache = cache
     elif cfg.method not in ("linear-probe",):
-        backbones, results, scores, params, timings, test_rows = _train_baseline(
+        backbones, params, timings, cache, train_rows, val_rows, test_rows = _train_baseline(
             cfg, table, split, out, device, cache_root, backbones, progress, timings)
+        saved[cfg.method] = (out / cfg.method, cache)
         with_probe = False
         if rank != 0:
             return {"rank": rank}
     else:
         from ..backbones import create_backbone
-
-        names = cfg.model.get("backbones", ["dinov2-small+minilm-l6"])
-        backbones = backbones or [create_backbone(s) for s in names]
         from ..data.focal import FocalConfig
 
+        names = cfg.model.get("backbones", [DEFAULT_BACKBONE])
+        backbones = backbones or [create_backbone(s) for s in names]
         focal = FocalConfig(**cfg.model.get("focal", {}))
         for b in backbones:
             b.to(device)
@@ -175,7 +266,7 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
         pc = ProbeConfig(**cfg.probe)
         t0 = time.perf_counter()
         feats = {name: cached_probe_features(probe_cache, r, len(backbones), pc.features, focal.include_whole).numpy()
-                 for name, r in (("train", train_rows), ("val", val_rows), ("test", test_rows))}
+                 for name, r in (("train", train_rows), ("val", val_rows))}
         meta = {"backbones": [b.name for b in backbones], "focal": focal.to_dict(),
                 "prompt_names": list(table.prompt_names), "dataset": table.name}
         probe, info = fit_linear_probe(feats["train"], table.targets[train_rows],
@@ -185,12 +276,17 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
         timings["probe_fit_s"] = time.perf_counter() - t0
         timings.setdefault("train_s", timings["probe_fit_s"])
         probe.save(out / "linear_probe")
+        saved["linear-probe"] = (out / "linear_probe", probe_cache)
         params["linear-probe"] = int(probe.weight.numel() + probe.bias.numel())
-        with torch.no_grad():
-            sv = torch.sigmoid(probe(torch.from_numpy(feats["val"]))).numpy() if len(val_rows) else None
-            scores["linear-probe"] = torch.sigmoid(probe(torch.from_numpy(feats["test"]))).numpy()
-        results["linear-probe"] = evaluate_split(sv, table.targets[val_rows], scores["linear-probe"],
-                                                 table.targets[test_rows], table.labels)
+    results, scores = {}, {}
+    for name, (folder, cache) in saved.items():  # scored from the saved files, exactly as `medbridge eval` does
+        trained = load_method(folder, backbones)
+        trained.to(device)
+        sv = check_finite(trained.scores_cached(cache, val_rows, device), f"{folder}: validation scores") \
+            if len(val_rows) else None
+        scores[name] = check_finite(trained.scores_cached(cache, test_rows, device), f"{folder}: test scores")
+        results[name] = evaluate_split(sv, table.targets[val_rows], scores[name], table.targets[test_rows],
+                                       table.labels)
     timings["total_s"] = time.perf_counter() - t_start
     summary = write_outputs(out, table, test_rows, results, scores, params, timings, cfg, split)
     return summary
@@ -198,13 +294,13 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
 
 def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, device: str, cache_root: Path,
                     backbones, progress: bool, timings: dict):
-    """A feature-space baseline on the cached whole-image embedding of one backbone."""
+    """A feature-space baseline on the cached whole-image embedding of one backbone; saved in ``out/<name>``."""
     from dataclasses import fields, replace
 
     from ..backbones import create_backbone
     from ..methods.baselines import Hparams, build_baseline, fit_feature_method, save_baseline
 
-    names = cfg.model.get("backbones", ["dinov2-small+minilm-l6"])
+    names = cfg.model.get("backbones", [DEFAULT_BACKBONE])
     backbone = (backbones or [create_backbone(names[0])])[0]
     hp_keys = {f.name for f in fields(Hparams)}
     opts = dict(cfg.baseline)
@@ -225,21 +321,36 @@ def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, 
                               hp, seed=cfg.train.seed, progress=progress)
     timings["train_s"] = time.perf_counter() - t0
     save_baseline(method, out / cfg.method, extra={"fit": info, "hparams": hp.__dict__})
-    with torch.no_grad():
-        sv = torch.sigmoid(method(feats(val_rows))).cpu().numpy() if len(val_rows) else None
-        st = torch.sigmoid(method(feats(test_rows))).cpu().numpy()
-    res = {cfg.method: evaluate_split(sv, table.targets[val_rows], st, table.targets[test_rows], table.labels)}
     params = {cfg.method: sum(p.numel() for p in method.trainable_parameters().values())}
-    return [backbone], res, {cfg.method: st}, params, timings, test_rows
+    return [backbone], params, timings, cache, train_rows, val_rows, test_rows
 
 
 def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, params, timings, cfg: RunConfig,
                   split: Split) -> dict:
+    from .report import ci_sentence, paired_table
+    from .stats import bootstrap_metrics, default_n_boot, delong_per_class, paired_bootstrap
+
     labels = list(table.labels)
+    targets = table.targets[test_rows]
+    patients = table.patient_ids[test_rows]
+    n_boot, boot_seed = default_n_boot(), 0
+    paired = {}
+    if len(test_rows) and n_boot:  # 95% patient-bootstrap intervals; paired differences to the first method
+        for method, s in scores.items():
+            results[method]["ci"] = bootstrap_metrics(s, targets, labels, patients,
+                                                      results[method].get("thresholds"), n_boot, boot_seed)
+        names = list(scores)
+        for other in names[1:]:
+            pair = paired_bootstrap(scores[names[0]], scores[other], targets, labels, patients, n_boot, boot_seed)
+            pair["delong"] = delong_per_class(scores[names[0]], scores[other], targets, labels)
+            paired[f"{names[0]} - {other}"] = pair
     summary = {"dataset": table.name, "n_images": len(table),
                "split": {k: int(len(getattr(split, k))) for k in ("train", "val", "test")}, "split_info": split.info,
-               "labels": labels, "methods": results, "trainable_parameters": params, "timings": timings,
-               "device": resolve_device(cfg.train.device), "torch_threads": torch.get_num_threads()}
+               "labels": labels, "methods": results, "paired": paired, "trainable_parameters": params,
+               "timings": timings, "device": resolve_device(cfg.train.device),
+               "torch_threads": torch.get_num_threads(),
+               "bootstrap": {"n_boot": n_boot, "seed": boot_seed, "unit": "patient",
+                             "test_patients": int(len(set(patients)))}}
     write_json(out / "metrics.json", summary)
     per_class = per_class_table(results)
     (out / "per_class.csv").write_text(per_class.to_csv(index=False))
@@ -247,29 +358,54 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
     rel = [all_rel[i] for i in test_rows]
     for method, s in scores.items():
         write_predictions(out / f"predictions_{method}.csv", rel, labels, s, results[method].get("thresholds") or {})
-    targets = table.targets[test_rows]
-    plot_roc(out / "roc_curves.png", {m: (s, targets, labels) for m, s in scores.items()}, labels)
+    plot_roc(out / "roc_curves.png", {m: (s, targets, labels) for m, s in scores.items()}, labels,
+             patients if len(test_rows) and n_boot else None, n_boot=min(n_boot, 200), seed=boot_seed)
     extra = {m: {"trainable params": f"{params.get(m, 0):,}"} for m in results}
+    first = results[next(iter(results))]
     lines = [f"# medbridge run: {cfg.method} on {table.name}", "",
              f"Data: {cfg.data.path} ({len(table)} images, {table.meta['patient_id'].nunique()} patients); split "
-             f"{summary['split']} ({split.info}); test metrics, thresholds picked on validation (honest) and on "
+             f"{summary['split']} ({split.info}); test metrics ({len(test_rows)} images, "
+             f"{summary['bootstrap']['test_patients']} patients), thresholds picked on validation (honest) and on "
              "the test set itself (oracle, the paper's protocol).", "", summary_table(results, extra), "",
-             f"Classes evaluated: {results[next(iter(results))]['classes']}; skipped (no positives or no negatives "
-             f"in test): {results[next(iter(results))]['skipped']}.", "",
-             "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
-             "Files: metrics.json, per_class.csv, predictions_<method>.csv, roc_curves.png, config.yaml, "
-             "split.json, medbridge/ (adapter), linear_probe/ (probe).", "",
-             "Per class (test AUROC):", "", markdown_pivot(per_class, "auroc")]
+             ci_sentence(n_boot, boot_seed) if n_boot else "No intervals (n_boot = 0).", ""]
+    if paired:
+        lines += ["Paired comparison on the same test images (patient bootstrap of the macro AUROC difference):",
+                  "", paired_table(paired), ""]
+    dropped = {m: r["ci"]["dropped"] for m, r in results.items() if r.get("ci", {}).get("dropped")}
+    lines += [f"Classes evaluated: {first['classes']}; skipped (no positives or no negatives in test): "
+              f"{first['skipped']}." + (f" Resamples in which a class had no positive or no negative (left out of "
+                                       f"that resample's macro): {dropped}." if dropped else ""), "",
+              "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
+              "Files: metrics.json, per_class.csv, predictions_<method>.csv, roc_curves.png, config.yaml, "
+              "split.json, medbridge/ (adapter), linear_probe/ (probe).", "",
+              "![ROC curves with 95% patient-bootstrap bands](roc_curves.png)", "",
+              "Per class (test AUROC, 95% interval):", "", markdown_pivot(per_class, "auroc")]
+    if paired:
+        for name, pair in paired.items():
+            lines += ["", f"Per class, {name}: AUROC difference (patient bootstrap) and DeLong's test:", "",
+                      "| label | difference [95% CI] | bootstrap p | DeLong z | DeLong p |", "|---|---|---|---|---|"]
+            from .stats import fmt_diff, fmt_p
+
+            for lab, d in pair.get("per_class", {}).items():
+                dl = pair["delong"].get(lab, {})
+                lines.append(f"| {lab} | {fmt_diff({k: d[k] for k in ('diff', 'ci')})} | {fmt_p(d['p'])} | "
+                             f"{dl.get('z', float('nan')):+.2f} | {fmt_p(dl['p']) if dl else '-'} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return summary
 
 
 def markdown_pivot(per_class, value: str) -> str:
-    """label x method table of one metric, as Markdown."""
+    """label x method table of one metric, as Markdown (with its 95% interval when the table has one)."""
+    from .stats import fmt_ci
+
     if per_class.empty:
         return "(no class with positives and negatives in the test split)"
     pivot = per_class.pivot(index="label", columns="method", values=value)
+    has_ci = f"{value}_lo" in per_class and per_class[f"{value}_lo"].notna().any()
+    lo = per_class.pivot(index="label", columns="method", values=f"{value}_lo") if has_ci else None
+    hi = per_class.pivot(index="label", columns="method", values=f"{value}_hi") if has_ci else None
     lines = ["| label | " + " | ".join(pivot.columns) + " |", "|---" * (len(pivot.columns) + 1) + "|"]
     for label, row in pivot.iterrows():
-        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        cells = [fmt_ci(v, [lo.loc[label, m], hi.loc[label, m]] if has_ci else None) for m, v in row.items()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

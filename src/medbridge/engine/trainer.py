@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..backbones.loading import atomic_write_bytes
+from ..io import load_torch_checkpoint
 from ..methods.medbridge.model import MedBridgeModel
 from .cache import FeatureCache
 from .config import TrainConfig
@@ -92,7 +93,7 @@ def save_checkpoint(path: Path, model: MedBridgeModel, opt: torch.optim.Optimize
 
 
 def load_checkpoint(path: Path, model: MedBridgeModel, opt: torch.optim.Optimizer) -> tuple[Progress, list]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_checkpoint(path)
     params = model.adapter_tensors()
     missing = set(params) - set(state["trainable"])
     if missing:

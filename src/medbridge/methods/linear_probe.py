@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..backbones.loading import atomic_write_bytes
 from ..data.focal import FocalConfig
+from ..io import CorruptFileError, atomic_write_bytes, load_tensors, read_json, save_tensors
 
 PROBE_WEIGHTS = "probe.safetensors"
 PROBE_CONFIG = "probe_config.json"
@@ -48,6 +48,19 @@ def probe_features(frozen: list[Tensor], features: str, has_whole: bool = True) 
     return torch.cat(parts, dim=-1)
 
 
+def check_probe_shapes(t: dict[str, Tensor], labels: list[str], path: Path) -> None:
+    """weight [L, D], bias [L], mean/std [D] for the L labels of the config; anything else is an error."""
+    missing = sorted({"weight", "bias", "mean", "std"} - set(t))
+    if missing:
+        raise CorruptFileError(f"{path}: tensors {missing} missing")
+    n, w = len(labels), t["weight"]
+    d = w.shape[1] if w.ndim == 2 else -1
+    expected = {"weight": (n, d), "bias": (n,), "mean": (d,), "std": (d,)}
+    wrong = [f"{k} {tuple(t[k].shape)} (expected {v})" for k, v in expected.items() if tuple(t[k].shape) != v]
+    if wrong or d < 1:
+        raise CorruptFileError(f"{path}: shapes do not fit the {n} labels of its config: " + ", ".join(wrong))
+
+
 class LinearProbe(nn.Module):
     """logits = ((x - mean) / std) @ W.T + b on :func:`probe_features`."""
 
@@ -63,29 +76,27 @@ class LinearProbe(nn.Module):
         return ((features - self.mean) / self.std) @ self.weight.T + self.bias
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save
-
         folder = Path(folder)
-        atomic_write_bytes(folder / PROBE_WEIGHTS, save({k: v.contiguous() for k, v in self.state_dict().items()}))
+        digest = save_tensors(folder / PROBE_WEIGHTS, dict(self.state_dict()))
         atomic_write_bytes(folder / PROBE_CONFIG, json.dumps({"format": PROBE_FORMAT, "method": "linear-probe",
-                                                              "labels": self.labels, **self.meta}, indent=1).encode())
+                                                              "labels": self.labels, **self.meta,
+                                                              "weights_sha256": digest}, indent=1).encode())
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> LinearProbe:
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         cfg_path = folder / PROBE_CONFIG
         if not cfg_path.is_file():
             raise FileNotFoundError(f"no linear probe at {folder} (expected {PROBE_CONFIG}, {PROBE_WEIGHTS})")
-        meta = json.loads(cfg_path.read_text())
+        meta = read_json(cfg_path, "linear-probe config")
         if meta.get("format") != PROBE_FORMAT:
             raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {PROBE_FORMAT!r}")
-        t = load_file(str(folder / PROBE_WEIGHTS))
+        t = load_tensors(folder / PROBE_WEIGHTS, meta.pop("weights_sha256", None))
         labels = meta.pop("labels")
         meta.pop("format")
         meta.pop("method")
+        check_probe_shapes(t, labels, folder / PROBE_WEIGHTS)
         return cls(labels, t["weight"], t["bias"], t["mean"], t["std"], meta)
 
     @property

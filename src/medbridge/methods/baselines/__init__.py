@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ...backbones import Backbone, create_backbone
-from ...backbones.loading import atomic_write_bytes
+from ...io import CorruptFileError, atomic_write_bytes, load_tensors, read_json, save_tensors
 from .adapters import ClipAdapter, LPText
 from .base import FeatureMethod, Hparams, NotApplicableError, require_aligned_text
 from .mma import MMA
@@ -38,30 +38,32 @@ def build_baseline(name: str, backbone: Backbone, labels: list[str], names: list
 
 def save_baseline(method: FeatureMethod, folder: str | Path, extra: dict | None = None) -> Path:
     """Trainable tensors and non-backbone buffers (safetensors) + JSON config; never the frozen backbone."""
-    from safetensors.torch import save
-
     folder = Path(folder)
-    state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items() if not k.startswith("backbone.")
-             and not k.startswith("prompt.text.")}
+    state = {k: v for k, v in method.state_dict().items() if not k.startswith(("backbone.", "prompt.text."))}
+    digest = save_tensors(folder / WEIGHTS, state)
     meta = {"format": BASELINE_FORMAT, "method": method.name, "labels": method.labels, "names": method.names,
             "template": method.template, "backbone": method.backbone.name, "config": method.config(),
-            "trainable_parameters": sum(p.numel() for p in method.trainable_parameters().values()), **(extra or {})}
-    atomic_write_bytes(folder / WEIGHTS, save(state))
+            "trainable_parameters": sum(p.numel() for p in method.trainable_parameters().values()),
+            "weights_sha256": digest, **(extra or {})}
     atomic_write_bytes(folder / CONFIG, json.dumps(meta, indent=1).encode())
     return folder
 
 
 def load_baseline(folder: str | Path, backbone: Backbone | None = None) -> FeatureMethod:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    meta = json.loads((folder / CONFIG).read_text())
+    meta = read_json(folder / CONFIG, "baseline config")
     if meta.get("format") != BASELINE_FORMAT:
         raise ValueError(f"{folder / CONFIG}: format {meta.get('format')!r}, expected {BASELINE_FORMAT!r}")
     backbone = backbone or create_backbone(meta["backbone"])
     method = build_baseline(meta["method"], backbone, meta["labels"], meta["names"], template=meta["template"],
                             **meta.get("config", {}))
-    state = load_file(str(folder / WEIGHTS))
+    state = load_tensors(folder / WEIGHTS, meta.get("weights_sha256"))
+    own = method.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise CorruptFileError(f"{folder / WEIGHTS}: shapes do not fit the {len(meta['labels'])} labels and config "
+                               "of its JSON: " + ", ".join(wrong[:4]))
     missing, unexpected = method.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("backbone.", "prompt.text."))]
     if missing or unexpected:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ...backbones import Backbone, create_backbone, create_text_tower
-from ...backbones.loading import atomic_write_bytes
+from ...io import atomic_write_bytes, load_tensors, read_json, save_tensors
 from .model import MedBridgeConfig, MedBridgeModel
 
 WEIGHTS = "adapter.safetensors"
@@ -40,17 +40,14 @@ def build_medbridge(config: MedBridgeConfig, backbones: list[Backbone] | None = 
 
 def save_adapter(model: MedBridgeModel, folder: str | Path, extra: dict | None = None) -> Path:
     """Write ``adapter.safetensors`` (trainable tensors only) and ``adapter_config.json`` atomically."""
-    from safetensors.torch import save
-
     folder = Path(folder)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.adapter_tensors().items()}
+    digest = save_tensors(folder / WEIGHTS, model.adapter_tensors())
     meta = {
         "format": FORMAT, "method": "medbridge", "config": model.config.to_dict(),
         "backbones": [backbone_fingerprint(b) for b in model.backbones],
         "text_projection_init": model.text_head.init, "parameters": model.parameter_report(),
-        **(extra or {}),
+        "weights_sha256": digest, **(extra or {}),
     }
-    atomic_write_bytes(folder / WEIGHTS, save(tensors))
     atomic_write_bytes(folder / CONFIG, json.dumps(meta, indent=1).encode())
     return folder
 
@@ -59,7 +56,7 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no adapter config at {path} (expected {CONFIG} and {WEIGHTS})")
-    meta = json.loads(path.read_text())
+    meta = read_json(path, "adapter config")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown adapter format {meta.get('format')!r} (expected {FORMAT})")
     return meta
@@ -67,8 +64,6 @@ def read_adapter_config(folder: str | Path) -> dict:
 
 def load_adapter(folder: str | Path, backbones: list[Backbone] | None = None) -> MedBridgeModel:
     """Rebuild a saved MedBridge model; ``backbones`` defaults to those named in the adapter config."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     meta = read_adapter_config(folder)
     config = MedBridgeConfig(**{"feature_norm": "none", **meta["config"]})  # adapters older than feature_norm
@@ -80,7 +75,7 @@ def load_adapter(folder: str | Path, backbones: list[Backbone] | None = None) ->
         if diffs:
             raise AdapterMismatchError(f"{folder}: expert {k} was trained on backbone {saved['name']!r} but "
                                        f"{now['name']!r} differs ({'; '.join(diffs)})")
-    tensors = load_file(str(folder / WEIGHTS))
+    tensors = load_tensors(folder / WEIGHTS, meta.get("weights_sha256"))
     own = model.adapter_tensors()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:

@@ -1,0 +1,100 @@
+"""Files medbridge writes and reads back: atomic writes, JSON that names its file, weight files with digests.
+
+Every saved method (adapter, probe, baseline) stores ``weights_sha256`` (a digest of its tensors' names, dtypes,
+shapes and bytes) in its JSON; loading recomputes it, so a flipped bit or a swapped file is an error, not a silent
+change of probabilities. Files saved before digests existed load without the check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones.loading import atomic_write_bytes
+
+__all__ = ["CorruptFileError", "atomic_write_bytes", "read_json", "tensor_digest", "save_tensors", "load_tensors",
+           "check_finite", "load_torch_checkpoint"]
+
+
+class CorruptFileError(ValueError):
+    """A file medbridge wrote (or was given) is damaged, truncated, of another kind, or fails its digest."""
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> dict:
+    """``json.loads`` of a file; missing, unreadable or invalid files raise errors that name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"{path}: not a text {what} ({exc.reason} at byte {exc.start})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path}: invalid {what}: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write ``tensors`` as safetensors atomically; returns their digest (to store in the method's JSON)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(Path(path), save(tensors))
+    return tensor_digest(tensors)
+
+
+def load_tensors(path: str | Path, digest: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never a pickle); damaged files and digest mismatches raise CorruptFileError."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weight file missing")
+    try:
+        tensors = load(path.read_bytes())
+    except Exception as exc:  # SafetensorError, invalid header, a pickle renamed .safetensors, truncation, ...
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); it is damaged "
+                               "or not a medbridge weight file: retrain or restore it") from exc
+    if digest is not None and tensor_digest(tensors) != digest:
+        raise CorruptFileError(f"{path}: the weights do not match the digest recorded when they were saved "
+                               "(weights_sha256 in the JSON beside them): the file was modified or damaged")
+    return tensors
+
+
+def check_finite(scores: np.ndarray, what: str) -> np.ndarray:
+    """Scores with NaN/inf are an error (never written as empty cells or ``NaN`` metrics)."""
+    scores = np.asarray(scores)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=tuple(range(1, scores.ndim))) if scores.ndim > 1 else bad)
+        raise CorruptFileError(f"{what}: {int(bad.sum())} non-finite score(s) (NaN/inf) in {len(rows)} row(s), "
+                               f"first rows {rows[:5].tolist()}: the weights or inputs are damaged")
+    return scores
+
+
+def load_torch_checkpoint(path: str | Path) -> dict:
+    """``torch.load(weights_only=True)`` with errors that name the file and never advise unsafe loading."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        if "weights_only" in first or "Weights only" in first or "unpickl" in first.lower():
+            first = "it holds objects other than tensors and plain containers, which are never unpickled"
+        raise CorruptFileError(f"{path}: not a medbridge checkpoint that can be read safely ({first}); delete it "
+                               "to restart training from scratch") from exc
