@@ -1,12 +1,19 @@
 """Full-resolution image reading (PNG/JPEG 8/16-bit, DICOM) and conversion to backbone input tensors.
 
 Images are returned as float32 arrays scaled to [0, 1] at their original resolution: H x W for grayscale
-(radiographs) and H x W x 3 for colour. Conversion to 3 channels happens only at the backbone boundary
-(:func:`to_model_input`).
+(radiographs, and every DICOM image: colour DICOM is reduced to its luminance) and H x W x 3 for colour PNG/JPEG.
+Conversion to 3 channels happens only at the backbone boundary (:func:`to_model_input`).
+
+Every failure to read a file is an :class:`ImageReadError` naming the file and what is wrong or unsupported.
+Images larger than :func:`max_image_pixels` (``MEDBRIDGE_MAX_IMAGE_PIXELS``) are refused before decoding.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +22,48 @@ import torch.nn.functional as F
 
 from ..backbones.base import PreprocessConfig
 
+log = logging.getLogger(__name__)
+
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+"""Default pixel limit (10000 x 10000; over 4x the largest mammogram; 400 MB as float32)."""
+MAX_PIXELS_ENV = "MEDBRIDGE_MAX_IMAGE_PIXELS"
+MAX_IMAGE_PIXELS: int | None = None
+"""Pixel limit set in code; ``None`` (default): the ``MEDBRIDGE_MAX_IMAGE_PIXELS`` environment variable, else
+:data:`DEFAULT_MAX_IMAGE_PIXELS`. The environment variable also reaches DataLoader worker processes."""
+
+LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 luma weights: the Y of DICOM's YBR_FULL, used to reduce colour DICOM to one channel."""
 
 
 class ImageReadError(RuntimeError):
     """An image file is missing, unreadable or of an unsupported form; the message names the file."""
+
+
+def max_image_pixels() -> int:
+    """The largest width x height (DICOM: rows x columns) read; larger images raise :class:`ImageReadError`."""
+    if MAX_IMAGE_PIXELS is not None:
+        return int(MAX_IMAGE_PIXELS)
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, got {raw!r}")
+    return value
+
+
+def _check_pixel_count(path: Path, width: int, height: int) -> None:
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise ImageReadError(
+            f"{path}: image of {width} x {height} = {width * height:,} pixels exceeds the limit of {limit:,} pixels "
+            f"(a decompression bomb or an image too large to read; raise the limit with {MAX_PIXELS_ENV})")
 
 
 def _is_dicom(path: Path) -> bool:
@@ -34,43 +77,159 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def read_dicom(path: Path) -> np.ndarray:
-    """Read a DICOM image as float32 in [0, 1]: rescale slope/intercept, VOI LUT/window, MONOCHROME1 inverted."""
+# Transfer syntax -> decoder packages pydicom can use for it: (module to import, pip package [licence note]).
+_PYLIBJPEG_LIBJPEG = ("libjpeg", "pylibjpeg-libjpeg (GPL-3.0, optional: pip install 'medbridge[dicom-gpl]')")
+_GDCM = ("gdcm", "python-gdcm")
+_DICOM_DECODERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "1.2.840.10008.1.2.4.50": (("PIL", "pillow"), _GDCM),  # JPEG Baseline 8-bit
+    "1.2.840.10008.1.2.4.51": (("PIL", "pillow"), _GDCM),  # JPEG Extended; 12-bit: see _dicom_decoder_hint
+    "1.2.840.10008.1.2.4.57": (_GDCM, _PYLIBJPEG_LIBJPEG),  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": (_GDCM, _PYLIBJPEG_LIBJPEG),  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": (("jpeg_ls", "pyjpegls"), _GDCM),  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": (("jpeg_ls", "pyjpegls"), _GDCM),  # JPEG-LS near-lossless
+    **{uid: (("openjpeg", "pylibjpeg-openjpeg"), _GDCM)
+       for uid in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")},  # JPEG 2000
+    **{uid: (("openjpeg", "pylibjpeg-openjpeg"),)
+       for uid in ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")},  # HTJ2K
+}
+
+
+def _dicom_decoder_hint(ds, tsyntax: str) -> str:
+    """What it takes to decode this transfer syntax: missing packages, or '' when a decoder is installed."""
+    decoders = _DICOM_DECODERS.get(tsyntax)
+    if tsyntax == "1.2.840.10008.1.2.4.51" and int(ds.get("BitsStored", 8) or 8) > 8:
+        decoders = (_PYLIBJPEG_LIBJPEG,)  # 12-bit JPEG Extended: only libjpeg (pydicom refuses GDCM/Pillow)
+    if decoders is None:
+        return ""
+    if any(importlib.util.find_spec(module) is not None for module, _ in decoders):
+        return ""
+    return "needs package " + " or ".join(package for _, package in decoders)
+
+
+def _transfer_syntax(ds) -> str:
+    """The dataset's transfer syntax; for files without one (no preamble/file meta, ACR-NEMA style) inferred
+    from how the file parsed, which is exact for uncompressed pixel data."""
+    from pydicom import uid
+
+    tsyntax = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+    if tsyntax:
+        return str(tsyntax)
+    implicit, little = ds.original_encoding
+    if implicit is None or ds["PixelData"].is_undefined_length:
+        raise ImageReadError("no transfer syntax in the file and the pixel data is compressed (cannot tell how)")
+    inferred = (uid.ImplicitVRLittleEndian if implicit else
+                uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
+    ds.file_meta.TransferSyntaxUID = inferred
+    return str(inferred)
+
+
+def _read_dicom_dataset(path: Path, force: bool):
+    """pydicom's dataset; without the 128-byte preamble/'DICM' prefix read again with ``force`` (if allowed)."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path)), False
+    except InvalidDicomError:
+        if not force:
+            raise
+    return pydicom.dcmread(str(path), force=True), True
+
+
+def read_dicom(path: str | Path) -> np.ndarray:
+    """Read a DICOM image as float32 in [0, 1], one channel (see :func:`dicom_to_array`). Files without the
+    preamble/'DICM' prefix (older ACR-NEMA-style exports) are read when they parse as DICOM with pixel data."""
+    path = Path(path)
+    try:
+        ds, forced = _read_dicom_dataset(path, force=True)
+    except Exception as exc:  # pydicom raises many kinds on malformed files
+        raise ImageReadError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
+    if "PixelData" not in ds:
+        what = ("not a DICOM file (no 'DICM' prefix, and no pixel data when parsed without it)" if forced
+                else "DICOM file has no pixel data (PixelData element)")
+        raise ImageReadError(f"{path}: {what}")
+    return dicom_to_array(ds, path)
+
+
+def dicom_to_array(ds, path: str | Path = "<dataset>") -> np.ndarray:
+    """A pydicom dataset's pixel data as float32 H x W in [0, 1].
+
+    Monochrome: Modality LUT (rescale slope/intercept), VOI LUT or window (the first), min-max scaled,
+    MONOCHROME1 inverted. Colour (RGB, YBR_* converted to RGB by pydicom, PALETTE COLOR through its LUT): the
+    BT.601 luminance over the nominal range. Multi-frame files: the first frame only (medbridge classifies 2-D
+    images). Errors name the file and what is unsupported."""
+    from pydicom.pixels import apply_color_lut
+
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if k not in ds]
+    if missing:
+        raise ImageReadError(f"{path}: DICOM pixel data without the required element(s) {', '.join(missing)}")
+    try:
+        tsyntax = _transfer_syntax(ds)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    except ImageReadError as exc:
+        raise ImageReadError(f"{path}: {exc}") from None
+    except Exception as exc:
+        raise ImageReadError(f"{path}: invalid DICOM image header ({type(exc).__name__}: {exc})") from exc
+    _check_pixel_count(Path(path), cols, rows)
+    try:
+        ts_name = f"{_uid_name(tsyntax)} ({tsyntax})"
+        ds.pixel_array_options(index=0)  # first frame only; YBR_FULL/_422 -> RGB (pydicom's default, raw=False)
+        arr = ds.pixel_array
+    except Exception as exc:
+        hint = _dicom_decoder_hint(ds, tsyntax)
+        detail = hint or f"decoder error: {' '.join(str(exc).split())[:400] or type(exc).__name__}"
+        raise ImageReadError(f"{path}: cannot decode DICOM pixel data, transfer syntax {ts_name}: {detail}") from exc
+    try:
+        if photometric.startswith("MONOCHROME"):
+            return _monochrome(arr, ds, photometric, Path(path))
+        if photometric == "PALETTE COLOR":
+            rgb = apply_color_lut(arr, ds)
+            maxval = float(np.iinfo(rgb.dtype).max)
+        elif arr.ndim == 3 and arr.shape[-1] == 3:  # RGB and YBR_* (already RGB), incl. J2K's YBR_ICT/YBR_RCT
+            rgb = arr
+            maxval = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
+        else:
+            raise ImageReadError(f"{path}: unsupported DICOM PhotometricInterpretation {photometric!r} "
+                                 f"with {int(ds.get('SamplesPerPixel', 1) or 1)} sample(s) per pixel")
+        rgb = np.asarray(rgb, dtype=np.float32)
+        luma = rgb @ np.asarray(LUMINANCE_WEIGHTS, dtype=np.float32)
+        return np.clip(luma / maxval, 0.0, 1.0).astype(np.float32)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(f"{path}: cannot convert DICOM {photometric} pixel data "
+                             f"({type(exc).__name__}: {exc})") from exc
+
+
+def _monochrome(arr: np.ndarray, ds, photometric: str, path: Path) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = pydicom.dcmread(str(path))
-    if "PixelData" not in ds:
-        raise ImageReadError(f"{path}: DICOM file has no pixel data")
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # missing codec etc.
-        raise ImageReadError(f"{path}: cannot decode DICOM pixel data "
-                             f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
-    if arr.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
-        arr = arr[0]  # multi-frame: first frame
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric.startswith("MONOCHROME"):
-        arr = apply_modality_lut(arr, ds)
-        if "WindowCenter" in ds or "VOILUTSequence" in ds:
-            arr = apply_voi_lut(arr, ds, index=0)
-        arr = arr.astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        if photometric == "MONOCHROME1":
-            arr = 1.0 - arr
-        return arr
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
-        if photometric != "RGB":
-            from pydicom.pixels import convert_color_space
+    if arr.ndim != 2:
+        raise ImageReadError(f"{path}: {photometric} pixel data of shape {arr.shape} (expected rows x columns)")
+    arr = apply_modality_lut(arr, ds)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        arr = apply_voi_lut(arr, ds, index=0)
+    arr = np.asarray(arr, dtype=np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageReadError(f"{path}: {photometric} pixel data holds non-finite values")
+    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return 1.0 - arr if photometric == "MONOCHROME1" else arr
 
-            arr = convert_color_space(arr, photometric, "RGB")
-        return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max if arr.dtype.kind == "u" else 255)
-    raise ImageReadError(f"{path}: unsupported DICOM PhotometricInterpretation {photometric}")
+
+def _uid_name(tsyntax: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(tsyntax).name
+    return name if name != tsyntax else "unknown transfer syntax"
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image at full resolution as float32 in [0, 1] (H x W grayscale or H x W x 3 colour)."""
+    """Read an image at full resolution as float32 in [0, 1] (H x W grayscale or H x W x 3 colour).
+
+    DICOM is recognised by its suffix or 'DICM' prefix, and a file Pillow cannot identify is tried as DICOM
+    without a preamble. Raises :class:`ImageReadError` (and nothing else) for any file that cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -79,7 +238,11 @@ def read_image(path: str | Path) -> np.ndarray:
     if _is_dicom(path):
         return read_dicom(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # medbridge's own limit applies
+            im = Image.open(path)
+        with im:
+            _check_pixel_count(path, *im.size)
             im.load()
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -89,11 +252,30 @@ def read_image(path: str | Path) -> np.ndarray:
             if mode in ("L", "P", "1", "LA"):
                 return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageReadError(f"{path}: unreadable or corrupt image ({exc})") from exc
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: image too large to read ({exc}; medbridge's limit is "
+                             f"{max_image_pixels():,} pixels, {MAX_PIXELS_ENV})") from exc
+    except UnidentifiedImageError as exc:
+        dicom = _headerless_dicom(path)
+        if dicom is not None:
+            return dicom_to_array(dicom, path)
+        raise ImageReadError(f"{path}: unreadable or corrupt image (not a format Pillow or pydicom reads)") from exc
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ... on corrupt files
+        raise ImageReadError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from exc
     if np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 0], rgb[..., 2]):
         return rgb[..., 0].copy()  # grey stored as RGB(A): keep one channel
     return rgb
+
+
+def _headerless_dicom(path: Path):
+    """The dataset of a DICOM file without preamble/'DICM' prefix and without a DICOM suffix, or None."""
+    try:
+        ds, _ = _read_dicom_dataset(path, force=True)
+        return ds if "PixelData" in ds and "Rows" in ds and "Columns" in ds else None
+    except Exception:
+        return None
 
 
 def check_image_array(image: np.ndarray, where: str = "image") -> np.ndarray:
