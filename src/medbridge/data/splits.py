@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backbones.loading import atomic_write_bytes
-from .table import SPLIT_NAMES, DatasetError, ImageTable
+from .table import SPLIT_NAMES, DatasetError, ImageTable, read_json
 
 SPLIT_FORMAT = "medbridge-split/1"
 
@@ -125,18 +125,27 @@ def save_split(split: Split, table: ImageTable, path: str | Path) -> Path:
 def load_split(path: str | Path, table: ImageTable) -> Split:
     """Read a split file and map it onto ``table``; images it names that the table lacks are an error."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"split file {path}: cannot read JSON ({exc})") from exc
-    if doc.get("format") != SPLIT_FORMAT:
-        raise DatasetError(f"split file {path}: format {doc.get('format')!r}, expected {SPLIT_FORMAT!r}")
+    doc = read_json(path, "split file")
+    if not isinstance(doc, dict) or doc.get("format") != SPLIT_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise DatasetError(f"split file {path}: format {found!r}, expected {SPLIT_FORMAT!r}")
     where = {p: i for i, p in enumerate(table.relative_paths())}
     parts = []
     for name in SPLIT_NAMES:
-        missing = [p for p in doc.get(name, []) if p not in where]
+        listed = doc.get(name, [])
+        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+            raise DatasetError(f"split file {path}: {name!r} must be a list of image paths (strings)")
+        missing = [p for p in listed if p not in where]
         if missing:
             raise DatasetError(f"split file {path}: {len(missing)} {name} image(s) are not in dataset "
                                f"{table.name} at {table.root}, e.g. {missing[0]}")
-        parts.append(np.array([where[p] for p in doc.get(name, [])], dtype=int))
-    return Split(*parts, info=doc.get("info", {}))
+        parts.append(np.array([where[p] for p in listed], dtype=int))
+    every = np.concatenate(parts)
+    values, counts = np.unique(every, return_counts=True)
+    if (counts > 1).any():
+        i = values[counts > 1][0]
+        listed_in = [name for name, idx in zip(SPLIT_NAMES, parts) for _ in range(int((idx == i).sum()))]
+        raise DatasetError(f"split file {path}: image {table.relative_paths()[i]} is listed more than once "
+                           f"(in {listed_in}); each image belongs to one part")
+    info = doc.get("info", {})
+    return Split(*parts, info=info if isinstance(info, dict) else {})

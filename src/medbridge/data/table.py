@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,29 +114,85 @@ class ImageTable:
                              "unknown": np.isnan(t).sum(axis=0).astype(int)})
 
 
+#: Where a table row came from: (file, 1-based line with the header as line 1), for error messages.
+Origin = tuple[str, int]
+
+
+def csv_origins(source: str | Path, n: int, first: int = 2) -> list[Origin]:
+    """Origins of ``n`` consecutive rows of ``source`` starting at line ``first`` (2: just below a header)."""
+    return [(str(source), first + i) for i in range(n)]
+
+
+def describe_rows(origins: list[Origin]) -> str:
+    """'rows [3, 5] of a.csv' for rows of one file, else 'a.csv row 3, b.csv row 2' (rows are 1-based lines of
+    the file: a header is row 1)."""
+    files = list(dict.fromkeys(f for f, _ in origins))
+    if len(files) == 1:
+        return f"rows {[r for _, r in origins]} of {files[0]}, 1-based lines of the file"
+    return ", ".join(f"{f} row {r}" for f, r in origins) + " (1-based lines of the files)"
+
+
+def inside(root: str | Path, path: str | Path) -> bool:
+    """True when ``path``, normalised (``..`` folded, no symlinks followed), lies inside ``root``."""
+    root, path = os.path.abspath(root), os.path.abspath(path)
+    return os.path.commonpath([root, path]) == root
+
+
+def resolve_inside(root: Path, base: Path, names, origins: list[Origin], column: str) -> list[str]:
+    """Join each image name of an official table to ``base`` (a folder inside ``root``); a blank name, an
+    absolute path or a ``..`` escape that leaves ``root`` is an error naming the file, row and value.
+
+    Containment is lexical: symbolic links the dataset's owner put inside ``root`` are followed as usual; what
+    is refused is a table cell that points elsewhere."""
+    out = []
+    for name, (source, row) in zip(names, origins):
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{source}: row {row} column {column!r}: empty image name")
+        if "\x00" in name:
+            raise DatasetError(f"{source}: row {row} column {column!r}: image name {name!r} contains a NUL byte")
+        path = os.path.abspath(base / name)
+        if os.path.isabs(name) or not inside(root, path):
+            raise DatasetError(f"{source}: row {row} column {column!r}: image name {name!r} resolves to {path}, "
+                               f"outside the dataset folder {os.path.abspath(root)}; names in this table must be "
+                               "relative and stay inside it (no absolute paths, no '..' escapes)")
+        out.append(path)
+    return out
+
+
 def build_table(name: str, root: Path, labels, meta: pd.DataFrame, targets: np.ndarray, *, citation: str = "",
                 prompt_names=(), notes: dict | None = None, check_files: bool = True,
-                source: str = "") -> ImageTable:
-    """Fill optional metadata columns, check duplicates / missing files / emptiness, and build the table."""
+                source: str = "", origins: list[Origin] | None = None) -> ImageTable:
+    """Fill optional metadata columns, check duplicates / missing files / emptiness, and build the table.
+
+    ``origins`` (one per row: file and line) lets messages name the rows of the input files; by default row i
+    is line i + 2 of ``source``."""
     meta = meta.reset_index(drop=True).copy()
     meta["path"] = [os.path.abspath(p) for p in meta["path"]]
     root = Path(os.path.abspath(root))
     for col in ("view", "split", "report"):
         if col not in meta.columns:
             meta[col] = None
-    meta["patient_id"] = meta["patient_id"].astype(str)
     if len(meta) == 0:
         raise DatasetError(f"{name}: no images listed in {source or root}")
+    blank = meta["patient_id"].map(lambda v: not isinstance(v, str) or not v.strip()).to_numpy()
+    if blank.any():  # "nan" would silently merge these images into one patient
+        i = int(np.flatnonzero(blank)[0])
+        where = f"{origins[i][0]} row {origins[i][1]}" if origins else f"{source or root} row {i + 2}"
+        raise DatasetError(f"{name}: {where}: empty patient id for image {meta['path'][i]}")
+    meta["patient_id"] = meta["patient_id"].astype(str)
     dup = meta["path"].duplicated(keep=False)
     if dup.any():
-        rows = meta.index[dup].tolist()[:6]
-        raise DatasetError(f"{name}: {source or root}: image {meta['path'][rows[0]]} is listed more than once "
-                           f"(rows {[r + 2 for r in rows]} counting the header as row 1); remove duplicated rows")
+        first = meta["path"][dup].iloc[0]
+        rows = np.flatnonzero((meta["path"] == first).to_numpy())[:6]
+        where = describe_rows([origins[i] if origins else (str(source or root), int(i) + 2) for i in rows])
+        raise DatasetError(f"{name}: image {first} is listed more than once ({where}); remove duplicated rows")
     if check_files:
-        missing = [p for p in meta["path"] if not Path(p).is_file()]
+        missing = [i for i, p in enumerate(meta["path"]) if not Path(p).is_file()]
         if missing:
+            row = f" ({origins[missing[0]][0]} row {origins[missing[0]][1]})" if origins else ""
             raise DatasetError(f"{name}: {len(missing)} image file(s) listed in {source or root} not found, e.g. "
-                               f"{missing[0]}" + (f" (and {missing[1]})" if len(missing) > 1 else ""))
+                               f"{meta['path'][missing[0]]}{row}"
+                               + (f" (and {meta['path'][missing[1]]})" if len(missing) > 1 else ""))
     return ImageTable(name, Path(root), tuple(labels), meta, np.asarray(targets, dtype=np.float32),
                       tuple(prompt_names), citation, dict(notes or {}))
 
@@ -150,6 +207,32 @@ def read_csv(path: Path, what: str, **kwargs) -> pd.DataFrame:
         raise DatasetError(f"{what}: cannot read {path} as CSV: {exc}") from exc
 
 
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file's content; a missing/unreadable file or bytes that are not UTF-8 are a
+    :class:`DatasetError` naming the file (and the line of the first bad byte)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{what}: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(f"{what}: {path} line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def read_json(path: Path, what: str):
+    """A JSON document; unreadable files, non-UTF-8 bytes and invalid JSON are a :class:`DatasetError` naming the
+    file, line and column."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{what} {path}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise DatasetError(f"{what} {path}: invalid JSON (nested too deeply)") from exc
+
+
 def require_columns(frame: pd.DataFrame, columns, source: str | Path) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -157,17 +240,19 @@ def require_columns(frame: pd.DataFrame, columns, source: str | Path) -> None:
                            f"{list(frame.columns)}")
 
 
-def parse_label_values(frame: pd.DataFrame, columns, source: str | Path,
-                       allowed=(1.0, 0.0, -1.0)) -> np.ndarray:
-    """Label columns -> float array (blank = NaN); any other value is an error naming row and column."""
+def parse_label_values(frame: pd.DataFrame, columns, source: str | Path, allowed=(1.0, 0.0, -1.0),
+                       rows: list[int] | None = None) -> np.ndarray:
+    """Label columns -> float array (blank = NaN); any other value is an error naming row and column (row i is
+    line ``rows[i]`` of ``source``, default i + 2: below a header)."""
     out = np.empty((len(frame), len(columns)), dtype=np.float32)
     for j, col in enumerate(columns):
         raw = frame[col]
-        num = pd.to_numeric(raw, errors="coerce")
-        bad = (num.isna() & raw.notna() & (raw.astype(str).str.strip() != "")) | (num.notna() & ~num.isin(allowed))
+        text = raw.where(raw.notna(), "").astype(str).str.strip()  # read as text: True, [1], inf are not labels
+        num = pd.to_numeric(text, errors="coerce")
+        bad = (num.isna() & (text != "")) | (num.notna() & ~num.isin(allowed))
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DatasetError(f"{source}: row {i + 2} column {col!r}: label value {str(raw.iloc[i])!r} is not one of "
-                               f"{[int(a) for a in allowed]} or blank")
+            raise DatasetError(f"{source}: row {rows[i] if rows else i + 2} column {col!r}: label value "
+                               f"{str(raw.iloc[i])!r} is not one of {[int(a) for a in allowed]} or blank")
         out[:, j] = num.to_numpy(dtype=np.float32)
     return out

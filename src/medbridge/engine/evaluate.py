@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data import load_dataset, load_split, make_split
+from ..data.datasets.generic import describe_broken_links, image_files
 from ..data.focal import focal_views
 from ..data.images import IMAGE_SUFFIXES, read_image
 from ..data.table import DatasetError
+from ..io import check_finite
 from .features import cache_root_from
 from .methods_io import MedBridgeMethod, TrainedMethod, load_method
 from .metrics import evaluate_scores
@@ -43,7 +46,9 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
     folder = Path(method_dir)
     method = load_method(folder)
     table = load_dataset(format, data, **(options or {}))
-    run_cfg = folder / "config.yaml"
+    # a method folder inside a run folder (RUN/linear_probe, RUN/coop) belongs to the run's config and split
+    run_dir = next((c for c in (folder, folder.parent) if (c / "config.yaml").is_file()), folder)
+    run_cfg = run_dir / "config.yaml"
     same = False
     if run_cfg.is_file():
         import yaml
@@ -51,8 +56,8 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
         trained_on = (yaml.safe_load(run_cfg.read_text()) or {}).get("data", {}).get("path")
         same = bool(trained_on) and Path(trained_on).resolve() == Path(data).resolve()
     split = split or ("test" if same else "all")
-    if split_file or (same and split != "all" and (folder / "split.json").is_file()):
-        parts = load_split(split_file or folder / "split.json", table)
+    if split_file or (same and split != "all" and (run_dir / "split.json").is_file()):
+        parts = load_split(split_file or run_dir / "split.json", table)
     elif split != "all":
         parts = make_split(table)
     rows = np.arange(len(table)) if split == "all" else getattr(parts, split)
@@ -74,6 +79,9 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
     rows, scores = method_scores(method, table, rows, cache_root_from(cache_dir), dev, workers, progress=progress)
     thresholds = run_thresholds(folder, method.name) if label_space == "model" else None
     res = evaluate_scores(scores, table.targets[rows], method.labels, thresholds)
+    from .stats import bootstrap_metrics
+
+    res["ci"] = bootstrap_metrics(scores, table.targets[rows], method.labels, table.patient_ids[rows], thresholds)
     res.update({"method": method.name, "dataset": table.name, "data": str(data), "split": split,
                 "threshold_source": "validation split of the training run" if thresholds else "none (oracle only)",
                 "alignment": alignment.to_dict() if alignment else None})
@@ -85,9 +93,14 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found, broken = image_files(p)
+            files += found
+            if broken:
+                log.warning("%s: %s", p, describe_broken_links(broken))
         elif p.is_file():
             files.append(p)
+        elif p.is_symlink():
+            raise FileNotFoundError(f"input {p} is a broken symbolic link (target {os.readlink(p)} missing)")
         else:
             raise FileNotFoundError(f"input {p} does not exist")
     if not files:
@@ -120,6 +133,7 @@ def predict_images(method: TrainedMethod, images: list[Path], thresholds: dict |
         for group in groups:  # images with the same number of views are batched together
             pixels = [torch.stack([views[j][k].pixels for j in group]) for k in range(len(method.preprocess))]
             scores, details = method.scores_views(pixels)
+            check_finite(scores, f"{method.name} scores of {', '.join(str(chunk[j]) for j in group[:3])}")
             for gi, j in enumerate(group):
                 row = {"image": str(chunk[j]),
                        "probabilities": {lab: float(scores[gi, c]) for c, lab in enumerate(method.labels)}}

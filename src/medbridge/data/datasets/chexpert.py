@@ -9,7 +9,17 @@ import numpy as np
 import pandas as pd
 
 from ..labels import CHEXPERT_LABELS, apply_uncertainty
-from ..table import DatasetError, ImageTable, build_table, parse_label_values, read_csv, require_columns
+from ..table import (
+    DatasetError,
+    ImageTable,
+    build_table,
+    csv_origins,
+    parse_label_values,
+    read_csv,
+    read_text,
+    require_columns,
+    resolve_inside,
+)
 
 CITATION = ("Irvin J. et al. CheXpert: a large chest radiograph dataset with uncertainty labels and expert "
             "comparison. AAAI 2019.")
@@ -33,6 +43,14 @@ def _view(frontal_lateral: pd.Series, ap_pa: pd.Series) -> list[str | None]:
     return out
 
 
+def _strip_prefix(rel: str) -> str:
+    """'CheXpert-v1.0-small/train/...' -> 'train/...' (the release folder name the CSVs carry)."""
+    for prefix in PREFIXES:
+        if rel.startswith(prefix):
+            return rel[len(prefix):]
+    return rel
+
+
 def load_chexpert(root: str | Path, *, uncertain: str = "ignore", blank: str = "zeros",
                   check_files: bool = True) -> ImageTable:
     """Load CheXpert v1.0 or v1.0-small: ``train.csv`` + ``valid.csv`` (official split train/val) and the
@@ -50,35 +68,41 @@ def load_chexpert(root: str | Path, *, uncertain: str = "ignore", blank: str = "
         frame = read_csv(f, "CheXpert", dtype={"Path": str})
         require_columns(frame, ["Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS], f)
         raw = parse_label_values(frame, CHEXPERT_LABELS, f)
-        parts.append((frame, raw, split))
+        parts.append((frame, raw, split, csv_origins(f, len(frame))))
     frame = pd.concat([p[0] for p in parts], ignore_index=True)
     raw = np.concatenate([p[1] for p in parts])
     split = sum(([p[2]] * len(p[0]) for p in parts), [])
-    rel = frame["Path"].str.strip()
-    for prefix in PREFIXES:
-        rel = rel.str.replace(prefix, "", n=1, regex=False) if rel.str.startswith(prefix).any() else rel
-    patient = rel.str.extract(r"(patient\d+)")[0]
+    origins = sum((p[3] for p in parts), [])
+    rel = [_strip_prefix(v.strip()) if isinstance(v, str) else v for v in frame["Path"]]
+    paths = resolve_inside(root, root, rel, origins, "Path")
+    patient = pd.Series(rel, dtype=object).str.extract(r"(patient\d+)")[0]
     if patient.isna().any():
         i = int(patient.isna().to_numpy().nonzero()[0][0])
-        raise DatasetError(f"CheXpert: row {i + 2} column 'Path': {frame['Path'].iloc[i]!r} has no patientNNNNN part")
-    meta = pd.DataFrame({"path": [str(root / r) for r in rel], "patient_id": patient,
+        raise DatasetError(f"{origins[i][0]}: row {origins[i][1]} column 'Path': {frame['Path'].iloc[i]!r} has no "
+                           "patientNNNNN part")
+    meta = pd.DataFrame({"path": paths, "patient_id": patient,
                          "view": _view(frame["Frontal/Lateral"], frame["AP/PA"]), "split": split, "report": None,
                          "sex": frame.get("Sex"), "age": frame.get("Age")})
     return build_table("chexpert", root, CHEXPERT_LABELS, meta, apply_uncertainty(raw, uncertain, blank),
-                       citation=CITATION, check_files=check_files, source=str(root / "train.csv"),
+                       citation=CITATION, check_files=check_files, source=str(root / "train.csv"), origins=origins,
                        notes={"uncertain": uncertain, "blank": blank})
 
 
 def _read_json_lines(path: Path) -> pd.DataFrame:
+    """A JSON-lines file as a frame (column ``_line``: the 1-based line each row came from); a line that is not
+    a JSON object is an error naming the file and line."""
     rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
+    for i, line in enumerate(read_text(path, "CheXpert Plus labels").split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}: line {i + 1} is not a JSON object (CheXbert label files are JSON lines): "
-                               f"{exc}") from exc
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise DatasetError(f"{path}: line {i} is not valid JSON (CheXbert label files are JSON lines, one "
+                               f"object per line): {exc}") from exc
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}: line {i}: expected a JSON object {{...}}, got {type(row).__name__}")
+        rows.append({**row, "_line": i})
     return pd.DataFrame(rows)
 
 
@@ -107,24 +131,35 @@ def load_chexpert_plus(root: str | Path, *, label_source: str = "impression", un
         raise DatasetError(f"CheXpert Plus: expected CheXbert labels {lab_file}")
     labels = _read_json_lines(lab_file)
     require_columns(labels, ["path_to_image", *CHEXPERT_LABELS], lab_file)
-    if labels["path_to_image"].duplicated().any():
-        p = labels["path_to_image"][labels["path_to_image"].duplicated()].iloc[0]
-        raise DatasetError(f"{lab_file}: image {p} has more than one label line")
-    raw = parse_label_values(labels, CHEXPERT_LABELS, lab_file)
+    keys = labels["path_to_image"]
+    not_text = ~keys.map(lambda v: isinstance(v, str))
+    if not_text.any():
+        i = int(np.flatnonzero(not_text.to_numpy())[0])
+        raise DatasetError(f"{lab_file}: line {labels['_line'].iloc[i]}: path_to_image {keys.iloc[i]!r} is not a "
+                           "string")
+    if keys.duplicated().any():
+        p = keys[keys.duplicated()].iloc[0]
+        lines = labels["_line"][keys == p].tolist()[:6]
+        raise DatasetError(f"{lab_file}: image {p} has more than one label line (lines {lines})")
+    raw = parse_label_values(labels, CHEXPERT_LABELS, lab_file, rows=labels["_line"].tolist())
     values = pd.DataFrame(raw, columns=list(CHEXPERT_LABELS))
-    values["path_to_image"] = labels["path_to_image"].to_numpy()
+    values["path_to_image"] = keys.to_numpy()
+    frame = frame.drop(columns=[c for c in CHEXPERT_LABELS if c in frame.columns])  # labels come from lab_file
+    frame["_row"] = np.arange(len(frame)) + 2
     merged = frame.merge(values, on="path_to_image", how="inner")
     if len(merged) == 0:
         raise DatasetError(f"CheXpert Plus: no path_to_image in {lab_file} matches {csv}")
+    origins = [(str(csv), int(r)) for r in merged["_row"]]
     image_root = _plus_image_root(root)
     rel = merged["path_to_image"].str.strip().str.replace(r"\.jpe?g$", ".png", regex=True)
+    paths = resolve_inside(root, image_root, rel, origins, "path_to_image")
     report = [" ".join(str(x) for x in (f, i) if isinstance(x, str) and x.strip()) or None
               for f, i in zip(merged["section_findings"], merged["section_impression"])]
-    meta = pd.DataFrame({"path": [str(image_root / r) for r in rel], "patient_id": merged["deid_patient_id"],
+    meta = pd.DataFrame({"path": paths, "patient_id": merged["deid_patient_id"],
                          "view": _view(merged["frontal_lateral"], merged["ap_pa"]),
                          "split": merged["split"].map({"train": "train", "valid": "val", "test": "test"}),
                          "report": report, "sex": merged.get("sex"), "age": merged.get("age")})
     targets = apply_uncertainty(merged[list(CHEXPERT_LABELS)].to_numpy(dtype="float32"), uncertain, blank)
     return build_table("chexpert-plus", root, CHEXPERT_LABELS, meta, targets, citation=CITATION_PLUS,
-                       check_files=check_files, source=str(csv),
+                       check_files=check_files, source=str(csv), origins=origins,
                        notes={"label_source": label_source, "uncertain": uncertain, "blank": blank})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..table import DatasetError, ImageTable, build_table
+from ..table import DatasetError, ImageTable, build_table, read_text, resolve_inside
 
 CITATION = ("Wu Y. et al. COVIDx CXR-4: an expanded multi-institutional open-source benchmark dataset for chest "
             "X-ray image-based computer-aided COVID-19 diagnostics. arXiv:2311.17677 (2023).")
@@ -20,14 +20,15 @@ def load_covidx(root: str | Path, *, check_files: bool = True) -> ImageTable:
     ``train/`` ``val/`` ``test/``. One label, "COVID-19". The official split is kept. Sources include RSNA and
     NIH images: beware of cross-dataset leakage."""
     root = Path(root)
-    rows = []
+    rows, paths, origins = [], [], []
     found = False
     for split in ("train", "val", "test"):
         f = root / f"{split}.txt"
         if not f.is_file():
             continue
         found = True
-        for n, line in enumerate(f.read_text().splitlines(), start=1):
+        names, lines = [], []
+        for n, line in enumerate(read_text(f, "COVIDx").split("\n"), start=1):
             if not line.strip():
                 continue
             parts = line.split()
@@ -35,12 +36,17 @@ def load_covidx(root: str | Path, *, check_files: bool = True) -> ImageTable:
                 raise DatasetError(f"{f}: line {n}: expected 'patient_id filename class data_source', got {line!r}")
             if parts[2].lower() not in CLASSES:
                 raise DatasetError(f"{f}: line {n}: class {parts[2]!r} is not one of {list(CLASSES)}")
-            rows.append({"path": str(root / split / parts[1]), "patient_id": parts[0], "split": split,
-                         "target": CLASSES[parts[2].lower()], "source": parts[3] if len(parts) > 3 else None})
+            names.append(parts[1])
+            lines.append((str(f), n))
+            rows.append({"patient_id": parts[0], "split": split, "target": CLASSES[parts[2].lower()],
+                         "source": parts[3] if len(parts) > 3 else None})
+        paths += resolve_inside(root, root / split, names, lines, "filename")
+        origins += lines
     if not found:
         raise DatasetError(f"COVIDx: none of train.txt / val.txt / test.txt found in {root}")
-    meta = pd.DataFrame(rows)
+    meta = pd.DataFrame(rows, columns=["patient_id", "split", "target", "source"])
+    meta["path"] = paths
     meta["view"] = None
     meta["report"] = None
     return build_table("covidx", root, LABELS, meta.drop(columns="target"), meta[["target"]].to_numpy(),
-                       citation=CITATION, check_files=check_files, source=str(root / "train.txt"))
+                       citation=CITATION, check_files=check_files, source=str(root / "train.txt"), origins=origins)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +11,48 @@ import pandas as pd
 
 from ..images import IMAGE_SUFFIXES
 from ..labels import apply_uncertainty
-from ..table import DatasetError, ImageTable, build_table, parse_label_values, read_csv, require_columns
+from ..table import (
+    DatasetError,
+    ImageTable,
+    build_table,
+    csv_origins,
+    inside,
+    parse_label_values,
+    read_csv,
+    require_columns,
+    resolve_inside,
+)
 
 IMAGE_COLUMNS = ("path", "image", "image_path", "filename", "file", "Path", "Image Index")
 KNOWN_COLUMNS = {"patient_id", "patient", "report", "view", "split", "study_id", "age", "sex"}
+
+log = logging.getLogger(__name__)
+
+
+def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Image files below ``folder`` (sorted; symlinked folders are not entered) and the broken symbolic links
+    met on the way (target missing or a link loop), which callers report instead of dropping silently."""
+    images, broken = [], []
+    for f in sorted(folder.rglob("*")):
+        if f.is_symlink() and not f.exists():
+            broken.append(f)
+        elif f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(f)
+    return images, broken
+
+
+def describe_broken_links(broken: list[Path], limit: int = 5) -> str:
+    """'2 broken symbolic link(s) skipped: a.png -> /gone/a.png, ...' for warnings."""
+    shown = ", ".join(f"{f} -> {os.readlink(f)}" for f in broken[:limit])
+    return f"{len(broken)} broken symbolic link(s) skipped (target missing): {shown}" + (
+        f" and {len(broken) - limit} more" if len(broken) > limit else "")
 
 
 def load_csv(path: str | Path, *, image_column: str | None = None, label_columns: list[str] | None = None,
              labels_column: str | None = None, separator: str = "|", patient_column: str | None = None,
              report_column: str | None = None, view_column: str | None = None, split_column: str | None = None,
              image_root: str | Path | None = None, uncertain: str = "ignore", blank: str = "ignore",
-             check_files: bool = True, name: str | None = None) -> ImageTable:
+             check_files: bool = True, name: str | None = None, restrict_paths: bool = False) -> ImageTable:
     """Load a CSV (``.csv``) or TSV (``.tsv``/``.txt``) with one row per image.
 
     - ``image_column``: relative (to ``image_root``, default the CSV's folder) or absolute paths; default: the
@@ -28,11 +61,18 @@ def load_csv(path: str | Path, *, image_column: str | None = None, label_columns
       not used otherwise), or one ``labels_column`` of ``separator``-delimited names (empty = no finding).
     - Optional ``patient_column`` (default ``patient_id``/``patient`` if present, else the image is its own
       patient), ``report_column``, ``view_column``, ``split_column`` (train/val/test).
-    Blank label cells are unknown (NaN) by default (``blank="zeros"`` reads them as negative)."""
+    Blank label cells are unknown (NaN) by default (``blank="zeros"`` reads them as negative).
+
+    Containment: relative paths whose ``..`` leave ``image_root`` are loaded but reported in one warning naming
+    the rows (``table.notes["outside_image_root"]`` lists them); ``restrict_paths=True`` refuses them and
+    absolute paths instead (for CSVs from elsewhere), as the official layouts always do."""
     path = Path(path)
     sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
     frame = read_csv(path, "CSV dataset", sep=sep, dtype=str, keep_default_na=True)
     frame.columns = [str(c).strip() for c in frame.columns]
+    twice = frame.columns[frame.columns.duplicated()]
+    if len(twice):
+        raise DatasetError(f"{path}: column {twice[0]!r} appears more than once in the header")
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMNS if c in frame.columns), None)
         if image_column is None:
@@ -63,7 +103,20 @@ def load_csv(path: str | Path, *, image_column: str | None = None, label_columns
     if images.isna().any():
         i = int(images.isna().to_numpy().nonzero()[0][0])
         raise DatasetError(f"{path}: row {i + 2} column {image_column!r}: empty image path")
-    paths = [str(p if Path(p).is_absolute() else base / p) for p in images.str.strip()]
+    origins = csv_origins(path, len(frame))
+    notes = {}
+    if restrict_paths:
+        paths = resolve_inside(base, base, images.str.strip(), origins, image_column)
+    else:
+        paths = [str(p if Path(p).is_absolute() else base / p) for p in images.str.strip()]
+        escapes = [i + 2 for i, p in enumerate(images.str.strip())
+                   if not Path(p).is_absolute() and not inside(base, base / p)]
+        if escapes:
+            notes["outside_image_root"] = escapes
+            log.warning("%s: %d relative image path(s) leave the image root %s through '..' (rows %s%s), e.g. %r; "
+                        "they are loaded as written (pass image_root= to the folder that holds them, or "
+                        "restrict_paths=True to refuse them)", path, len(escapes), base, escapes[:10],
+                        " ..." if len(escapes) > 10 else "", images.iloc[escapes[0] - 2])
     split = frame[split_column].str.strip().str.lower().replace({"valid": "val", "validate": "val",
                                                                 "validation": "val"}) if split_column else None
     if split is not None and (~split.isin(["train", "val", "test"]) & split.notna()).any():
@@ -74,7 +127,8 @@ def load_csv(path: str | Path, *, image_column: str | None = None, label_columns
                          "patient_id": frame[patient_column] if patient_column else images.str.strip(),
                          "view": frame[view_column].str.upper() if view_column else None,
                          "split": split, "report": frame[report_column] if report_column else None})
-    return build_table(name or path.stem, base, labels, meta, targets, check_files=check_files, source=str(path))
+    return build_table(name or path.stem, base, labels, meta, targets, check_files=check_files, source=str(path),
+                       origins=origins, notes=notes)
 
 
 def load_folder(root: str | Path, *, check_files: bool = True, name: str | None = None) -> ImageTable:
@@ -86,13 +140,17 @@ def load_folder(root: str | Path, *, check_files: bool = True, name: str | None 
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DatasetError(f"folder dataset {root}: expected one sub-folder per class, found none")
-    rows, targets = [], []
+    rows, targets, broken = [], [], []
     for j, cls in enumerate(classes):
-        for f in sorted((root / cls).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append({"path": str(f), "patient_id": f.stem, "view": None, "split": None, "report": None})
-                targets.append(np.eye(len(classes), dtype=np.float32)[j])
+        files, dangling = image_files(root / cls)
+        broken += dangling
+        for f in files:
+            rows.append({"path": str(f), "patient_id": f.stem, "view": None, "split": None, "report": None})
+            targets.append(np.eye(len(classes), dtype=np.float32)[j])
+    if broken:
+        log.warning("folder dataset %s: %s", root, describe_broken_links(broken))
     if not rows:
         raise DatasetError(f"folder dataset {root}: no images ({sorted(IMAGE_SUFFIXES)}) in {classes}")
     return build_table(name or root.name, root, classes, pd.DataFrame(rows), np.stack(targets),
-                       check_files=check_files, source=str(root))
+                       check_files=check_files, source=str(root),
+                       notes={"broken_links": [str(f) for f in broken]} if broken else None)

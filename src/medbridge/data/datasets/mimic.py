@@ -4,16 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..labels import CHEXPERT_LABELS, apply_uncertainty
 from ..reports import findings_impression
-from ..table import DatasetError, ImageTable, build_table, parse_label_values, read_csv, require_columns
+from ..table import (
+    DatasetError,
+    ImageTable,
+    build_table,
+    parse_label_values,
+    read_csv,
+    require_columns,
+    resolve_inside,
+)
 
 CITATION = ("Johnson A.E.W. et al. MIMIC-CXR-JPG, a large publicly available database of labeled chest radiographs. "
             "arXiv:1901.07042 (2019); MIMIC-CXR, Scientific Data 6:317 (2019). PhysioNet credentialed access.")
 LABELERS = ("chexpert", "negbio")
 SPLIT_NAMES = {"train": "train", "validate": "val", "test": "test"}
+META_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime")
+
+
+def _check_ids(frame: pd.DataFrame, columns, source: Path) -> None:
+    """subject_id / study_id are integers in MIMIC-CXR: anything else (blank, '../x') is an error naming the row."""
+    for col in columns:
+        ok = frame[col].map(lambda v: isinstance(v, str) and v.strip().isdigit() and v.strip().isascii())
+        if not ok.all():
+            i = int(np.flatnonzero(~ok.to_numpy())[0])
+            raise DatasetError(f"{source}: row {i + 2} column {col!r}: {frame[col].iloc[i]!r} is not a numeric id")
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -40,8 +59,16 @@ def load_mimic(root: str | Path, *, labeler: str = "chexpert", uncertain: str = 
     meta_csv, split_csv, label_csv = (_find(root, f"mimic-cxr-2.0.0-{s}") for s in ("metadata", "split", labeler))
     meta = read_csv(meta_csv, "MIMIC-CXR metadata", dtype={"dicom_id": str, "subject_id": str, "study_id": str})
     require_columns(meta, ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta_csv)
+    _check_ids(meta, ["subject_id", "study_id"], meta_csv)
+    meta = meta[[c for c in META_COLUMNS if c in meta.columns]].assign(_row=np.arange(len(meta)) + 2)
     split = read_csv(split_csv, "MIMIC-CXR split", dtype=str)
     require_columns(split, ["dicom_id", "split"], split_csv)
+    ids = split["dicom_id"].fillna("")
+    dup = ids.duplicated(keep=False)
+    if dup.any():
+        rows = (np.flatnonzero((ids == ids[dup].iloc[0]).to_numpy()) + 2).tolist()
+        raise DatasetError(f"{split_csv}: dicom_id {ids[dup].iloc[0]!r} is listed more than once "
+                           f"(rows {rows[:6]} counting the header as row 1)")
     bad = ~split["split"].isin(list(SPLIT_NAMES))
     if bad.any():
         i = int(bad.to_numpy().nonzero()[0][0])
@@ -63,8 +90,10 @@ def load_mimic(root: str | Path, *, labeler: str = "chexpert", uncertain: str = 
         frame = frame[frame["_labelled"].eq(True)].reset_index(drop=True)
     sid, study = frame["subject_id"].str.strip(), frame["study_id"].str.strip()
     folder = root / "files"
-    paths = [str(folder / f"p{s[:2]}" / f"p{s}" / f"s{t}" / f"{d}.jpg")
-             for s, t, d in zip(sid, study, frame["dicom_id"].str.strip())]
+    origins = [(str(meta_csv), int(r)) for r in frame["_row"]]
+    names = [f"p{s[:2]}/p{s}/s{t}/{d.strip()}.jpg" if isinstance(d, str) and d.strip() else ""
+             for s, t, d in zip(sid, study, frame["dicom_id"])]
+    paths = resolve_inside(root, folder, names, origins, "dicom_id")
     texts = [None] * len(frame)
     if reports:
         rfolder = Path(reports_root) / "files" if reports_root else folder
@@ -82,4 +111,5 @@ def load_mimic(root: str | Path, *, labeler: str = "chexpert", uncertain: str = 
                         "study_date": frame.get("StudyDate"), "study_time": frame.get("StudyTime")})
     targets = frame[list(CHEXPERT_LABELS)].to_numpy(dtype="float32")
     return build_table("mimic-cxr", root, CHEXPERT_LABELS, out, targets, citation=CITATION, check_files=check_files,
-                       source=str(meta_csv), notes={"labeler": labeler, "uncertain": uncertain, "blank": blank})
+                       source=str(meta_csv), origins=origins,
+                       notes={"labeler": labeler, "uncertain": uncertain, "blank": blank})

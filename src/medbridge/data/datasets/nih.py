@@ -10,7 +10,16 @@ import pandas as pd
 
 from ..images import IMAGE_SUFFIXES
 from ..labels import NIH_LABELS
-from ..table import DatasetError, ImageTable, build_table, read_csv, require_columns
+from ..table import (
+    DatasetError,
+    ImageTable,
+    build_table,
+    csv_origins,
+    read_csv,
+    read_text,
+    require_columns,
+    resolve_inside,
+)
 
 CITATION = ("Wang X. et al. ChestX-ray8: Hospital-scale chest X-ray database and benchmarks on weakly-supervised "
             "classification and localization of common thorax diseases. CVPR 2017. Data: NIH Clinical Center.")
@@ -30,7 +39,7 @@ def image_index(root: Path) -> dict[str, Path]:
 
 
 def _read_list(path: Path) -> set[str]:
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    return {line.strip() for line in read_text(path, "NIH ChestX-ray14 split list").splitlines() if line.strip()}
 
 
 def load_nih(root: str | Path, *, include_no_finding: bool = False, check_files: bool = True) -> ImageTable:
@@ -61,7 +70,9 @@ def load_nih(root: str | Path, *, include_no_finding: bool = False, check_files:
     targets = np.array([[float(lab in toks) for lab in labels] for toks in tokens], dtype=np.float32)
     index = image_index(root)
     names = frame["Image Index"].str.strip()
-    paths = [str(index.get(n, root / "images" / n)) for n in names]
+    origins = csv_origins(csv, len(frame))
+    inside = resolve_inside(root, root / "images", names, origins, "Image Index")  # refuses ../ and /abs names
+    paths = [str(index[n]) if n in index else p for n, p in zip(names, inside)]
     split = pd.Series([None] * len(frame), dtype=object)
     lists = {"train": root / "train_val_list.txt", "test": root / "test_list.txt"}
     if all(p.is_file() for p in lists.values()):
@@ -73,4 +84,4 @@ def load_nih(root: str | Path, *, include_no_finding: bool = False, check_files:
                          "image_index": names, "follow_up": frame["Follow-up #"], "age": age,
                          "sex": frame["Patient Gender"]})
     return build_table("nih", root, labels, meta, targets, citation=CITATION, check_files=check_files,
-                       source=str(csv))
+                       source=str(csv), origins=origins)

@@ -6,11 +6,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..table import DatasetError, ImageTable, build_table, read_csv, require_columns
+from ..table import DatasetError, ImageTable, build_table, read_csv, require_columns, resolve_inside
 
 CITATION = ("Shih G. et al. Augmenting the National Institutes of Health chest radiograph dataset with expert "
             "annotations of possible pneumonia. Radiology: Artificial Intelligence 1(1), 2019.")
 LABELS = ("Pneumonia",)
+
+
+def _dicom_view(pydicom, path: str) -> str | None:
+    """ViewPosition (PA/AP) from a DICOM header; an unreadable header is an error naming the file."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"])
+    except Exception as exc:  # InvalidDicomError, OSError, struct errors from truncated headers
+        raise DatasetError(f"RSNA: cannot read the DICOM header of {path} for its view: {exc}") from exc
+    return str(ds.get("ViewPosition", "")).upper() or None
 
 
 def load_rsna(root: str | Path, *, read_views: bool = False, check_files: bool = True) -> ImageTable:
@@ -28,17 +37,22 @@ def load_rsna(root: str | Path, *, read_views: bool = False, check_files: bool =
     if bad.any():
         i = int(bad.to_numpy().nonzero()[0][0])
         raise DatasetError(f"{csv}: row {i + 2} column 'Target': {frame['Target'].iloc[i]!r} is not 0 or 1")
-    per_image = frame.assign(Target=target).groupby("patientId", sort=False)["Target"].max()
-    ids = per_image.index.str.strip()
+    ids = frame["patientId"].fillna("").str.strip()
+    first_row = {}
+    for i, pid in enumerate(ids):
+        first_row.setdefault(pid, i + 2)
+    by_image = frame.assign(Target=target, patientId=ids).groupby("patientId", sort=False)["Target"]
+    per_image, boxes = by_image.max(), by_image.sum()
+    ids = per_image.index
+    origins = [(str(csv), first_row[i]) for i in ids]
     folder = root / "stage_2_train_images"
-    paths = [str(folder / f"{i}.dcm") for i in ids]
+    paths = resolve_inside(root, folder, [f"{i}.dcm" if i else "" for i in ids], origins, "patientId")
     views = [None] * len(ids)
     if read_views:
         import pydicom
 
-        views = [str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["ViewPosition"])
-                     .get("ViewPosition", "")).upper() or None for p in paths]
+        views = [_dicom_view(pydicom, p) for p in paths]
     meta = pd.DataFrame({"path": paths, "patient_id": ids, "view": views, "split": None, "report": None,
-                         "boxes": frame.groupby("patientId", sort=False)["Target"].sum().to_numpy()})
+                         "boxes": boxes.to_numpy().astype(int)})
     return build_table("rsna-pneumonia", root, LABELS, meta, per_image.to_numpy()[:, None], citation=CITATION,
-                       check_files=check_files, source=str(csv))
+                       check_files=check_files, source=str(csv), origins=origins)
