@@ -356,8 +356,10 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
     (out / "per_class.csv").write_text(per_class.to_csv(index=False))
     all_rel = table.relative_paths()
     rel = [all_rel[i] for i in test_rows]
+    kept = {c: table.meta[c].to_numpy()[test_rows] for c in table.notes.get("prediction_columns", ())}  # licence
     for method, s in scores.items():
-        write_predictions(out / f"predictions_{method}.csv", rel, labels, s, results[method].get("thresholds") or {})
+        write_predictions(out / f"predictions_{method}.csv", rel, labels, s, results[method].get("thresholds") or {},
+                          kept)
     plot_roc(out / "roc_curves.png", {m: (s, targets, labels) for m, s in scores.items()}, labels,
              patients if len(test_rows) and n_boot else None, n_boot=min(n_boot, 200), seed=boot_seed)
     extra = {m: {"trainable params": f"{params.get(m, 0):,}"} for m in results}

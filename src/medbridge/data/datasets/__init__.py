@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..table import DatasetError, ImageTable
 from .chexpert import load_chexpert, load_chexpert_plus
+from .covid_chestxray import is_covid_chestxray, load_covid_chestxray
 from .covidx import load_covidx
 from .generic import load_csv, load_folder
 from .mimic import load_mimic
@@ -20,6 +21,7 @@ DATASET_FORMATS: dict[str, Callable[..., ImageTable]] = {
     "chexpert-plus": load_chexpert_plus,
     "rsna": load_rsna,
     "covidx": load_covidx,
+    "covid-chestxray": load_covid_chestxray,
     "csv": load_csv,
     "folder": load_folder,
 }
@@ -37,6 +39,8 @@ def detect_format(path: str | Path) -> str:
     for fmt, files in checks:
         if any((p / f).is_file() for f in files):
             return fmt
+    if is_covid_chestxray(p):
+        return "covid-chestxray"
     if p.is_dir() and any(d.is_dir() for d in p.iterdir()):
         return "folder"
     raise DatasetError(f"cannot tell the dataset layout of {p}: pass a format ({', '.join(DATASET_FORMATS)})")
@@ -58,4 +62,4 @@ def load_dataset(format: str | None, path: str | Path, **options) -> ImageTable:
 
 
 __all__ = ["DATASET_FORMATS", "detect_format", "load_dataset", "load_nih", "load_mimic", "load_chexpert",
-           "load_chexpert_plus", "load_rsna", "load_covidx", "load_csv", "load_folder"]
+           "load_chexpert_plus", "load_rsna", "load_covidx", "load_covid_chestxray", "load_csv", "load_folder"]

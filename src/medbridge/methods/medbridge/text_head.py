@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor, nn
 
 from ...backbones.base import TextTower
 
 DEFAULT_TEMPLATE = "a radiology image with {}."
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+
+
+def text_capacity(text: TextTower) -> int:
+    """The most tokens the tower reads at once, special tokens included (longer text is truncated)."""
+    n = getattr(text, "max_length", None)
+    return int(n) if n else int(text.tokenize([""]).input_ids.shape[1])
+
+
+def token_count(text: TextTower, piece: str) -> int:
+    """Tokens the tower reads for ``piece`` (padding not counted; at most its capacity)."""
+    tokens = text.tokenize([piece])
+    pad = getattr(getattr(text, "tokenizer", None), "pad_token_id", None)  # SigLIP: mask all ones, padded ids
+    return int((tokens.input_ids != pad).sum() if pad is not None else tokens.attention_mask.sum())
+
+
+def chunk_text(text: str, fits) -> list[str]:
+    """Consecutive pieces of ``text`` that each ``fits(piece)`` (the tower reads it whole): whole sentences packed
+    greedily, a sentence too long alone split between words. A text that fits is one piece; joined with spaces the
+    pieces give the text's words in order (nothing is dropped, except inside a single over-long word)."""
+    text = " ".join(text.split())
+    if fits(text):
+        return [text]
+    units = []
+    for sentence in _SENTENCE_END.split(text):
+        units += [sentence] if fits(sentence) else sentence.split()
+    pieces, current = [], ""
+    for unit in units:
+        candidate = f"{current} {unit}" if current else unit
+        if current and not fits(candidate):
+            pieces.append(current)
+            candidate = unit
+        current = candidate
+    return pieces + [current] if current else pieces
 
 
 def readable_name(label: str) -> str:
@@ -55,11 +91,22 @@ class LabelTextHead(nn.Module):
                 self._cache[key] = self.text.encode_text(list(texts)).pooled.detach().to(device)
         return self._cache[key]
 
+    def report_chunks(self, text: str) -> list[str]:
+        """``text`` in pieces the frozen tower reads whole (:func:`chunk_text`)."""
+        capacity = text_capacity(self.text)
+        return chunk_text(text, lambda t: token_count(self.text, t) < capacity)
+
     def encode_uncached(self, texts: list[str]) -> Tensor:
-        """Projected features of free text (e.g. reports), not cached."""
+        """Projected features of free text (e.g. reports), not cached. A text longer than the tower's maximum
+        length is chunked, not truncated: its pieces are encoded and their pooled features averaged."""
+        pieces = [self.report_chunks(t) for t in texts]
         with torch.no_grad():
-            pooled = self.text.encode_text(list(texts)).pooled
-        return self.proj(pooled)
+            pooled = self.text.encode_text([p for ps in pieces for p in ps]).pooled
+        counts = torch.tensor([len(ps) for ps in pieces], device=pooled.device)
+        owner = torch.repeat_interleave(torch.arange(len(texts), device=pooled.device), counts)
+        mean = torch.zeros(len(texts), pooled.shape[1], dtype=pooled.dtype, device=pooled.device)
+        mean = mean.index_add_(0, owner, pooled) / counts[:, None].to(pooled.dtype)
+        return self.proj(mean)
 
     def forward(self, names: list[str]) -> Tensor:
         """Readable class names -> projected label embeddings [L, out_dim]."""
