@@ -83,11 +83,61 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: dict, out: Path) -> None:
-    from ..engine.report import summary_table
+    from ..engine.report import ci_sentence, paired_table, summary_table
 
     print(summary_table(summary["methods"], {m: {"trainable params": f"{n:,}"}
                                              for m, n in summary["trainable_parameters"].items()}))
+    if summary.get("paired"):
+        print("\n" + paired_table(summary["paired"]))
+    boot = summary.get("bootstrap", {})
+    if boot.get("n_boot"):
+        print("\n" + ci_sentence(boot["n_boot"], boot["seed"]))
     print(f"\nrun folder: {out}  (report.md, metrics.json, per_class.csv, roc_curves.png, predictions_*.csv)")
+
+
+def cmd_train_cv(args: argparse.Namespace) -> int:
+    """``train --cv K``: patient-level K-fold cross-validation into one run folder."""
+    from ..engine.cv import cv_headline, run_cv
+
+    _setup_logging(args.verbose)
+    cfg = build_run_config(args)
+    if cfg.data.split_file:
+        raise ValueError("--cv and --split-file exclude each other: cross-validation makes its own patient folds")
+    try:
+        summary = run_cv(cfg, args.cv, args.out, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.quiet, with_probe=args.with_probe)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished folds are kept in {args.out}; continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+    print("\n".join(cv_headline(summary)))
+    print(f"\nrun folder: {args.out}  (report.md, metrics.json, per_class.csv, folds.csv, roc_curves.png, "
+          "predictions_oof_*.csv, fold-*/)")
+    return 0
+
+
+def _train_or_cv(args: argparse.Namespace) -> int:
+    return cmd_train_cv(args) if getattr(args, "cv", None) else cmd_train(args)
+
+
+class _NBoot(argparse.Action):
+    """``--n-boot N``: bootstrap resamples for every interval of this command (via ``$MEDBRIDGE_N_BOOT``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import os
+
+        if values < 0:
+            parser.error(f"{option_string} must be >= 0 (0: no intervals), got {values}")
+        os.environ["MEDBRIDGE_N_BOOT"] = str(values)
+        setattr(namespace, self.dest, values)
+
+
+def add_stats_args(p: argparse.ArgumentParser, cv: bool = True) -> None:
+    p.add_argument("--n-boot", type=int, action=_NBoot, metavar="N",
+                   help="patient-bootstrap resamples for the 95%% intervals (default 1000; 0: none)")
+    if cv:
+        p.add_argument("--cv", type=int, metavar="K", help="patient-level K-fold cross-validation (K >= 2) instead "
+                                                           "of one train/val/test split")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -106,11 +156,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if res.get("alignment"):
         print("label alignment: " + ", ".join(f"{t}<-{'+'.join(s) or 'none'}"
                                               for t, s in res["alignment"]["sources"].items()))
-    print(f"macro AUROC {100 * m['auroc']:.2f}  F1/ACC at oracle threshold {100 * m['f1_oracle']:.2f} / "
-          f"{100 * m['acc_oracle']:.2f}" + (f"  at validation threshold {100 * m['f1']:.2f} / {100 * m['acc']:.2f}"
-                                            if "f1" in m else ""))
+    from ..engine.stats import fmt_ci
+
+    ci = res.get("ci", {})
+    mc = ci.get("macro", {})
+    print(f"macro AUROC {fmt_ci(m['auroc'], mc.get('auroc'))}  F1/ACC at oracle threshold "
+          f"{fmt_ci(m['f1_oracle'], mc.get('f1_oracle'))} / {fmt_ci(m['acc_oracle'], mc.get('acc_oracle'))}"
+          + (f"  at validation threshold {fmt_ci(m['f1'], mc.get('f1'))} / {fmt_ci(m['acc'], mc.get('acc'))}"
+             if "f1" in m else ""))
     for lab, r in res["per_class"].items():
-        print(f"  {lab:28s} AUROC {100 * r['auroc']:6.2f}  positives {r['positives']}/{r['n']}")
+        print(f"  {lab:28s} AUROC {fmt_ci(r['auroc'], ci.get('per_class', {}).get(lab, {}).get('auroc')):20s}  "
+              f"positives {r['positives']}/{r['n']}")
+    if ci.get("n_boot"):
+        print(f"95% intervals: patient bootstrap, {ci['n_boot']} resamples of {ci['patients']} patients, seed "
+              f"{ci['seed']} (--n-boot N to change, 0 for none)")
     return 0
 
 
@@ -145,7 +204,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..data.datasets.nih import ENTRY_FILES
     from ..engine.config import load_config
-    from ..engine.run import train_run
+    from ..engine.cv import cv_headline, run_cv
 
     _setup_logging(args.verbose)
     data = Path(args.data)
@@ -158,17 +217,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = [f"data.path={data}", f"train.seed={args.seed}", f"data.split_seed={args.seed}",
                  f"train.epochs={args.epochs}"] + list(args.set or [])
     cfg = load_config("demo", None, overrides)
-    print(f"medbridge demo: MedBridge vs linear probe on {data} with {cfg.model['backbones'][0]}, patient-disjoint "
-          f"split (seed {args.seed}) -> {out}", flush=True)
+    print(f"medbridge demo: MedBridge vs linear probe on {data} with {cfg.model['backbones'][0]}, {args.cv}-fold "
+          f"patient cross-validation (seed {args.seed}) -> {out}", flush=True)
     t0 = time.perf_counter()
     try:
-        summary = train_run(cfg, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-                            with_probe=True)
+        summary = run_cv(cfg, args.cv, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+                         with_probe=True)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: continue with: medbridge demo --out {out} --resume", file=sys.stderr)
+        print(f"\ninterrupted: finished folds are kept; continue with: medbridge demo --out {out} --resume",
+              file=sys.stderr)
         return 130
     print(f"\nfinished in {time.perf_counter() - t0:.0f} s\n")
-    print_summary(summary, out)
+    print("\n".join(cv_headline(summary)))
+    print(f"\nrun folder: {out}  (report.md with per-class and per-fold tables, roc_curves.png, metrics.json; "
+          "fold-<f>/ are run folders usable by eval/predict)")
     return 0
 
 
@@ -194,8 +256,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise ValueError(f"--methods: unknown {unknown}; choose from {METHOD_CHOICES}")
     seeds = [int(s) for s in args.seeds.split(",")]
     res = run_benchmark(cfg, methods, seeds, args.out, progress=not args.quiet,
-                        command="medbridge " + " ".join(sys.argv[1:]))
+                        command="medbridge " + " ".join(sys.argv[1:]), cv=args.cv)
     print(res["table"])
+    if res.get("paired"):
+        print("\n" + res["paired"])
     for m, why in res["not_applicable"].items():
         print(f"n/a {m}: {why}")
     print(f"\nwritten: {res['results']} (+ results.csv, results.png, one run folder per method and seed)")
@@ -227,10 +291,11 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--method", choices=METHOD_CHOICES, help="method (default: medbridge)")
     p.add_argument("--split-file", help="reuse a split.json from another run")
     p.add_argument("--with-probe", action="store_true", help="also fit a linear probe on the same frozen features")
+    add_stats_args(p)
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     add_output_flags(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=_train_or_cv)
 
     p = sub.add_parser("eval", help="metrics of a trained adapter/probe on a dataset (also another dataset)",
                        description="Evaluate a run folder (or adapter/probe folder) on a dataset. On the dataset it "
@@ -252,6 +317,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--cache-dir", help="frozen-activation cache folder")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_stats_args(p, cv=False)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -287,6 +353,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (split + initialisation)")
     p.add_argument("--out", required=True, help="benchmark folder (finished runs inside are reused)")
     add_config_args(p, presets)
+    add_stats_args(p)
     add_output_flags(p)
     p.set_defaults(func=cmd_benchmark)
 
@@ -306,15 +373,20 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="THE main job: MedBridge vs linear probe on the real NIH sample",
-                       description="Train MedBridge and a linear probe on the same frozen features and "
-                                   "patient-disjoint split of the NIH sample with the bundled backbone; print the "
-                                   "comparison; write a run folder usable by eval/predict.",
+                       description="5-fold patient cross-validation of MedBridge and a linear probe on the same "
+                                   "frozen features of the NIH sample with the bundled backbone (one cache build "
+                                   "for all folds); prints the mean-over-folds macro AUROC of each with its 95% "
+                                   "patient-bootstrap interval and the paired difference with interval and p-value; "
+                                   "writes a run folder (fold-<f>/ usable by eval/predict).",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  medbridge demo\n  medbridge demo --data /data/nih --seed 1 --out runs/d1")
     p.add_argument("--data", default=SHARED_SAMPLE, help="NIH-layout folder (default: %(default)s)")
     p.add_argument("--out", help="run folder (default: runs/demo-<time>)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--cv", type=int, default=5, metavar="K", help="patient folds (default: %(default)s)")
+    p.add_argument("--n-boot", type=int, action=_NBoot, metavar="N",
+                   help="patient-bootstrap resamples for the 95%% intervals (default 1000)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")

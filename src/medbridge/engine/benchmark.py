@@ -38,9 +38,12 @@ def bar_chart(frame: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def run_benchmark(base: RunConfig, methods: list[str], seeds: list[int], out: str | Path, *,
-                  progress: bool = True, command: str = "") -> dict:
+                  progress: bool = True, command: str = "", cv: int | None = None) -> dict:
     """Train and evaluate every (method, seed) in ``out/<method>-s<seed>/`` (finished runs are reused, so an
-    interrupted benchmark continues), then write ``results.md``, ``results.csv`` and ``results.png``."""
+    interrupted benchmark continues), then write ``results.md``, ``results.csv`` and ``results.png``. With
+    ``cv=K`` each (method, seed) is a K-fold patient cross-validation (same folds for every method of a seed).
+    Every method is compared with the first one on the same test images: paired macro AUROC difference with its
+    patient-bootstrap interval and p-value (mean over folds, stratified by fold, with ``cv``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done, not_applicable = [], {}
@@ -56,7 +59,12 @@ def run_benchmark(base: RunConfig, methods: list[str], seeds: list[int], out: st
                 done.append(run_dir)
                 continue
             try:
-                train_run(cfg, run_dir, overwrite=True, progress=progress)
+                if cv:
+                    from .cv import run_cv
+
+                    run_cv(cfg, cv, run_dir, overwrite=True, progress=progress)
+                else:
+                    train_run(cfg, run_dir, overwrite=True, progress=progress)
             except NotApplicableError as exc:
                 not_applicable[method] = str(exc)
                 import shutil
@@ -67,6 +75,7 @@ def run_benchmark(base: RunConfig, methods: list[str], seeds: list[int], out: st
     if not done:
         raise NotApplicableError("no method could run: " + "; ".join(f"{k}: {v}" for k, v in not_applicable.items()))
     frame = collect_runs(done)
+    paired = paired_to_first(done, methods, seeds, cv)
     atomic_write_bytes(out / "results.csv", frame.to_csv(index=False).encode())
     dataset = frame["dataset"].iloc[0]
     bar_chart(frame, out / "results.png", f"{dataset}: macro AUROC, mean ± std over seeds {seeds}")
@@ -76,10 +85,14 @@ def run_benchmark(base: RunConfig, methods: list[str], seeds: list[int], out: st
              f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, "
              f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}; "
              f"torch {torch.__version__}.", "",
-             "Test split metrics (%), mean ± std over seeds (each seed = its own patient split and initialisation); "
-             "F1/ACC at thresholds picked on the validation split, and F1 at the oracle threshold (the paper's "
-             "protocol).", "", paper_table(frame), "", "| method | trainable parameters | train time (s, mean) |",
-             "|---|---|---|"]
+             (f"{cv}-fold patient cross-validation: mean over folds" if cv else "Test split metrics")
+             + " (%): one seed -> the value with its 95% patient-bootstrap interval"
+             + (" (stratified by fold)" if cv else "") + "; several seeds -> mean ± std over seeds (each seed = its "
+             "own patient split and initialisation). F1/ACC at thresholds picked on the validation split, and F1 at "
+             "the oracle threshold (the paper's protocol).", "", paper_table(frame), "",
+             "Paired differences of macro AUROC to the first method on the same test images (interval excludes 0: a "
+             "real difference; contains 0: a tie):", "", paired, "",
+             "| method | trainable parameters | train time (s, mean) |", "|---|---|---|"]
     for m, row in timing.iterrows():
         p = row["params"]
         lines.append(f"| {m} | {int(p):,} | {row['train_s']:.1f} |" if p is not None and np.isfinite(p)
@@ -88,7 +101,81 @@ def run_benchmark(base: RunConfig, methods: list[str], seeds: list[int], out: st
         lines += ["", "Not applicable to this backbone:", ""] + [f"- {m}: {why}" for m, why in not_applicable.items()]
     atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
     return {"runs": [str(d) for d in done], "not_applicable": not_applicable, "table": paper_table(frame),
-            "results": str(out / "results.md")}
+            "paired": paired, "results": str(out / "results.md")}
+
+
+def paired_to_first(done: list[Path], methods: list[str], seeds: list[int], cv: int | None) -> str:
+    """Markdown table: per seed, every method minus the first finished one on the same images."""
+    from .stats import default_n_boot, fmt_diff, verdict
+
+    by_name = {Path(d).name: Path(d) for d in done}
+    ran = [m for m in methods if any(f"{m}-s{s}" in by_name for s in seeds)]
+    if len(ran) < 2:
+        return "(fewer than two methods ran)"
+    lines = ["| seed | comparison | macro AUROC difference [95% CI], p | reading |", "|---|---|---|---|"]
+    base = ran[0]
+    for seed in seeds:
+        a_dir = by_name.get(f"{base}-s{seed}")
+        for m in ran[1:]:
+            b_dir = by_name.get(f"{m}-s{seed}")
+            if a_dir is None or b_dir is None:
+                continue
+            pair = (_paired_cv if cv else _paired_split)(a_dir, base, b_dir, m, default_n_boot())
+            lines.append(f"| {seed} | {base} - {m} | {fmt_diff(pair)} | {verdict(pair, base, m)} |")
+    return "\n".join(lines)
+
+
+def _scores(run_dir: Path, method: str, images: list[str] | None = None):
+    frame = pd.read_csv(run_dir / f"predictions_{method}.csv").set_index("image")
+    frame = frame.loc[images] if images is not None else frame
+    return list(frame.index), frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy(np.float64)
+
+
+def _paired_split(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int) -> dict:
+    """Paired bootstrap of two single-split runs of the same seed (same split, same test images)."""
+    import json
+
+    import yaml
+
+    from .config import config_from_dict
+    from .run import prepare_data
+    from .stats import paired_bootstrap
+
+    cfg = config_from_dict(yaml.safe_load((a_dir / "config.yaml").read_text()))
+    table, _ = prepare_data(cfg.data)
+    images, sa = _scores(a_dir, a)
+    _, sb = _scores(b_dir, b, images)
+    where = {p: i for i, p in enumerate(table.relative_paths())}
+    rows = np.array([where[p] for p in images])
+    labels = json.loads((a_dir / "metrics.json").read_text())["labels"]
+    return paired_bootstrap(sa, sb, table.targets[rows], labels, table.patient_ids[rows], n_boot)
+
+
+def _paired_cv(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int) -> dict:
+    """Mean-over-folds paired difference of two CV runs with the same folds (bootstrap stratified by fold)."""
+    import json
+
+    import yaml
+
+    from .config import config_from_dict
+    from .cv import load_fold_predictions
+    from .run import prepare_data
+    from .stats import cv_bootstrap
+
+    cfg = config_from_dict(yaml.safe_load((a_dir / "config.yaml").read_text()))
+    from dataclasses import replace
+
+    table, _ = prepare_data(replace(cfg.data, split_file=None))
+    k = json.loads((a_dir / "metrics.json").read_text())["folds"]
+    folds = []
+    for f in range(k):
+        rows, sa, ta = load_fold_predictions(a_dir / f"fold-{f}", table, a)
+        rows_b, sb, tb = load_fold_predictions(b_dir / f"fold-{f}", table, b)
+        if not np.array_equal(rows, rows_b):
+            raise ValueError(f"{a_dir} and {b_dir}: fold {f} tested different images (different folds?)")
+        folds.append({"targets": table.targets[rows], "patients": table.patient_ids[rows],
+                      "scores": {a: sa, b: sb}, "thresholds": {a: ta, b: tb}})
+    return cv_bootstrap(folds, table.labels, n_boot, 0, [a, b])["paired"][f"{a} - {b}"]
 
 
 __all__ = ["run_benchmark", "bar_chart"]
