@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backbone, TextTower
 from .loading import BackboneError, hub_unreachable, is_hub_error
+from .vlm import VLM_BACKBONE_SPECS, VLM_MODEL_TYPES
 
 DEFAULT_BACKBONE = "dinov2-small+minilm-l6"
 
@@ -32,7 +33,7 @@ class BackboneSpec:
     """One registered backbone: what it is, where its weights come from, how to build it (and a tiny copy)."""
 
     name: str
-    family: str  # open_clip | transformers | timm | bundled
+    family: str  # open_clip | transformers | timm | bundled | vlm
     source: str  # default weights (shown to users)
     vision_width: int | None
     depth: int | None
@@ -116,6 +117,8 @@ BUILTIN_BACKBONES = [
 ]
 for _spec in BUILTIN_BACKBONES:
     register_backbone(_spec)
+for _kw in VLM_BACKBONE_SPECS:  # vision towers of vision-language models (docs/vlm_backbones.md)
+    register_backbone(BackboneSpec(**_kw))
 
 
 # ----------------------------------------------------------------------------------------------- availability
@@ -180,6 +183,8 @@ def _local_model_kind(path: Path) -> str:
         return "timm"
     if cfg.get("model_type") in ("bert", "roberta", "mpnet", "xlm-roberta", "distilbert"):
         return "sentence"
+    if cfg.get("model_type") in VLM_MODEL_TYPES:
+        return "vlm"
     return "transformers"
 
 
@@ -199,6 +204,10 @@ def _create_from_dir(name: str, path: Path) -> Backbone:
     if kind == "sentence":
         raise BackboneError(f"{path} is a text-only encoder: pair it with a vision backbone, "
                             f"e.g. 'dinov2-small+local-dir:{path}'")
+    if kind == "vlm":
+        from .vlm import create_vlm_backbone
+
+        return create_vlm_backbone(name, path)
     from .hf import create_transformers
 
     return create_transformers(name, str(path), local_files_only=True)
@@ -225,9 +234,28 @@ def _create_from_hub(name: str, repo: str) -> Backbone:
         from .timm_vit import create_timm_vit
 
         return create_timm_vit(name, f"hf-hub:{repo}", pretrained=True)
+    if cfg.get("model_type") in VLM_MODEL_TYPES:
+        from .vlm import create_vlm_from_hub
+
+        return create_vlm_from_hub(name, repo)
     from .hf import create_transformers
 
     return create_transformers(name, repo)
+
+
+def _require_hub(name: str, repo: str) -> None:
+    """Fail fast (one request, not the libraries' minute of retries) when a registered backbone's weights are
+    neither in the local hub cache nor reachable."""
+    if _hf_cached(repo):
+        return
+    from huggingface_hub import list_repo_files
+
+    try:
+        list_repo_files(repo)
+    except Exception as exc:
+        if is_hub_error(exc):
+            raise hub_unreachable(f"{name} (hf-hub:{repo})", exc) from exc
+        raise
 
 
 def _create_registered(spec: BackboneSpec, checkpoint: str | None) -> Backbone:
@@ -242,6 +270,8 @@ def _create_registered(spec: BackboneSpec, checkpoint: str | None) -> Backbone:
     if spec.needs_checkpoint and checkpoint is None:
         raise BackboneError(f"{spec.name!r} has no downloadable weights: pass its checkpoint as "
                             f"'{spec.name}@/path/to/weights.pt'")
+    if checkpoint is None and spec.source.startswith("hf-hub:"):
+        _require_hub(spec.name, spec.source[len("hf-hub:"):])
     if spec.family == "open_clip":
         from .openclip import create_open_clip
 
@@ -254,6 +284,10 @@ def _create_registered(spec: BackboneSpec, checkpoint: str | None) -> Backbone:
         from .timm_vit import create_timm_vit
 
         return create_timm_vit(spec.name, spec.arch, pretrained=True)
+    if spec.family == "vlm":
+        from .vlm import create_vlm_from_hub
+
+        return create_vlm_from_hub(spec.name, spec.arch)
     from .hf import create_transformers
 
     return create_transformers(spec.name, spec.arch)
@@ -303,4 +337,8 @@ def tiny_builders() -> dict[str, Callable[[], Backbone]]:
     for spec in list_backbones():
         if spec.family == "open_clip":
             builders[f"tiny-{spec.name}"] = lambda arch=spec.arch: tiny.tiny_open_clip(arch)
+    from .tiny_vlm import TINY_VLM_TYPES, tiny_vlm_backbone
+
+    for model_type in TINY_VLM_TYPES:
+        builders[f"tiny-vlm-{model_type}"] = lambda t=model_type: tiny_vlm_backbone(t)
     return builders

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 
-from ..backbones import DEFAULT_BACKBONE, BackboneError, availability, list_backbones
+from ..backbones import DEFAULT_BACKBONE, availability, list_backbones
 from .run_commands import SHARED_SAMPLE, add_run_commands
 
 
@@ -77,7 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     from ..engine.config import list_presets
 
     add_run_commands(sub, list_presets())
+    from .cache_commands import add_cache_command
+
+    add_cache_command(sub)
+    from ..serve.cli import add_serve_command
+
+    add_serve_command(sub)
     return parser
+
+
+def error_message(exc: BaseException) -> str:
+    """The user-facing text of an error; errors re-raised from DataLoader workers carry the worker's traceback in
+    their message: only its last line (the original error) is kept."""
+    text = str(exc) or type(exc).__name__
+    if "DataLoader worker" in text and "Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        text = f"no space left on the device{where}: free disk space or point the output/cache elsewhere"
+    elif isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {exc.strerror or text}"
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,9 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (BackboneError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
-        print(f"medbridge: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as exc:  # user errors: bad input, files, configs, backbones
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"medbridge: error: {error_message(exc)}", file=sys.stderr)
+        if not getattr(args, "verbose", False) and _is_unexpected(exc):
+            print("(run with -v for the traceback)", file=sys.stderr)
         return 2
+
+
+def _is_unexpected(exc: BaseException) -> bool:
+    """Errors that are not medbridge's own messages (a library's RuntimeError, say) get a hint about -v."""
+    return type(exc).__module__.split(".")[0] not in ("medbridge", "builtins")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -173,31 +173,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_predict_out(out: str, inputs: list[Path], overwrite: bool) -> Path:
+    """``--out`` must be a new .csv/.json file that is none of the inputs (an X-ray is never overwritten)."""
+    path = Path(out)
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out {out}: must end in .csv or .json (got {path.suffix or 'no suffix'!r})")
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name ending in .csv or .json")
+    if path.exists():
+        target = path.resolve()
+        if any(target == Path(i).resolve() for i in inputs):
+            raise ValueError(f"--out {out} is one of the input images: refusing to overwrite it")
+        if not overwrite:
+            raise FileExistsError(f"--out {out} exists: choose another file or pass --overwrite to replace it")
+    return path
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..backbones.loading import atomic_write_bytes
     from ..engine.evaluate import collect_images, predict_images, run_thresholds
     from ..engine.methods_io import load_method
+    from ..io import atomic_write_bytes
 
     _setup_logging(args.verbose)
+    images = collect_images(args.inputs)
+    out = check_predict_out(args.out, images, args.overwrite) if args.out else None
     method = load_method(args.run)
     thresholds = run_thresholds(Path(args.run), method.name)
-    rows = predict_images(method, collect_images(args.inputs), thresholds, args.batch_size, args.skip_unreadable)
-    if args.out and args.out.endswith(".csv"):
+    rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable)
+    if out is not None and out.suffix.lower() == ".csv":
         import pandas as pd
 
         frame = pd.DataFrame([{"image": r["image"], **{f"p_{k}": v for k, v in r.get("probabilities", {}).items()},
                                "labels": "|".join(r.get("labels", [])), "error": r.get("error", ""),
                                **({"gate": json.dumps(r["gate"]), "views": json.dumps(r["views"])}
                                   if "gate" in r else {})} for r in rows])
-        atomic_write_bytes(Path(args.out), frame.to_csv(index=False).encode())
-    elif args.out:
-        atomic_write_bytes(Path(args.out), json.dumps(rows, indent=1).encode())
-    if args.json or not args.out:
-        print(json.dumps(rows if args.json else [{k: r[k] for k in ("image", "labels") if k in r} for r in rows],
-                         indent=None if args.json else 1))
+        atomic_write_bytes(out, frame.to_csv(index=False).encode())
+    elif out is not None:
+        atomic_write_bytes(out, json.dumps(rows, indent=1).encode())
+    n_errors = sum("error" in r for r in rows)
+    if args.json or out is None:
+        print(json.dumps(rows if args.json else [{k: r[k] for k in ("image", "labels", "error") if k in r}
+                                                 for r in rows], indent=None if args.json else 1))
     else:
-        print(f"{len(rows)} predictions written to {args.out} (thresholds: "
+        print(f"{len(rows) - n_errors} predictions written to {out}" + (f" ({n_errors} unreadable image(s) "
+              "skipped, listed with their error)" if n_errors else "") + " (thresholds: "
               f"{'validation split of the run' if thresholds else '0.5'})")
+    if n_errors and out is not None and not args.json:
+        print(f"skipped {n_errors} unreadable image(s): see the 'error' column/field of {out}", file=sys.stderr)
     return 0
 
 
@@ -327,7 +349,8 @@ def add_run_commands(sub, presets: list[str]) -> None:
                               "  medbridge predict runs/demo-x/linear_probe image.png --json")
     p.add_argument("run", help="run folder, adapter folder or linear-probe folder")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
-    p.add_argument("--out", help="write .csv or .json (atomic)")
+    p.add_argument("--out", help="write a new .csv or .json file (atomic; never one of the inputs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--json", action="store_true", help="print full JSON (probabilities, gate, per-view votes)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-unreadable", action="store_true", help="report unreadable images instead of failing")
