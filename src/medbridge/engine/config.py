@@ -49,7 +49,8 @@ class TrainConfig:
     workers: int = 2  # DataLoader workers for decoding / cache building
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1
     amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
-    cache: bool = True  # reuse frozen activations across epochs (exact; needs fixed views)
+    cache: str = "auto"  # frozen-activation cache: auto, full, prefix, pooled, none (old true/false: auto/none)
+    cache_budget: str | None = None  # disk budget of the cache: 20G, 500M, 50% (of free); default 80% of free
     cache_dir: str | None = None  # default: $MEDBRIDGE_CACHE/features or the user cache dir
     checkpoint_every: int = 50  # steps between checkpoints (and at each epoch end)
     eval_batch_size: int = 32
@@ -62,6 +63,19 @@ class TrainConfig:
             raise ConfigError(f"train.schedule: {self.schedule!r} is not one of constant, cosine")
         if self.workers < 0 or self.checkpoint_every < 0:
             raise ConfigError("train.workers and train.checkpoint_every must be >= 0")
+        from .cache import parse_size
+        from .features import CACHE_MODES
+
+        if isinstance(self.cache, bool):  # config files from before the cache modes
+            self.cache = "auto" if self.cache else "none"
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"train.cache: {self.cache!r} is not one of {', '.join(CACHE_MODES)}")
+        if self.cache_budget is not None:
+            try:
+                budget = str(self.cache_budget).strip()
+                float(budget[:-1]) if budget.endswith("%") else parse_size(budget)
+            except ValueError as exc:
+                raise ConfigError(f"train.cache_budget: {exc}") from exc
 
 
 @dataclass

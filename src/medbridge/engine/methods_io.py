@@ -75,8 +75,14 @@ class MedBridgeMethod(TrainedMethod):
         parts = {"what": "medbridge-frozen", "backbones": [backbone_fingerprint(b) for b in self.model.backbones],
                  "t1": [e.t1 for e in self.model.encoders], "attention": self.model.config.attention,
                  "focal": self.focal.to_dict(), "preprocess": [p.to_dict() for p in self.preprocess]}
-        return CacheSpec(parts, shapes, lambda px: medbridge_cache_values(self.model, px), self.focal,
+        spec = CacheSpec(parts, shapes, lambda px: medbridge_cache_values(self.model, px), self.focal,
                          self.preprocess)
+        if "e0.states" in shapes:  # train.cache=prefix: store block T1 only, rerun the frozen blocks each step
+            prefix = {f"e{k}.prefix": (n_views, *shapes[f"e{k}.states"][2:]) for k in range(len(self.model.encoders))}
+            spec.alternatives["prefix"] = CacheSpec(
+                {**parts, "what": "medbridge-prefix"}, prefix, lambda px: {
+                    f"e{k}.prefix": t for k, t in enumerate(self.model.prefix_tokens(px))}, self.focal, self.preprocess)
+        return spec
 
     def scores_cached(self, cache, rows, device="cpu"):
         return predict_cached(self.model.to(device), cache, rows, device=device, labels=self.labels,

@@ -161,7 +161,8 @@ def cache_for_split(spec, table: ImageTable, split: Split, cfg: RunConfig, devic
     t0 = time.perf_counter()
     cache = build_cache(spec, table, rows, root=cache_root, batch_size=cfg.train.batch_size,
                         workers=cfg.train.workers, device=device, amp=cfg.train.amp,
-                        skip_unreadable=cfg.data.skip_unreadable, progress=progress)
+                        skip_unreadable=cfg.data.skip_unreadable, progress=progress, mode=cfg.train.cache,
+                        budget=cfg.train.cache_budget)
     timings["cache_s"] = time.perf_counter() - t0
     done = cache.done()
     parts = [r[done[r]] for r in (split.train, split.val, split.test)]
