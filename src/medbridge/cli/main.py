@@ -82,9 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .cache_commands import add_cache_command
 
     add_cache_command(sub)
-    from .cache_commands import add_cache_command
-
-    add_cache_command(sub)
     from ..serve.cli import add_serve_command
 
     add_serve_command(sub)
