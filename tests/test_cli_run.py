@@ -30,7 +30,7 @@ def test_train_writes_a_complete_run_folder(tiny_run):
     out = tiny_run["out"]
     for name in ("config.yaml", "split.json", "log.jsonl", "metrics.json", "per_class.csv", "roc_curves.png",
                  "report.md", "predictions_medbridge.csv", "predictions_linear-probe.csv",
-                 "medbridge/adapter.safetensors", "medbridge/adapter_config.json", "linear_probe/probe.safetensors"):
+                 "medbridge/adapter.safetensors", "medbridge/adapter.json", "linear_probe/adapter.safetensors"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"medbridge", "linear-probe"}
@@ -142,7 +142,7 @@ def test_benchmark_and_ablate_commands(tiny_run, tmp_path, capsys):
     mma = tmp_path / "mma"
     assert main(["train", *common, "--backbone", tiny_run["backbone"], "--method", "mma", "--set", "baseline.first=2",
                  "--set", "baseline.epochs=1", "--out", str(mma)]) == 0
-    assert (mma / "mma" / "baseline.safetensors").is_file()
+    assert (mma / "mma" / "adapter.safetensors").is_file()
     capsys.readouterr()
     assert main(["eval", str(mma), "--data", str(tiny_run["data"]), "--json", "--workers", "0",
                  "--cache-dir", str(tiny_run["root"] / "cache")]) == 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.helpers import nih_subset_csv, random_targets
+from tests.helpers import nih_subset_csv, random_targets, train_medbridge
 
 from medbridge.engine.cache import FeatureCache
 from medbridge.engine.config import ConfigError, load_config
 from medbridge.engine.features import CacheSpec, build_cache
 from medbridge.engine.metrics import auroc, best_f1_threshold, evaluate_scores, f1_acc, pick_thresholds, roc_curve
-from medbridge.engine.trainer import TrainingError, medbridge_cache_values, predict_cached, train_medbridge
+from medbridge.engine.trainer import TrainingError
+from medbridge.methods.medbridge.method import medbridge_cache_values, predict_cached
 
 
 # --------------------------------------------------------------------------- metrics
@@ -231,11 +232,16 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
 # --------------------------------------------------------------------------- config
 def test_config_errors_name_key_and_allowed_values(tmp_path):
     cfg = load_config("demo", overrides=["train.lr=1e-3", "model.num_queries=16", "model.focal.num_crops=4"])
-    assert cfg.train.lr == 1e-3 and cfg.model["num_queries"] == 16 and cfg.model["focal"]["num_crops"] == 4
+    assert cfg.train.lr == 1e-3 and cfg.options_for("medbridge")["num_queries"] == 16
+    assert cfg.focal["num_crops"] == 4  # legacy keys (model.*) are read into the current form
+    cfg = load_config("demo", overrides=["method_options.medbridge.num_queries=12", "focal.num_crops=2"])
+    assert cfg.options_for("medbridge")["num_queries"] == 12 and cfg.focal["num_crops"] == 2
     with pytest.raises(ConfigError, match=r"train.schedule: 'warm' is not one of constant, cosine"):
         load_config(overrides=["train.schedule=warm"])
-    with pytest.raises(ConfigError, match=r"model.bogus: unknown key; allowed: \["):
+    with pytest.raises(ConfigError, match=r"method_options.medbridge.bogus: unknown option; allowed: \["):
         load_config(overrides=["model.bogus=1"])
+    with pytest.raises(ConfigError, match=r"method_options.coop.num_queries: unknown option; allowed: \["):
+        load_config(overrides=["method=coop", "method_options.coop.num_queries=1"])
     with pytest.raises(ConfigError, match=r"attention must be 'joint' or 'isolated'"):
         load_config(overrides=["model.attention=both"])
     with pytest.raises(ConfigError, match=r"train: .*'lrr'.*allowed keys"):
@@ -247,7 +253,7 @@ def test_config_errors_name_key_and_allowed_values(tmp_path):
     with pytest.raises(ConfigError, match=r"train.lr: expected a number \(float\), got 'fast'"):
         load_config(overrides=["train.lr=fast"])
     assert load_config(overrides=["method=coop"]).method == "coop"
-    with pytest.raises(ConfigError, match="method: 'cop' is not one of"):
+    with pytest.raises(ConfigError, match="method 'cop' is not registered; did you mean coop"):
         load_config(overrides=["method=cop"])
     with pytest.raises(ConfigError, match="focal mode must be"):
         load_config(overrides=["model.focal.mode=grid"])
@@ -260,8 +266,9 @@ def test_study_settings_become_overrides_that_keep_null_lists_and_booleans():
     setting = {"model.focal.num_crops": None, "model.focal.stride": 512, "train.lr": 1.0e-3,
                "model.view_attention": False, "model.backbones": ["a", "b"], "model.focal.mode": "sliding"}
     cfg = load_config("demo", None, _overrides(setting))
-    assert cfg.model["focal"]["num_crops"] is None and cfg.model["focal"]["stride"] == 512
-    assert cfg.train.lr == 1.0e-3 and cfg.model["view_attention"] is False and cfg.model["backbones"] == ["a", "b"]
+    assert cfg.focal["num_crops"] is None and cfg.focal["stride"] == 512
+    assert cfg.train.lr == 1.0e-3 and cfg.options_for("medbridge")["view_attention"] is False
+    assert cfg.backbones == ["a", "b"]
 
 
 def test_joint_mode_statistics_come_from_the_frozen_path(tmp_path):

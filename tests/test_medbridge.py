@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,16 +12,11 @@ import torch.nn.functional as F
 from medbridge.backbones import tiny_builders
 from medbridge.data.focal import FocalConfig
 from medbridge.methods.heads import masked_bce
-from medbridge.methods.medbridge import (
-    AdapterMismatchError,
-    MedBridgeConfig,
-    MedBridgeModel,
-    QEncoder,
-    load_adapter,
-    save_adapter,
-)
+from medbridge.methods.medbridge import MedBridgeConfig, MedBridgeMethod, MedBridgeModel, QEncoder
+from medbridge.methods.registry import AdapterMismatchError, load_method, save_method
 
 B = tiny_builders()
+LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 LABELS = ["Effusion", "Pleural_Thickening", "Cardiomegaly"]
 
 
@@ -155,16 +152,16 @@ def test_adapter_round_trip_and_wrong_backbone(tmp_path):
         for p in model.trainable_parameters().values():
             p.add_(torch.randn_like(p) * 0.05)
     model.fit_feature_norms([torch.randn(20, 2, b.vision.embed_dim) * 3 + 1 for b in model.backbones])
-    save_adapter(model, tmp_path)
-    assert {f.name for f in tmp_path.iterdir()} == {"adapter.safetensors", "adapter_config.json"}
+    save_method(MedBridgeMethod(model), tmp_path)
+    assert {f.name for f in tmp_path.iterdir()} == {"adapter.safetensors", "adapter.json"}
     px = _pixels(model)
-    loaded = load_adapter(tmp_path, [B["tiny-clip-vit-b-16"](), B["tiny-hf-dinov2"]()])
+    loaded = load_method(tmp_path, [B["tiny-clip-vit-b-16"](), B["tiny-hf-dinov2"]()]).model
     with torch.no_grad():
         torch.testing.assert_close(loaded(px).logits, model.eval()(px).logits, atol=0, rtol=0)
     from medbridge.backbones.tiny import tiny_open_clip
 
-    with pytest.raises(AdapterMismatchError, match="expert 0"):
-        load_adapter(tmp_path, [tiny_open_clip("ViT-B-16-quickgelu", seed=9), B["tiny-hf-dinov2"]()])
+    with pytest.raises(AdapterMismatchError, match="backbone 0"):
+        load_method(tmp_path, [tiny_open_clip("ViT-B-16-quickgelu", seed=9), B["tiny-hf-dinov2"]()])
     report = model.parameter_report()
     assert report["trainable"] == sum(p.numel() for p in model.trainable_parameters().values())
 
@@ -197,15 +194,23 @@ def test_feature_norm_auto_keeps_an_aligned_clip_unstandardised():
 
 
 def test_adapter_from_before_feature_norm_loads_unstandardised(tmp_path):
+    """A medbridge-adapter/1 file written before feature_norm existed (the legacy fixture, minus the field)."""
     import json
+    import shutil
 
-    model = _model(feature_norm="none")
-    save_adapter(model, tmp_path)
-    cfg_file = tmp_path / "adapter_config.json"
+    from medbridge.backbones.tiny import tiny_open_clip
+
+    shutil.copytree(LEGACY / "medbridge", tmp_path / "a")
+    cfg_file = tmp_path / "a" / "adapter_config.json"
     meta = json.loads(cfg_file.read_text())
-    del meta["config"]["feature_norm"]
+    del meta["config"]["feature_norm"], meta["weights_sha256"]  # as written before either existed
     cfg_file.write_text(json.dumps(meta))
-    assert load_adapter(tmp_path, [B["tiny-clip-vit-b-16"]()]).config.feature_norm == "none"
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "a" / "adapter.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("feature_norms.")}, str(weights))
+    assert load_method(tmp_path / "a", [tiny_open_clip("ViT-B-16-quickgelu", seed=3)]).model.config.feature_norm \
+        == "none"
 
 
 @pytest.mark.parametrize("kw, match", [

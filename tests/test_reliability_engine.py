@@ -100,7 +100,7 @@ def _flip(path, offset_from_end: int, mask: int) -> None:
 
 def test_flipped_weight_bits_are_detected(run, tmp_path, nih_sample, capsys):
     image = str(sorted((nih_sample / "images").glob("*.jpg"))[0])
-    for name, weights in (("linear_probe", "probe.safetensors"), ("medbridge", "adapter.safetensors")):
+    for name, weights in (("linear_probe", "adapter.safetensors"), ("medbridge", "adapter.safetensors")):
         folder = _copy_method(run, tmp_path, name)
         _flip(folder / weights, 3, 0x01)  # a mantissa bit of the last tensor
         assert main(["predict", str(folder), image, "--json"]) == 2
@@ -113,14 +113,14 @@ def test_flipped_weight_bits_are_detected(run, tmp_path, nih_sample, capsys):
 
 def test_non_finite_scores_are_an_error_never_an_empty_cell(run, tmp_path, nih_sample, capsys):
     folder = _copy_method(run, tmp_path, "linear_probe")
-    cfg = json.loads((folder / "probe_config.json").read_text())
+    cfg = json.loads((folder / "adapter.json").read_text())
     cfg.pop("weights_sha256")  # a file from before digests: loads unchecked
-    (folder / "probe_config.json").write_text(json.dumps(cfg))
+    (folder / "adapter.json").write_text(json.dumps(cfg))
     from safetensors.torch import load_file, save_file
 
-    t = load_file(str(folder / "probe.safetensors"))
+    t = load_file(str(folder / "adapter.safetensors"))
     t["weight"][0, 0] = float("nan")  # what an exponent flip can give
-    save_file(t, str(folder / "probe.safetensors"))
+    save_file(t, str(folder / "adapter.safetensors"))
     image = str(sorted((nih_sample / "images").glob("*.jpg"))[0])
     assert main(["predict", str(folder), image, "--out", str(tmp_path / "p.csv")]) == 2
     assert "non-finite" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
@@ -130,9 +130,9 @@ def test_non_finite_scores_are_an_error_never_an_empty_cell(run, tmp_path, nih_s
 
 def test_probe_with_fewer_labels_than_weights_is_refused(run, tmp_path, nih_sample, capsys):
     folder = _copy_method(run, tmp_path, "linear_probe")
-    cfg = json.loads((folder / "probe_config.json").read_text())
+    cfg = json.loads((folder / "adapter.json").read_text())
     cfg["labels"] = cfg["labels"][:-1]
-    (folder / "probe_config.json").write_text(json.dumps(cfg))
+    (folder / "adapter.json").write_text(json.dumps(cfg))
     assert main(["predict", str(folder), str(sorted((nih_sample / "images").glob("*.jpg"))[0])]) == 2
     assert "shapes do not fit the 2 labels" in capsys.readouterr().err
 
@@ -140,17 +140,17 @@ def test_probe_with_fewer_labels_than_weights_is_refused(run, tmp_path, nih_samp
 def test_damaged_or_foreign_weight_files_give_one_line(run, tmp_path, nih_sample, capsys):
     image = str(sorted((nih_sample / "images").glob("*.jpg"))[0])
     folder = _copy_method(run, tmp_path, "linear_probe")
-    weights = folder / "probe.safetensors"
+    weights = folder / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     assert main(["predict", str(folder), image]) == 2
     err = capsys.readouterr().err
-    assert "probe.safetensors: not a readable safetensors file" in err and "Traceback" not in err
+    assert "adapter.safetensors: not a readable safetensors file" in err and "Traceback" not in err
     weights.write_bytes(pickle.dumps({"weight": [1, 2]}))  # a pickle renamed .safetensors: never unpickled
     assert main(["predict", str(folder), image]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
-    (folder / "probe_config.json").write_text("{not json")
+    (folder / "adapter.json").write_text("{not json")
     assert main(["predict", str(folder), image]) == 2
-    assert "probe_config.json: invalid linear-probe config" in capsys.readouterr().err
+    assert "adapter.json: invalid method config" in capsys.readouterr().err
     good = {"a": torch.ones(2)}
     with pytest.raises(CorruptFileError, match="digest"):
         from safetensors.torch import save_file

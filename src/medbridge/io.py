@@ -8,15 +8,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backbones.loading import atomic_write_bytes
+__all__ = ["CorruptFileError", "atomic_write_bytes", "cache_dir", "read_json", "tensor_digest", "save_tensors",
+           "load_tensors", "check_finite", "load_torch_checkpoint"]
 
-__all__ = ["CorruptFileError", "atomic_write_bytes", "read_json", "tensor_digest", "save_tensors", "load_tensors",
-           "check_finite", "load_torch_checkpoint"]
+
+def cache_dir() -> Path:
+    """medbridge's cache root: ``$MEDBRIDGE_CACHE`` or the user cache dir (never site-packages). Converted
+    weights live in it, frozen-activation caches in its ``features/`` folder."""
+    env = os.environ.get("MEDBRIDGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("medbridge"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class CorruptFileError(ValueError):

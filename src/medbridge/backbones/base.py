@@ -226,3 +226,15 @@ class Backbone(nn.Module):
             "text_embed_dim": self.text.embed_dim if self.text else None,
             "parameters": self.num_parameters(),
         }
+
+
+def backbone_fingerprint(backbone: Backbone) -> dict:
+    """Architecture facts plus a checksum of a few frozen weights: tells one backbone from another (saved with
+    every trained method and checked when it is loaded; part of the frozen-activation cache key)."""
+    v = backbone.vision
+    with torch.no_grad():
+        params = list(v.parameters())
+        probe = [params[0], params[len(params) // 2], params[-1]]
+        checksum = float(sum(p.detach().cpu().double().abs().sum() for p in probe))  # same on any device
+    return {"name": backbone.name, "width": v.width, "depth": v.depth, "embed_dim": v.embed_dim,
+            "image_size": v.preprocess.image_size, "checksum": round(checksum, 3)}

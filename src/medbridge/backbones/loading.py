@@ -1,13 +1,14 @@
-"""Safe weight loading: checkpoints (never unpickled), atomic file writes, cache location, hub errors."""
+"""Safe weight loading: checkpoints (never unpickled) and hub errors. (Atomic writes and the cache location:
+``medbridge.io``, re-exported here.)"""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..io import atomic_write_bytes, cache_dir  # noqa: F401  (re-exported)
 
 
 class BackboneError(RuntimeError):
@@ -16,32 +17,6 @@ class BackboneError(RuntimeError):
 
 class HubUnreachableError(BackboneError):
     """The Hugging Face Hub could not be reached (offline machine)."""
-
-
-def cache_dir() -> Path:
-    """Where converted weights live: ``$MEDBRIDGE_CACHE`` or the user cache dir (never site-packages)."""
-    env = os.environ.get("MEDBRIDGE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("medbridge"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

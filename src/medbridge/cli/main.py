@@ -18,6 +18,8 @@ def _fmt(values) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        return list_methods_table(args.json)
     rows = []
     for s in list_backbones():
         rows.append({
@@ -39,8 +41,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def list_methods_table(as_json: bool) -> int:
+    """``medbridge list methods``: the registry's methods with their group, options and description."""
+    from ..methods.api import describe_options
+    from ..methods.registry import get_method, list_methods
+
+    rows = []
+    for name in list_methods():
+        e = get_method(name)
+        rows.append({"name": name, "group": e.group or "-", "folder": e.method_class.folder(),
+                     "text_prompted": e.method_class.text_prompted, "description": e.description,
+                     "options": describe_options(e.options_class)})
+    if as_json:
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name'].ljust(width)}  {r['group']:<8}  {r['description']}")
+        print(" " * (width + 12) + "options: " + ", ".join(f"{o['name']}={o['default']!r}" for o in r["options"]))
+    print("\nSet options with --set method_options.NAME.OPTION=VALUE (or method_options.baseline.OPTION for every "
+          "baseline); add your own method with medbridge.register_method (docs/adding-a-method.md).")
+    return 0
+
+
 def cmd_check_backbone(args: argparse.Namespace) -> int:
-    from ..backbones.check import embedding_sanity_check
+    from ..engine.backbone_check import embedding_sanity_check
 
     report = embedding_sanity_check(args.backbone, args.data)
     print(json.dumps(report, indent=1) if args.json else report["summary"])
@@ -59,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered components",
-                       description="List registered backbones with source, widths, input size, mean/std, "
-                                   "text tower and whether their weights are usable offline right now.",
-                       epilog="example: medbridge list backbones --json")
-    p.add_argument("what", choices=["backbones"], help="what to list")
+                       description="List registered backbones (source, widths, input size, mean/std, text tower, "
+                                   "offline availability) or methods (group, options with defaults).",
+                       epilog="examples:\n  medbridge list backbones --json\n  medbridge list methods")
+    p.add_argument("what", choices=["backbones", "methods"], help="what to list")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_list)
 

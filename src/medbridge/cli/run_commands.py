@@ -10,8 +10,13 @@ import time
 from pathlib import Path
 
 SHARED_SAMPLE = "../shared/data/nih-cxr14-sample"
-METHOD_CHOICES = ["medbridge", "linear-probe", "zero-shot", "coop", "cocoop", "kgcoop", "prograd", "clip-adapter",
-                  "lp-text", "mma", "mmrl"]
+
+
+def method_choices() -> list[str]:
+    """The registered methods (``medbridge list methods``)."""
+    from ..methods.registry import list_methods
+
+    return list_methods()
 
 TRAIN_EXAMPLES = """examples:
   medbridge train --data /data/nih --format nih --out runs/nih-medbridge
@@ -60,7 +65,12 @@ def build_run_config(args: argparse.Namespace):
     if getattr(args, "method", None):
         overrides.append(f"method={args.method}")
     if getattr(args, "backbone", None):
-        overrides.append("model.backbones=" + json.dumps(args.backbone))
+        overrides.append("backbones=" + json.dumps(args.backbone))
+    also = [m.strip() for m in (getattr(args, "also", None) or "").split(",") if m.strip()]
+    if getattr(args, "with_probe", False):
+        also.append("linear-probe")
+    if also:
+        overrides.append("companions=" + json.dumps(list(dict.fromkeys(also))))
     if getattr(args, "split_file", None):
         overrides.append(f"data.split_file={args.split_file}")
     return load_config(args.preset, args.config, overrides)
@@ -72,8 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     cfg = build_run_config(args)
     try:
-        summary = train_run(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
-                            progress=not args.quiet, with_probe=args.with_probe)
+        summary = train_run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint is in {args.out}; continue with the same command plus --resume",
               file=sys.stderr)
@@ -105,7 +114,7 @@ def cmd_train_cv(args: argparse.Namespace) -> int:
         raise ValueError("--cv and --split-file exclude each other: cross-validation makes its own patient folds")
     try:
         summary = run_cv(cfg, args.cv, args.out, resume=args.resume, overwrite=args.overwrite,
-                         progress=not args.quiet, with_probe=args.with_probe)
+                         progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished folds are kept in {args.out}; continue with the same command plus --resume",
               file=sys.stderr)
@@ -191,8 +200,8 @@ def check_predict_out(out: str, inputs: list[Path], overwrite: bool) -> Path:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..engine.evaluate import collect_images, predict_images, run_thresholds
-    from ..engine.methods_io import load_method
     from ..io import atomic_write_bytes
+    from ..methods.registry import load_method
 
     _setup_logging(args.verbose)
     images = collect_images(args.inputs)
@@ -239,12 +248,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = [f"data.path={data}", f"train.seed={args.seed}", f"data.split_seed={args.seed}",
                  f"train.epochs={args.epochs}"] + list(args.set or [])
     cfg = load_config("demo", None, overrides)
-    print(f"medbridge demo: MedBridge vs linear probe on {data} with {cfg.model['backbones'][0]}, {args.cv}-fold "
+    print(f"medbridge demo: {' vs '.join([cfg.method, *cfg.companions])} on {data} with {cfg.backbones[0]}, "
+          f"{args.cv}-fold "
           f"patient cross-validation (seed {args.seed}) -> {out}", flush=True)
     t0 = time.perf_counter()
     try:
-        summary = run_cv(cfg, args.cv, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-                         with_probe=True)
+        summary = run_cv(cfg, args.cv, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished folds are kept; continue with: medbridge demo --out {out} --resume",
               file=sys.stderr)
@@ -273,9 +282,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     args.method = None
     cfg = build_run_config(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_CHOICES]
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {METHOD_CHOICES}")
+    from ..methods.registry import get_method
+
+    for m in methods:
+        get_method(m)  # unknown names: an error with close matches
     seeds = [int(s) for s in args.seeds.split(",")]
     res = run_benchmark(cfg, methods, seeds, args.out, progress=not args.quiet,
                         command="medbridge " + " ".join(sys.argv[1:]), cv=args.cv)
@@ -310,9 +320,12 @@ def add_run_commands(sub, presets: list[str]) -> None:
     add_common_data(p)
     p.add_argument("--out", required=True, help="run folder (must be new or empty unless --resume/--overwrite)")
     add_config_args(p, presets)
-    p.add_argument("--method", choices=METHOD_CHOICES, help="method (default: medbridge)")
+    p.add_argument("--method", choices=method_choices(), metavar="METHOD",
+                   help="a registered method (medbridge list methods; default: the preset's, else medbridge)")
     p.add_argument("--split-file", help="reuse a split.json from another run")
-    p.add_argument("--with-probe", action="store_true", help="also fit a linear probe on the same frozen features")
+    p.add_argument("--also", metavar="METHODS", help="comma-separated methods fitted beside --method on the same "
+                                                     "split (and frozen features when they can read them)")
+    p.add_argument("--with-probe", action="store_true", help="same as --also linear-probe")
     add_stats_args(p)
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
@@ -384,7 +397,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  medbridge ablate --data ../shared/data/nih-cxr14-sample --out runs/abl\n"
                               "  medbridge ablate --study my_study.yaml --data /data/nih --only t1,alpha "
-                              "--seeds 0,1,2 --out runs/abl-nih --set 'model.backbones=[\"clip-vit-b-16\"]'")
+                              "--seeds 0,1,2 --out runs/abl-nih --set 'backbones=[\"clip-vit-b-16\"]'")
     p.add_argument("--study", default="ablations", help="study YAML (default: the presets/ablations.yaml study)")
     p.add_argument("--data", default=SHARED_SAMPLE)
     p.add_argument("--out", required=True, help="study folder (finished runs are reused)")

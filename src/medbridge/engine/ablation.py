@@ -37,8 +37,9 @@ def _overrides(d: dict) -> list[str]:
     return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in d.items()]
 
 
-def _metrics(run_dir: Path, method: str) -> dict:
+def _metrics(run_dir: Path, method: str | None) -> dict:
     m = json.loads((run_dir / "metrics.json").read_text())
+    method = method or next(iter(m["methods"]))  # the run's own method
     res = m["methods"][method]
     return {"val_auroc": res.get("val_macro", {}).get("auroc", np.nan), "test_auroc": res["macro"]["auroc"],
             "test_f1": res["macro"].get("f1", np.nan), "test_acc": res["macro"].get("acc", np.nan),
@@ -55,13 +56,14 @@ def run_ablations(study_file: str, data: str, out: str | Path, *, only: list[str
     seeds = seeds or study["seeds"]
     rows = []
 
-    def one(name: str, setting: str, overrides: list[str], seed: int, method: str = "medbridge"):
+    def one(name: str, setting: str, overrides: list[str], seed: int, method: str | None = None):
         run_dir = out / name / f"{setting.replace(' ', '_').replace('/', '-')}-s{seed}"
         if not (run_dir / "metrics.json").is_file():
             if not train:
                 return  # summarising only: skip runs that have not finished
+            chosen = [f"method={method}", "companions=[]"] if method else []
             cfg = load_config(study.get("base"), None, [f"data.path={data}", f"train.seed={seed}",
-                                                        f"data.split_seed={seed}", f"method={method}", *overrides,
+                                                        f"data.split_seed={seed}", *chosen, *overrides,
                                                         *(extra or [])])
             train_run(cfg, run_dir, overwrite=True, progress=progress)
         rows.append({"study": name, "setting": setting, "seed": seed, **_metrics(run_dir, method)})
@@ -84,11 +86,14 @@ def run_ablations(study_file: str, data: str, out: str | Path, *, only: list[str
 
 
 def summarise(frame: pd.DataFrame, out: Path) -> str:
-    """Markdown tables per study (mean ± std over seeds; paired test difference to the linear probe) + plots."""
-    lp = frame[(frame["study"] == "baselines") & (frame["setting"] == "linear-probe")].set_index("seed")
+    """Markdown tables per study (mean ± std over seeds; paired test difference to the study's first baseline,
+    e.g. the linear probe) + plots."""
+    refs = frame[frame["study"] == "baselines"]
+    ref = str(refs["setting"].iloc[0]) if len(refs) else "reference"
+    lp = refs[refs["setting"] == ref].set_index("seed")
     lines = []
     for name, g in frame[frame["study"] != "baselines"].groupby("study", sort=False):
-        lines += [f"### {name}", "", "| setting | val AUROC | test AUROC | test AUROC - LP (paired) | test F1 | "
+        lines += [f"### {name}", "", f"| setting | val AUROC | test AUROC | test AUROC - {ref} (paired) | test F1 | "
                   "train s |", "|---|---|---|---|---|---|"]
         best = g.groupby("setting", sort=False)["val_auroc"].mean().idxmax()
         for setting, h in g.groupby("setting", sort=False):
@@ -101,15 +106,15 @@ def summarise(frame: pd.DataFrame, out: Path) -> str:
             lines.append(f"| {setting}{mark} | {ms(h['val_auroc'])} | {ms(h['test_auroc'])} | "
                          f"{ms(diff) if len(diff) else '-'} | {ms(h['test_f1'])} | {h['train_s'].mean():.0f} |")
         lines.append("")
-        plot_study(g, lp, out / f"ablation_{name}.png", name)
+        plot_study(g, lp, out / f"ablation_{name}.png", name, ref)
     if len(lp):
         v = 100 * lp["test_auroc"]
-        lines.insert(0, f"Linear probe (same splits): test AUROC {v.mean():.2f} ± {v.std(ddof=1):.2f}; val "
+        lines.insert(0, f"{ref} (same splits): test AUROC {v.mean():.2f} ± {v.std(ddof=1):.2f}; val "
                         f"{100 * lp['val_auroc'].mean():.2f}.\n")
     return "\n".join(lines)
 
 
-def plot_study(g: pd.DataFrame, lp: pd.DataFrame, path: Path, title: str) -> None:
+def plot_study(g: pd.DataFrame, lp: pd.DataFrame, path: Path, title: str, ref: str = "reference") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +127,7 @@ def plot_study(g: pd.DataFrame, lp: pd.DataFrame, path: Path, title: str) -> Non
     ax.errorbar(x - 0.05, 100 * agg["val"], 100 * agg["val_sd"].fillna(0), fmt="o-", capsize=3, label="validation")
     ax.errorbar(x + 0.05, 100 * agg["test"], 100 * agg["test_sd"].fillna(0), fmt="s--", capsize=3, label="test")
     if len(lp):
-        ax.axhline(100 * lp["test_auroc"].mean(), color="grey", ls=":", label="linear probe (test)")
+        ax.axhline(100 * lp["test_auroc"].mean(), color="grey", ls=":", label=f"{ref} (test)")
     ax.set_xticks(x, agg.index, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("macro AUROC (%)")
     ax.set_title(title, fontsize=9)

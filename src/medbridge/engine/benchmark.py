@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from ..backbones.loading import atomic_write_bytes
-from ..methods.baselines import NotApplicableError
+from ..methods.api import NotApplicableError
 from .config import RunConfig, config_from_dict
 from .report import collect_runs, paper_table, save_figure
 from .run import train_run
@@ -51,6 +51,7 @@ def run_benchmark(base: RunConfig, methods: list[str], seeds: list[int], out: st
         for seed in seeds:
             d = base.to_dict()
             d["method"] = method
+            d["companions"] = []
             d["train"]["seed"] = seed
             d["data"]["split_seed"] = seed
             cfg = config_from_dict(d)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import yaml
 
+from ..backbones import DEFAULT_BACKBONE
 from ..data.focal import FocalConfig
-from ..methods.medbridge.model import MedBridgeConfig
+from ..methods.api import OptionsError
+from ..methods.registry import check_method_options, get_method, list_methods, method_groups
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
@@ -80,44 +82,81 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; saved as ``config.yaml`` in the run folder."""
+    """Everything a run needs; saved as ``config.yaml`` in the run folder.
 
-    method: str = "medbridge"  # medbridge or linear-probe
+    ``method_options`` holds options per registered method name (``medbridge: {num_queries: 16}``) or per method
+    group (``baseline: {epochs: 10}`` applies to every baseline), each validated by the method's registered
+    options dataclass. ``companions`` are methods fitted beside ``method`` on the same split (and on its cache
+    when they can read it), e.g. ``[linear-probe]`` in the demo. Older config files (sections ``model``,
+    ``probe``, ``baseline``) are read into this form (:func:`config_from_dict`)."""
+
+    method: str = "medbridge"  # a registered method (medbridge list methods)
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict = field(default_factory=dict)  # MedBridgeConfig fields (labels come from the data)
     train: TrainConfig = field(default_factory=TrainConfig)
-    probe: dict = field(default_factory=dict)  # linear-probe options (see methods.linear_probe.ProbeConfig)
-    baseline: dict = field(default_factory=dict)  # baseline options: hparams (lr, epochs, ...) and method kwargs
+    backbones: list = field(default_factory=lambda: [DEFAULT_BACKBONE])  # backbone sources; several = experts
+    focal: dict = field(default_factory=dict)  # focal views (data.focal.FocalConfig fields)
+    method_options: dict = field(default_factory=dict)  # {method or group: {option: value}}
+    companions: list = field(default_factory=list)  # methods fitted beside `method` on the same split
 
     def validate(self) -> None:
-        from ..methods.baselines import BASELINES, NOT_YET
-
-        methods = ["medbridge", "linear-probe", *BASELINES, *NOT_YET]
-        if self.method not in methods:
-            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(methods)}")
+        names, groups = list_methods(), method_groups()
+        for m in [self.method, *self.companions]:
+            try:
+                get_method(m)  # close-match error for unknown names
+            except OptionsError as exc:
+                raise ConfigError(str(exc)) from exc
+        if self.method in self.companions:
+            raise ConfigError(f"companions: {self.method!r} is the run's method already")
+        for key in self.method_options:
+            if key not in names and key not in groups:
+                raise ConfigError(f"method_options.{key}: not a registered method or group; methods: "
+                                  f"{', '.join(names)}; groups: {', '.join(groups)}")
+            if not isinstance(self.method_options[key], dict):
+                raise ConfigError(f"method_options.{key}: expected a mapping of options, got "
+                                  f"{self.method_options[key]!r}")
         self.data.validate()
         self.train.validate()
-        allowed = {f.name for f in fields(MedBridgeConfig)} - {"labels", "prompt_names"}
-        unknown = set(self.model) - allowed
-        if unknown:
-            raise ConfigError(f"model.{sorted(unknown)[0]}: unknown key; allowed: {sorted(allowed)}")
-        if "focal" in self.model:
-            try:
-                FocalConfig(**self.model["focal"])
-            except TypeError as exc:
-                raise ConfigError(f"model.focal: {exc}") from exc
-            except ValueError as exc:
-                raise ConfigError(f"model.focal: {exc}") from exc
+        if not self.backbones or not all(isinstance(b, str) and b for b in self.backbones):
+            raise ConfigError(f"backbones: expected a non-empty list of backbone sources, got {self.backbones!r}")
         try:
-            MedBridgeConfig(labels=["x"], **self.model)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"model: {exc}") from exc
+            FocalConfig(**self.focal)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"focal: {exc}") from exc
+        for m in [self.method, *self.companions]:
+            try:
+                check_method_options(m, self.options_for(m))
+            except OptionsError as exc:
+                raise ConfigError(str(exc)) from exc
+
+    def options_for(self, name: str) -> dict:
+        """Options of one method: its group's, then its own."""
+        group = get_method(name).group
+        return {**(self.method_options.get(group, {}) if group else {}), **self.method_options.get(name, {})}
+
+    def focal_config(self) -> FocalConfig:
+        return FocalConfig(**self.focal)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def medbridge_config(self, labels, prompt_names) -> MedBridgeConfig:
-        return MedBridgeConfig(labels=list(labels), prompt_names=list(prompt_names), **self.model)
+
+def migrate_legacy(d: dict) -> dict:
+    """Config dicts of medbridge 0.1 (``model`` = MedBridge options + backbones + focal, ``probe``, ``baseline``)
+    in the current form; current keys given beside legacy ones win."""
+    d = dict(d)
+    options = {k: dict(v) for k, v in (d.get("method_options") or {}).items()}
+    model = dict(d.pop("model", None) or {})
+    if "backbones" in model:
+        d.setdefault("backbones", model.pop("backbones"))
+    if "focal" in model:
+        d["focal"] = {**model.pop("focal"), **(d.get("focal") or {})}
+    for legacy, target in ((model, "medbridge"), (d.pop("probe", None) or {}, "linear-probe"),
+                           (d.pop("baseline", None) or {}, "baseline")):
+        if legacy:
+            options[target] = {**legacy, **options.get(target, {})}
+    if options:
+        d["method_options"] = options
+    return d
 
 
 def _merge(base: dict, update: dict, where: str = "") -> dict:
@@ -160,6 +199,7 @@ def _coerce(section: str, cls, values: dict) -> dict:
 
 
 def config_from_dict(d: dict) -> RunConfig:
+    d = migrate_legacy(d)
     known = {f.name for f in fields(RunConfig)}
     unknown = set(d) - known
     if unknown:
@@ -167,13 +207,16 @@ def config_from_dict(d: dict) -> RunConfig:
     try:
         cfg = RunConfig(method=d.get("method", "medbridge"),
                         data=DataConfig(**_coerce("data", DataConfig, d.get("data", {}))),
-                        model=dict(d.get("model", {})),
                         train=TrainConfig(**_coerce("train", TrainConfig, d.get("train", {}))),
-                        probe=dict(d.get("probe", {})), baseline=dict(d.get("baseline", {})))
+                        backbones=list(d.get("backbones") or [DEFAULT_BACKBONE]), focal=dict(d.get("focal") or {}),
+                        method_options=dict(d.get("method_options") or {}),
+                        companions=list(d.get("companions") or []))
     except TypeError as exc:  # unknown field in a section
         section = "data" if "DataConfig" in str(exc) else "train"
         allowed = [f.name for f in fields(DataConfig if section == "data" else TrainConfig)]
         raise ConfigError(f"{section}: {exc}; allowed keys: {allowed}") from exc
+    except OptionsError as exc:
+        raise ConfigError(str(exc)) from exc
     cfg.validate()
     return cfg
 
@@ -185,7 +228,7 @@ def list_presets() -> list[str]:
 def load_config(preset: str | None = None, files: list[str] | None = None,
                 overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- preset (name in presets/ or a YAML path) <- config files <- ``key.sub=value`` overrides."""
-    d: dict = asdict(RunConfig())
+    d: dict = {"data": {"options": {}}, "train": {}}  # defaults are filled in by the dataclasses (config_from_dict)
     sources = []
     if preset:
         p = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
@@ -203,7 +246,8 @@ def load_config(preset: str | None = None, files: list[str] | None = None,
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = d
-        free_form = parts[0] in ("model", "probe", "baseline")  # validated by MedBridgeConfig / ProbeConfig afterwards
+        # option sections are validated by the methods' registered options classes afterwards
+        free_form = parts[0] in ("method_options", "focal", "model", "probe", "baseline")
         for i, part in enumerate(parts[:-1]):
             if isinstance(node.get(part), dict):
                 node = node[part]

@@ -85,8 +85,8 @@ def cv_splits(table: ImageTable, k: int, seed: int = 0, fractions=(0.7, 0.1, 0.2
 
 
 def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-           progress: bool = True, with_probe: bool = False, backbones=None, n_boot: int | None = None) -> dict:
-    """Train and evaluate ``cfg`` (plus a probe with ``with_probe``) on each of ``k`` patient folds in
+           progress: bool = True, backbones=None, n_boot: int | None = None) -> dict:
+    """Train and evaluate ``cfg`` (its method and companions) on each of ``k`` patient folds in
     ``out/fold-<f>/`` (finished folds are reused with ``resume``), then write the cross-validated results."""
     from .run import prepare_data, prepare_out, train_run
 
@@ -108,8 +108,7 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
         if progress:
             print(f"fold {f + 1}/{k}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test "
                   "images", flush=True)
-        train_run(config_from_dict(d), fold_dir, overwrite=True, progress=progress, with_probe=with_probe,
-                  backbones=backbones)
+        train_run(config_from_dict(d), fold_dir, overwrite=True, progress=progress, backbones=backbones)
     summary = summarise_cv(out, table, k, n_boot=n_boot, seed=cfg.data.split_seed)
     summary["timings"]["total_s"] = time.perf_counter() - t0
     write_json(out / "metrics.json", summary)

@@ -16,8 +16,9 @@ from ..data.focal import focal_views
 from ..data.images import IMAGE_SUFFIXES, read_image
 from ..data.table import DatasetError
 from ..io import check_finite
+from ..methods.api import Method
+from ..methods.registry import load_method
 from .features import cache_root_from
-from .methods_io import MedBridgeMethod, TrainedMethod, load_method
 from .metrics import evaluate_scores
 from .run import method_scores, resolve_device
 
@@ -65,10 +66,7 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
         raise DatasetError(f"{table.name}: the {split!r} split is empty")
     alignment = None
     if label_space == "data":
-        if not isinstance(method, MedBridgeMethod):
-            raise ValueError("label_space='data' needs a text-prompted method (MedBridge); a linear probe only "
-                             "knows its trained labels")
-        method = MedBridgeMethod(method.model, list(table.labels), list(table.prompt_names))
+        method = method.with_label_names(list(table.labels), list(table.prompt_names))
     elif label_space == "model":
         if list(table.labels) != method.labels:
             table, alignment = table.align(method.labels, approximate=approximate)
@@ -108,7 +106,7 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def predict_images(method: TrainedMethod, images: list[Path], thresholds: dict | None = None,
+def predict_images(method: Method, images: list[Path], thresholds: dict | None = None,
                    batch_size: int = 8, skip_unreadable: bool = False) -> list[dict]:
     """Per image: probabilities, thresholded labels and (MedBridge) gate weights and per-view votes/boxes."""
     rows = []

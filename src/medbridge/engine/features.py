@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from ..backbones.base import PreprocessConfig
 from ..backbones.loading import cache_dir
 from ..data.focal import FocalConfig
 from ..data.loader import ViewDataset, collate_views
 from ..data.table import DatasetError, ImageTable
+from ..methods.api import CacheSpec
 from .cache import (
     CacheError,
     CacheSpaceError,
@@ -47,19 +46,6 @@ MODE_NOTES = {
     "none": "nothing stored: images decoded and the whole frozen path rerun at every read (slowest)",
 }
 DEFAULT_BUDGET_SHARE = 0.8  # of the free space, when train.cache_budget is not set
-
-
-@dataclass
-class CacheSpec:
-    """What to cache for a method: key parts, per-image shapes, and the function computing it from views.
-    ``alternatives``: other stored forms (mode name -> spec) the method can train from, each smaller and slower."""
-
-    parts: dict
-    shapes: dict[str, tuple[int, ...]]
-    compute: Callable[[list[Tensor]], dict[str, Tensor]]
-    focal: FocalConfig
-    preprocess: list[PreprocessConfig]
-    alternatives: dict[str, CacheSpec] = field(default_factory=dict)
 
 
 def stored_kind(spec: CacheSpec) -> str:

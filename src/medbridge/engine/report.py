@@ -186,7 +186,7 @@ def collect_runs(folders: list[Path]) -> pd.DataFrame:
             ci = (res.get("ci") or {}).get("macro", {})
             row = {"run": str(folder), "dataset": m["dataset"], "method": method,
                    "protocol": f"cv{m['folds']}" if m.get("protocol") == "cv" else "split",
-                   "backbones": "+".join(cfg.get("model", {}).get("backbones", []) or []),
+                   "backbones": "+".join(cfg.get("backbones") or cfg.get("model", {}).get("backbones", []) or []),
                    "label_fraction": cfg.get("data", {}).get("label_fraction", 1.0),
                    "seed": cfg.get("train", {}).get("seed"), "classes": res["classes"],
                    "trainable_parameters": m.get("trainable_parameters", {}).get(method),

@@ -10,29 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones import DEFAULT_BACKBONE
 from ..backbones.loading import atomic_write_bytes
 from ..data import load_dataset, load_split, make_split, save_split
 from ..data.splits import Split
 from ..data.table import DatasetError, ImageTable
 from ..io import check_finite
-from ..methods.linear_probe import ProbeConfig, fit_linear_probe
-from ..methods.medbridge.adapter import build_medbridge, save_adapter
+from ..methods.api import Method, TrainingData
+from ..methods.registry import create_method, load_method, save_method
 from .config import ConfigError, DataConfig, RunConfig, save_config
 from .distributed import barrier, init_from_env, world
 from .features import build_cache, cache_root_from, fixed_view_count
-from .methods_io import (
-    MedBridgeMethod,
-    TrainedMethod,
-    baseline_cache_spec,
-    baseline_features,
-    cached_probe_features,
-    embedding_cache_spec,
-    load_method,
-)
 from .metrics import evaluate_scores, pick_thresholds
 from .report import per_class_table, plot_roc, summary_table, write_json, write_predictions
-from .trainer import CHECKPOINT, train_medbridge
+from .trainer import CHECKPOINT, fit_method
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +109,14 @@ def check_resume_config(cfg: RunConfig, out: Path) -> None:
     saved_file = out / "config.yaml"
     if not saved_file.is_file():
         return
-    saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
-    now = flatten(yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)))))
+    from .config import config_from_dict
+
+    try:  # both through the current config form (runs saved by older versions use legacy sections)
+        saved_cfg = config_from_dict(yaml.safe_load(saved_file.read_text()) or {})
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(f"--resume: {saved_file} cannot be read as a run config ({exc})") from exc
+    saved = flatten(json.loads(json.dumps(saved_cfg.to_dict(), default=str)))
+    now = flatten(json.loads(json.dumps(cfg.to_dict(), default=str)))
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
                   and not k.startswith(RESUMABLE_CHANGES))
     if diff:
@@ -140,7 +136,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def method_scores(method: TrainedMethod, table: ImageTable, rows: np.ndarray, cache_root: Path, device: str,
+def method_scores(method: Method, table: ImageTable, rows: np.ndarray, cache_root: Path, device: str,
                   workers: int = 2, batch_size: int = 16, skip_unreadable: bool = False,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Scores of ``method`` for ``rows`` of ``table`` through the cache (built as needed); returns the rows
@@ -155,7 +151,7 @@ def method_scores(method: TrainedMethod, table: ImageTable, rows: np.ndarray, ca
 
 
 def cache_for_split(spec, table: ImageTable, split: Split, cfg: RunConfig, device: str, cache_root: Path,
-                    progress: bool, timings: dict):
+                    progress: bool, timings: dict, timing_key: str = "cache_s"):
     """Build (or reuse) the cache of every image of the split; returns it and the readable train/val/test rows."""
     rows = np.concatenate([split.train, split.val, split.test])
     t0 = time.perf_counter()
@@ -163,7 +159,7 @@ def cache_for_split(spec, table: ImageTable, split: Split, cfg: RunConfig, devic
                         workers=cfg.train.workers, device=device, amp=cfg.train.amp,
                         skip_unreadable=cfg.data.skip_unreadable, progress=progress, mode=cfg.train.cache,
                         budget=cfg.train.cache_budget)
-    timings["cache_s"] = time.perf_counter() - t0
+    timings[timing_key] = time.perf_counter() - t0
     done = cache.done()
     parts = [r[done[r]] for r in (split.train, split.val, split.test)]
     if len(parts[0]) < len(split.train):
@@ -181,9 +177,9 @@ def evaluate_split(scores_val, targets_val, scores_test, targets_test, labels) -
 
 
 def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-              progress: bool = True, backbones=None, with_probe: bool = False, stop_after: int | None = None) -> dict:
-    """Train ``cfg.method`` (and, with ``with_probe``, a linear probe on the same cached frozen features and
-    split), evaluate on the test split with validation thresholds, and write the run folder.
+              progress: bool = True, backbones: list | None = None, stop_after: int | None = None) -> dict:
+    """Fit ``cfg.method`` and its ``cfg.companions`` on the same split (companions read the method's cache when
+    they can), evaluate each on the test split with validation thresholds, and write the run folder.
 
     The metrics come from the saved method files, loaded back the way ``medbridge eval`` loads them, so a run's
     metrics.json and a later ``eval`` of its folder agree exactly. A run that fails before its first checkpoint
@@ -197,15 +193,17 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
             check_resume_config(cfg, out)
         fresh = prepare_out(out, resume, overwrite)
     try:
-        return _train_run(cfg, out, device, rank, resume, progress, backbones, with_probe, stop_after)
+        return _train_run(cfg, out, device, rank, resume, progress, backbones, stop_after)
     except BaseException:
         if rank == 0 and fresh and not (out / CHECKPOINT).is_file() and not (out / "metrics.json").is_file():
             clear_folder(out)  # nothing worth resuming: leave the folder as it was (empty)
         raise
 
 
-def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, progress: bool, backbones,
-               with_probe: bool, stop_after: int | None) -> dict:
+def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, progress: bool,
+               backbones: list | None, stop_after: int | None) -> dict:
+    from ..backbones import create_backbone
+
     t_start = time.perf_counter()
     table, split = prepare_data(cfg.data)
     if rank == 0:
@@ -218,67 +216,34 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
     if device == "cuda" and world()[1] > 1:
         device = f"cuda:{rank % torch.cuda.device_count()}"
     cache_root = cache_root_from(cfg.train.cache_dir)
-    torch.manual_seed(cfg.train.seed)
-    timings, params = {}, {}
-    saved: dict[str, tuple[Path, object]] = {}  # method name -> (folder, cache its scores are read from)
-    if cfg.method == "medbridge":
-        model = build_medbridge(cfg.medbridge_config(table.labels, table.prompt_names), backbones)
-        method = MedBridgeMethod(model)
-        model.to(device)
-        spec = method.cache_spec(fixed_view_count(table, model.config.focal))
-        cache, train_rows, val_rows, test_rows = cache_for_split(spec, table, split, cfg, device, cache_root,
-                                                                 progress, timings)
+    backbones = backbones or [create_backbone(s) for s in cfg.backbones]
+    timings, params, saved = {}, {}, {}
+    shared = None  # (spec, cache, rows) of the run's method, for companions that can read it
+    for k, name in enumerate([cfg.method, *cfg.companions]):
+        torch.manual_seed(cfg.train.seed)
+        method = create_method(name, cfg.options_for(name), backbones=backbones, labels=list(table.labels),
+                               prompt_names=list(table.prompt_names), focal=cfg.focal_config())
+        method.to(device)
+        n_views = fixed_view_count(table, method.focal)
+        if shared is not None and reads_cache(method, shared[0], shared[1], n_views):
+            cache, rows = shared[1], shared[2]
+        else:
+            spec = method.cache_spec(n_views)
+            cache, *rows = cache_for_split(spec, table, split, cfg, device, cache_root, progress, timings,
+                                           "cache_s" if k == 0 else f"cache_s.{name}")
+            shared = shared or (spec, cache, rows)
+        train_rows, val_rows, test_rows = rows
+        data = TrainingData(cache, table.targets, train_rows, val_rows, table.reports)
         t0 = time.perf_counter()
-        history = train_medbridge(model, cache, table.targets, train_rows, cfg.train, out, val_rows,
-                                  reports=table.reports if model.config.report_weight > 0 else None,
-                                  device=device, resume=resume, progress_bar=progress, stop_after=stop_after)
-        timings["train_s"] = time.perf_counter() - t0
-        if rank != 0:
-            return {"rank": rank, "history": history}
-        save_adapter(model, out / "medbridge", extra={"dataset": table.name, "history": history})
-        saved["medbridge"] = (out / "medbridge", cache)
-        params["medbridge"] = model.parameter_report()["trainable"]
-        backbones = list(model.backbones)
-        focal = model.config.focal
-        probe_cache = cache
-    elif cfg.method not in ("linear-probe",):
-        backbones, params, timings, cache, train_rows, val_rows, test_rows = _train_baseline(
-            cfg, table, split, out, device, cache_root, backbones, progress, timings)
-        saved[cfg.method] = (out / cfg.method, cache)
-        with_probe = False
-        if rank != 0:
-            return {"rank": rank}
-    else:
-        from ..backbones import create_backbone
-        from ..data.focal import FocalConfig
-
-        names = cfg.model.get("backbones", [DEFAULT_BACKBONE])
-        backbones = backbones or [create_backbone(s) for s in names]
-        focal = FocalConfig(**cfg.model.get("focal", {}))
-        for b in backbones:
-            b.to(device)
-        spec = embedding_cache_spec(backbones, focal, fixed_view_count(table, focal))
-        probe_cache, train_rows, val_rows, test_rows = cache_for_split(spec, table, split, cfg, device, cache_root,
-                                                                       progress, timings)
-        with_probe = True
-        if rank != 0:
-            return {"rank": rank}
-    if with_probe:
-        pc = ProbeConfig(**cfg.probe)
-        t0 = time.perf_counter()
-        feats = {name: cached_probe_features(probe_cache, r, len(backbones), pc.features, focal.include_whole).numpy()
-                 for name, r in (("train", train_rows), ("val", val_rows))}
-        meta = {"backbones": [b.name for b in backbones], "focal": focal.to_dict(),
-                "prompt_names": list(table.prompt_names), "dataset": table.name}
-        probe, info = fit_linear_probe(feats["train"], table.targets[train_rows],
-                                       feats["val"] if len(val_rows) else None,
-                                       table.targets[val_rows] if len(val_rows) else None,
-                                       list(table.labels), pc, meta)
-        timings["probe_fit_s"] = time.perf_counter() - t0
-        timings.setdefault("train_s", timings["probe_fit_s"])
-        probe.save(out / "linear_probe")
-        saved["linear-probe"] = (out / "linear_probe", probe_cache)
-        params["linear-probe"] = int(probe.weight.numel() + probe.bias.numel())
+        history = fit_method(method, data, cfg.train, out if k == 0 else out / method.folder(), device=device,
+                             resume=resume, progress_bar=progress, stop_after=stop_after if k == 0 else None)
+        timings["train_s" if k == 0 else f"train_s.{name}"] = time.perf_counter() - t0
+        if rank == 0:
+            folder = save_method(method, out / method.folder(), extra={"dataset": table.name, "history": history})
+            saved[name] = (folder, cache)
+            params[name] = method.num_trainable()
+    if rank != 0:
+        return {"rank": rank}
     results, scores = {}, {}
     for name, (folder, cache) in saved.items():  # scored from the saved files, exactly as `medbridge eval` does
         trained = load_method(folder, backbones)
@@ -289,41 +254,13 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
         results[name] = evaluate_split(sv, table.targets[val_rows], scores[name], table.targets[test_rows],
                                        table.labels)
     timings["total_s"] = time.perf_counter() - t_start
-    summary = write_outputs(out, table, test_rows, results, scores, params, timings, cfg, split)
-    return summary
+    return write_outputs(out, table, test_rows, results, scores, params, timings, cfg, split)
 
 
-def _train_baseline(cfg: RunConfig, table: ImageTable, split: Split, out: Path, device: str, cache_root: Path,
-                    backbones, progress: bool, timings: dict):
-    """A feature-space baseline on the cached whole-image embedding of one backbone; saved in ``out/<name>``."""
-    from dataclasses import fields, replace
-
-    from ..backbones import create_backbone
-    from ..methods.baselines import Hparams, build_baseline, fit_feature_method, save_baseline
-
-    names = cfg.model.get("backbones", [DEFAULT_BACKBONE])
-    backbone = (backbones or [create_backbone(names[0])])[0]
-    hp_keys = {f.name for f in fields(Hparams)}
-    opts = dict(cfg.baseline)
-    hp_over = {k: opts.pop(k) for k in list(opts) if k in hp_keys}
-    method = build_baseline(cfg.method, backbone, list(table.labels), list(table.prompt_names), **opts).to(device)
-    hp = replace(method.default_hparams, **hp_over)
-    spec = baseline_cache_spec(method)
-    cache, train_rows, val_rows, test_rows = cache_for_split(spec, table, split, cfg, device, cache_root, progress,
-                                                             timings)
-
-    def feats(r):
-        return baseline_features(cache, r, method).to(device)
-
-    y = torch.from_numpy(table.targets).to(device)
-    t0 = time.perf_counter()
-    info = fit_feature_method(method, feats(train_rows), y[train_rows],
-                              feats(val_rows) if len(val_rows) else None, y[val_rows] if len(val_rows) else None,
-                              hp, seed=cfg.train.seed, progress=progress)
-    timings["train_s"] = time.perf_counter() - t0
-    save_baseline(method, out / cfg.method, extra={"fit": info, "hparams": hp.__dict__})
-    params = {cfg.method: sum(p.numel() for p in method.trainable_parameters().values())}
-    return [backbone], params, timings, cache, train_rows, val_rows, test_rows
+def reads_cache(method: Method, spec, cache, n_views: int) -> bool:
+    """Whether ``method`` can take its inputs from another method's cache (same frozen activations)."""
+    needed = set(method.cache_spec(n_views).shapes)
+    return method.reads(spec, n_views) and needed <= set(getattr(cache, "arrays", {}) or {})
 
 
 def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, params, timings, cfg: RunConfig,
@@ -380,7 +317,7 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
                                        f"that resample's macro): {dropped}." if dropped else ""), "",
               "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
               "Files: metrics.json, per_class.csv, predictions_<method>.csv, roc_curves.png, config.yaml, "
-              "split.json, medbridge/ (adapter), linear_probe/ (probe).", "",
+              "split.json, and one folder per method (adapter.safetensors + adapter.json).", "",
               "![ROC curves with 95% patient-bootstrap bands](roc_curves.png)", "",
               "Per class (test AUROC, 95% interval):", "", markdown_pivot(per_class, "auroc")]
     if paired:

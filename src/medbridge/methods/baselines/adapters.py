@@ -76,7 +76,7 @@ class LPText(FeatureMethod):
         self.bias.copy_(-(f @ self.weight.T + alpha0 * (f @ self.zs_text.T)).mean(0))
 
     def fit_features(self, x_train, y_train, x_val, y_val, hp: Hparams) -> dict:
-        from ...engine.metrics import evaluate_scores
+        from ..selection import macro_auroc
 
         f = F.normalize(x_train, dim=-1)
         n = f.shape[0]
@@ -101,7 +101,7 @@ class LPText(FeatureMethod):
             if x_val is not None and y_val is not None:
                 with torch.no_grad():
                     scores = self(x_val).cpu().numpy()
-                    score = evaluate_scores(scores, y_val.cpu().numpy(), self.labels)["macro"]["auroc"]
+                    score = macro_auroc(scores, y_val.cpu().numpy())
                 if np.isfinite(score) and score > best:
                     best, best_state = score, {k: v.clone() for k, v in self.trainable_parameters().items()}
         if best_state is not None:

@@ -1,8 +1,11 @@
-"""What every baseline shares: the multi-label CLIP head, zero-shot text features, the feature-space interface."""
+"""What every baseline shares: the multi-label CLIP head, zero-shot text features, the feature-space interface.
+
+``NotApplicableError`` (from ``methods.api``) is re-exported here for the baselines."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -10,14 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...backbones.base import Backbone, TextTower
+from ..api import NonFiniteLoss, NotApplicableError
 from ..heads import masked_bce
 from ..medbridge.text_head import DEFAULT_TEMPLATE
 
 DEFAULT_SCALE = 1 / 0.07  # CLIP's initial temperature; used when a backbone has no logit scale of its own
 
 
-class NotApplicableError(ValueError):
-    """The method cannot run on this backbone (e.g. text prompt learning without an aligned text tower)."""
 
 
 def require_aligned_text(backbone: Backbone, method: str) -> TextTower:
@@ -104,10 +106,16 @@ class FeatureMethod(nn.Module):
         extra = self.extra_loss()
         return loss if extra is None else loss + extra
 
-    def train_step(self, features: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer) -> Tensor:
+    def train_step(self, features: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer,
+                   reduce_gradients: Callable[[list[nn.Parameter]], None] | None = None) -> Tensor:
+        """One optimiser step; ``reduce_gradients`` all-reduces the gradients under data parallelism."""
         loss = self.loss(self(features), targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if reduce_gradients is not None:
+            reduce_gradients(list(self.trainable_parameters().values()))
         optimizer.step()
         return loss.detach()
 

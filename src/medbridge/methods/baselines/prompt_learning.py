@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...backbones.base import Backbone, TextTower
+from ..api import NonFiniteLoss
 from ..medbridge.text_head import DEFAULT_TEMPLATE
 from .base import ClipHead, FeatureMethod, Hparams, backbone_scale, require_aligned_text, zero_shot_text
 
@@ -186,10 +187,16 @@ class ProGrad(CoOp):
             out.append(gd)
         return task.detach(), out
 
-    def train_step(self, features, targets, optimizer):
+    def train_step(self, features, targets, optimizer, reduce_gradients=None):
+        """The projection is per process; under data parallelism the projected gradients are then averaged."""
         loss, grads = self.projected_gradients(features, targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(self.trainable_parameters().values(), grads):
+        params = list(self.trainable_parameters().values())
+        for p, g in zip(params, grads):
             p.grad = g
+        if reduce_gradients is not None:
+            reduce_gradients(params)
         optimizer.step()
         return loss

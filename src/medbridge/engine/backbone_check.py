@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backbones.registry import create_backbone
 from ..data.images import read_image, to_model_input
-from .registry import create_backbone
 
 TEXT_TRIPLE = ("pleural effusion", "fluid in the pleural space", "normal heart size")
 

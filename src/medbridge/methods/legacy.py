@@ -1,0 +1,60 @@
+"""Files written by medbridge 0.1 before the one method format: MedBridge adapters (``adapter_config.json``),
+linear probes (``probe_config.json``) and baselines (``baseline_config.json``) still load, checked the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..backbones import Backbone, create_backbone
+from ..data.focal import FocalConfig
+from ..io import CorruptFileError, load_tensors, read_json
+from .api import Method
+
+LEGACY_CONFIGS = ("adapter_config.json", "probe_config.json", "baseline_config.json")
+
+
+def load_legacy(folder: Path, backbones: list[Backbone] | None = None) -> Method:
+    from .registry import check_backbones, get_method
+
+    if (folder / "adapter_config.json").is_file():
+        meta = read_json(folder / "adapter_config.json", "adapter config")
+        if meta.get("format") != "medbridge-adapter/1":
+            raise CorruptFileError(f"{folder / 'adapter_config.json'}: unknown format {meta.get('format')!r}")
+        config = {"feature_norm": "none", **meta["config"]}  # adapters older than feature_norm
+        bbs = backbones or [create_backbone(s) for s in config["backbones"]]
+        check_backbones(folder, meta["backbones"], bbs)
+        entry = get_method("medbridge")
+        run_supplied = ("labels", "prompt_names", "backbones", "focal")
+        opts = entry.method_class.check_options({k: v for k, v in config.items() if k not in run_supplied})
+        from .medbridge.text_head import readable_name
+
+        labels = config["labels"]
+        names = config.get("prompt_names") or [readable_name(x) for x in labels]
+        method = entry.method_class.build(opts, bbs, labels, names, FocalConfig(**config.get("focal", {})))
+        weights = folder / "adapter.safetensors"
+    elif (folder / "probe_config.json").is_file():
+        meta = read_json(folder / "probe_config.json", "linear-probe config")
+        if meta.get("format") != "medbridge-probe/1":
+            raise CorruptFileError(f"{folder / 'probe_config.json'}: unknown format {meta.get('format')!r}")
+        bbs = backbones or [create_backbone(s) for s in meta["backbones"]]
+        entry = get_method("linear-probe")
+        opts = entry.method_class.check_options(meta.get("probe", {}))
+        labels = meta["labels"]
+        from .medbridge.text_head import readable_name
+
+        names = meta.get("prompt_names") or [readable_name(x) for x in labels]
+        method = entry.method_class.build(opts, bbs, labels, names, FocalConfig(**meta["focal"]))
+        method.restore_info({k: meta[k] for k in ("C", "val_auroc_by_C") if k in meta})
+        weights = folder / "probe.safetensors"
+    else:
+        meta = read_json(folder / "baseline_config.json", "baseline config")
+        if meta.get("format") != "medbridge-baseline/1":
+            raise CorruptFileError(f"{folder / 'baseline_config.json'}: unknown format {meta.get('format')!r}")
+        bbs = backbones or [create_backbone(meta["backbone"])]
+        entry = get_method(meta["method"])
+        opts = entry.method_class.check_options({**meta.get("config", {}), "template": meta["template"]})
+        method = entry.method_class.build(opts, bbs, meta["labels"], meta["names"], FocalConfig(num_crops=0))
+        method.restore_info({"fit": meta.get("fit", {})})
+        weights = folder / "baseline.safetensors"
+    method.load_state_tensors(load_tensors(weights, meta.get("weights_sha256")), str(weights))
+    return method.eval()

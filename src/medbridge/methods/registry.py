@@ -1,0 +1,193 @@
+"""One registry of methods: ``register_method``, ``list_methods``, ``create_method``, ``load_method``.
+
+Registration is explicit: :func:`register_method` is called by ``methods/builtin.py`` (the methods that ship
+with medbridge, registered on first use of the registry) or by your own code before the engine runs. The CLI's
+choices, config validation and ``medbridge list methods`` all read this registry; the engine never names a
+method. Every method saves to one format: ``adapter.safetensors`` + ``adapter.json`` (method, options, labels,
+prompt names, focal views, backbone fingerprints checked on load, medbridge version, weight digest).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..backbones import Backbone, create_backbone
+from ..backbones.base import backbone_fingerprint
+from ..data.focal import FocalConfig
+from ..io import CorruptFileError, atomic_write_bytes, load_tensors, read_json, save_tensors
+from .api import Method, OptionsError
+
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter.json"
+FORMAT = "medbridge-method/1"
+
+
+class AdapterMismatchError(RuntimeError):
+    """A saved method was trained on other backbones than the ones given (or found)."""
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    options_class: type
+    method_class: type[Method]
+    group: str | None  # e.g. "baseline": options under method_options.baseline apply to every member
+    description: str
+
+
+_REGISTRY: dict[str, MethodEntry] = {}
+_BUILTINS_LOADED = False
+
+
+def register_method(name: str, options_class: type, method_class: type[Method], *, group: str | None = None,
+                    description: str = "", replace: bool = False) -> type[Method]:
+    """Make ``method_class`` (configured by the dataclass ``options_class``) available as ``name`` to the CLI,
+    configs, training, evaluation, prediction and loading."""
+    if not isinstance(method_class, type) or not issubclass(method_class, Method):
+        raise TypeError(f"register_method({name!r}): {method_class!r} does not derive from medbridge.Method")
+    if name in _REGISTRY and not replace and _REGISTRY[name].method_class is not method_class:
+        raise ValueError(f"a method named {name!r} is registered already ({_REGISTRY[name].method_class.__name__})")
+    method_class.name = name  # the name saved files and configs use
+    method_class.options_class = options_class
+    doc = (method_class.__doc__ or "").strip().splitlines()
+    _REGISTRY[name] = MethodEntry(name, options_class, method_class, group, description or (doc[0] if doc else ""))
+    return method_class
+
+
+def _registry() -> dict[str, MethodEntry]:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        from .builtin import register_builtin_methods
+
+        register_builtin_methods()
+    return _REGISTRY
+
+
+def list_methods() -> list[str]:
+    """Registered method names, in registration order."""
+    return list(_registry())
+
+
+def method_groups() -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for e in _registry().values():
+        if e.group:
+            groups.setdefault(e.group, []).append(e.name)
+    return groups
+
+
+def get_method(name: str) -> MethodEntry:
+    reg = _registry()
+    if name not in reg:
+        close = difflib.get_close_matches(name, list(reg), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise OptionsError(f"method {name!r} is not registered{hint} (registered: {', '.join(reg)})")
+    return reg[name]
+
+
+def check_method_options(name: str, options: dict | None, where: str | None = None):
+    """Validate options for a registered method; returns the options dataclass."""
+    entry = get_method(name)
+    return entry.method_class.check_options(options, where or f"method_options.{name}")
+
+
+def create_method(name: str, options: dict | None = None, *, backbones: list[Backbone | str] | None = None,
+                  labels: list[str], prompt_names: list[str] | None = None,
+                  focal: FocalConfig | dict | None = None) -> Method:
+    """A new, untrained method. ``backbones``: Backbone objects or source strings (default: the bundled one)."""
+    from ..backbones import DEFAULT_BACKBONE
+    from .medbridge.text_head import readable_name
+
+    entry = get_method(name)
+    opts = entry.method_class.check_options(options, f"method_options.{name}")
+    bbs = [b if isinstance(b, Backbone) else create_backbone(b) for b in (backbones or [DEFAULT_BACKBONE])]
+    focal = focal if isinstance(focal, FocalConfig) else FocalConfig(**(focal or {}))
+    names = list(prompt_names) if prompt_names else [readable_name(x) for x in labels]
+    return entry.method_class.build(opts, bbs, list(labels), names, focal)
+
+
+def save_method(method: Method, folder: str | Path, extra: dict | None = None) -> Path:
+    """``adapter.safetensors`` (the method's tensors, never a frozen backbone) + ``adapter.json``, atomically."""
+    from .. import __version__
+
+    folder = Path(folder)
+    digest = save_tensors(folder / WEIGHTS, method.state_tensors())
+    meta = {"format": FORMAT, "method": method.name, "options": method.saved_options(), "labels": method.labels,
+            "prompt_names": method.prompt_names, "focal": method.focal.to_dict(),
+            "backbones": [backbone_fingerprint(b) for b in method.backbones], "trainable_parameters":
+            method.num_trainable(), "info": method.info(), "medbridge_version": __version__,
+            "weights_sha256": digest, **(extra or {})}
+    atomic_write_bytes(folder / CONFIG, json.dumps(meta, indent=1, default=float).encode())
+    return folder
+
+
+def check_backbones(folder: Path, saved: list[dict], given: list[Backbone]) -> None:
+    if len(saved) != len(given):
+        raise AdapterMismatchError(f"{folder}: trained on {len(saved)} backbone(s), {len(given)} given")
+    for k, (fp, b) in enumerate(zip(saved, given)):
+        now = backbone_fingerprint(b)
+        diffs = [f"{key}: saved {fp[key]} vs given {now[key]}" for key in ("width", "depth", "embed_dim",
+                 "image_size", "checksum") if key in fp and fp[key] != now[key]]
+        if diffs:
+            raise AdapterMismatchError(f"{folder}: backbone {k} was {fp['name']!r} when trained, but {now['name']!r} "
+                                       f"differs ({'; '.join(diffs)})")
+
+
+def method_folder(folder: str | Path) -> Path:
+    """The folder holding a saved method: ``folder`` itself, or in a run folder the run's method (config.yaml),
+    else the first saved method found in it."""
+    from .legacy import LEGACY_CONFIGS
+
+    folder = Path(folder)
+    markers = (CONFIG, *LEGACY_CONFIGS)
+    if any((folder / m).is_file() for m in markers):
+        return folder
+    order = []
+    cfg = folder / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        try:
+            primary = (yaml.safe_load(cfg.read_text()) or {}).get("method")
+        except yaml.YAMLError:
+            primary = None
+        if primary in _registry():
+            order.append(folder / get_method(primary).method_class.folder())
+    order += [folder / e.method_class.folder() for e in _registry().values()]
+    for cand in order:
+        if any((cand / m).is_file() for m in markers):
+            return cand
+    raise FileNotFoundError(f"{folder}: no trained method found (expected {CONFIG} directly or in a method folder "
+                            "of a run folder, e.g. medbridge/ or linear_probe/)")
+
+
+def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> Method:
+    """A saved method (a method folder or a run folder), on ``backbones`` (default: built from the saved names),
+    with the backbones' fingerprints and the weights' digest checked."""
+    from .legacy import load_legacy
+
+    folder = method_folder(folder)
+    if not (folder / CONFIG).is_file():
+        return load_legacy(folder, backbones)
+    meta = read_json(folder / CONFIG, "method config")
+    if meta.get("format") != FORMAT:
+        raise CorruptFileError(f"{folder / CONFIG}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    for key in ("method", "options", "labels", "prompt_names", "focal", "backbones"):
+        if key not in meta:
+            raise CorruptFileError(f"{folder / CONFIG}: field {key!r} missing")
+    entry = get_method(meta["method"])
+    bbs = backbones or [create_backbone(fp["name"]) for fp in meta["backbones"]]
+    check_backbones(folder, meta["backbones"], bbs)
+    opts = entry.method_class.check_options(meta["options"], f"{folder / CONFIG}: options")
+    method = entry.method_class.build(opts, bbs, meta["labels"], meta["prompt_names"], FocalConfig(**meta["focal"]))
+    method.restore_info(meta.get("info", {}))
+    method.load_state_tensors(load_tensors(folder / WEIGHTS, meta.get("weights_sha256")), str(folder / WEIGHTS))
+    return method.eval()
+
+
+__all__ = ["AdapterMismatchError", "MethodEntry", "check_method_options", "create_method", "get_method",
+           "list_methods", "load_method", "method_folder", "method_groups", "register_method", "save_method"]
