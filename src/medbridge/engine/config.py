@@ -11,7 +11,8 @@ import yaml
 from ..backbones import DEFAULT_BACKBONE
 from ..data.focal import FocalConfig
 from ..methods.api import OptionsError
-from ..methods.registry import check_method_options, get_method, list_methods, method_groups
+from ..methods.legacy import migrate_legacy_config
+from ..methods.registry import check_method_options, default_method, get_method, list_methods, method_groups
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
@@ -90,7 +91,7 @@ class RunConfig:
     when they can read it), e.g. ``[linear-probe]`` in the demo. Older config files (sections ``model``,
     ``probe``, ``baseline``) are read into this form (:func:`config_from_dict`)."""
 
-    method: str = "medbridge"  # a registered method (medbridge list methods)
+    method: str = field(default_factory=default_method)  # a registered method (medbridge list methods)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     backbones: list = field(default_factory=lambda: [DEFAULT_BACKBONE])  # backbone sources; several = experts
@@ -140,25 +141,6 @@ class RunConfig:
         return asdict(self)
 
 
-def migrate_legacy(d: dict) -> dict:
-    """Config dicts of medbridge 0.1 (``model`` = MedBridge options + backbones + focal, ``probe``, ``baseline``)
-    in the current form; current keys given beside legacy ones win."""
-    d = dict(d)
-    options = {k: dict(v) for k, v in (d.get("method_options") or {}).items()}
-    model = dict(d.pop("model", None) or {})
-    if "backbones" in model:
-        d.setdefault("backbones", model.pop("backbones"))
-    if "focal" in model:
-        d["focal"] = {**model.pop("focal"), **(d.get("focal") or {})}
-    for legacy, target in ((model, "medbridge"), (d.pop("probe", None) or {}, "linear-probe"),
-                           (d.pop("baseline", None) or {}, "baseline")):
-        if legacy:
-            options[target] = {**legacy, **options.get(target, {})}
-    if options:
-        d["method_options"] = options
-    return d
-
-
 def _merge(base: dict, update: dict, where: str = "") -> dict:
     out = dict(base)
     for k, v in update.items():
@@ -199,13 +181,13 @@ def _coerce(section: str, cls, values: dict) -> dict:
 
 
 def config_from_dict(d: dict) -> RunConfig:
-    d = migrate_legacy(d)
+    d = migrate_legacy_config(d)
     known = {f.name for f in fields(RunConfig)}
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {sorted(known)}")
     try:
-        cfg = RunConfig(method=d.get("method", "medbridge"),
+        cfg = RunConfig(method=d.get("method") or default_method(),
                         data=DataConfig(**_coerce("data", DataConfig, d.get("data", {}))),
                         train=TrainConfig(**_coerce("train", TrainConfig, d.get("train", {}))),
                         backbones=list(d.get("backbones") or [DEFAULT_BACKBONE]), focal=dict(d.get("focal") or {}),

@@ -58,3 +58,27 @@ def load_legacy(folder: Path, backbones: list[Backbone] | None = None) -> Method
         weights = folder / "baseline.safetensors"
     method.load_state_tensors(load_tensors(weights, meta.get("weights_sha256")), str(weights))
     return method.eval()
+
+
+#: run-config sections of medbridge 0.1 and the method (or group) whose options they held
+LEGACY_SECTIONS = {"model": "medbridge", "probe": "linear-probe", "baseline": "baseline"}
+
+
+def migrate_legacy_config(d: dict) -> dict:
+    """A run config dict of medbridge 0.1 (``model`` = MedBridge options + backbones + focal, ``probe``,
+    ``baseline``) in the current form (``backbones``, ``focal``, ``method_options``); current keys win."""
+    d = dict(d)
+    options = {k: dict(v) for k, v in (d.get("method_options") or {}).items()}
+    model = dict(d.get("model") or {})
+    if "backbones" in model:
+        d.setdefault("backbones", model.pop("backbones"))
+    if "focal" in model:
+        d["focal"] = {**model.pop("focal"), **(d.get("focal") or {})}
+    d["model"] = model
+    for section, target in LEGACY_SECTIONS.items():
+        legacy = d.pop(section, None) or {}
+        if legacy:
+            options[target] = {**legacy, **options.get(target, {})}
+    if options:
+        d["method_options"] = options
+    return d

@@ -64,7 +64,28 @@ def _registry() -> dict[str, MethodEntry]:
         from .builtin import register_builtin_methods
 
         register_builtin_methods()
+        load_plugins()
     return _REGISTRY
+
+
+def load_plugins(spec: str | None = None) -> None:
+    """Call the registering functions named in ``$MEDBRIDGE_PLUGINS`` (comma-separated ``module:function``)."""
+    import importlib
+    import os
+
+    for item in filter(None, (x.strip() for x in (spec or os.environ.get("MEDBRIDGE_PLUGINS", "")).split(","))):
+        module, _, func = item.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), func or "register")
+        except (ImportError, AttributeError) as exc:
+            raise OptionsError(f"MEDBRIDGE_PLUGINS: cannot load {item!r} ({exc}); expected module:function with "
+                               "the module importable") from exc
+        fn()
+
+
+def default_method() -> str:
+    """The method a run uses when none is named: MedBridge."""
+    return "medbridge"
 
 
 def list_methods() -> list[str]:
@@ -85,7 +106,8 @@ def get_method(name: str) -> MethodEntry:
     if name not in reg:
         close = difflib.get_close_matches(name, list(reg), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise OptionsError(f"method {name!r} is not registered{hint} (registered: {', '.join(reg)})")
+        raise OptionsError(f"method {name!r} is not registered{hint} (registered: {', '.join(reg)}; your own methods: "
+                           "register_method(...) or MEDBRIDGE_PLUGINS=module:function)")
     return reg[name]
 
 

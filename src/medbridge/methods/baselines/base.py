@@ -106,10 +106,14 @@ class FeatureMethod(nn.Module):
         extra = self.extra_loss()
         return loss if extra is None else loss + extra
 
+    def training_loss(self, features: Tensor, targets: Tensor) -> Tensor:
+        """The mini-batch loss (MMRL adds its representation terms)."""
+        return self.loss(self(features), targets)
+
     def train_step(self, features: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer,
                    reduce_gradients: Callable[[list[nn.Parameter]], None] | None = None) -> Tensor:
         """One optimiser step; ``reduce_gradients`` all-reduces the gradients under data parallelism."""
-        loss = self.loss(self(features), targets)
+        loss = self.training_loss(features, targets)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()}")
         optimizer.zero_grad(set_to_none=True)

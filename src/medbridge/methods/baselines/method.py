@@ -33,10 +33,11 @@ def baseline_options_class(feature_class: type[FeatureMethod]) -> type:
         specs.append((f.name, f"{f.type} | None", dataclasses.field(default=None,
                                                                      metadata={"help": HPARAM_HELP.get(f.name, "")})))
     seen = {s[0] for s in specs}
-    for cls in feature_class.__mro__:
-        if cls is FeatureMethod or not issubclass(cls, FeatureMethod):
+    for cls in feature_class.__mro__:  # the constructor's keywords, following **kwargs to the parent's
+        if "__init__" not in vars(cls):
             continue
-        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        for p in params:
             if p.name in ("backbone", "labels", "names") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
             if p.name not in seen and p.default is not inspect.Parameter.empty:
@@ -44,6 +45,8 @@ def baseline_options_class(feature_class: type[FeatureMethod]) -> type:
                 kind = p.annotation if isinstance(p.annotation, str) and p.annotation != "_empty" else "Any"
                 specs.append((p.name, kind, dataclasses.field(default=p.default, metadata={"help": "see the "
                               f"{feature_class.__name__} docstring"})))
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
     if "template" not in seen:
         from ..medbridge.text_head import DEFAULT_TEMPLATE
 
@@ -136,7 +139,7 @@ class BaselineMethod(Method):
         return self.features_cached(cache, rows).to(device)
 
     def training_loss(self, batch: Tensor, targets: Tensor, reports: list | None) -> Tensor:
-        return self.method.loss(self.method(batch), targets)
+        return self.method.training_loss(batch, targets)
 
     def training_step(self, batch: Tensor, targets: Tensor, reports: list | None, optimizer: torch.optim.Optimizer,
                       reduce_gradients: Callable[[list[nn.Parameter]], None],

@@ -95,12 +95,8 @@ class MMRL(FeatureMethod):
         return (self.alpha * masked_bce(z_c, targets) + (1 - self.alpha) * masked_bce(z_r, targets)
                 + self.lam * reg)
 
-    def train_step(self, features, targets, optimizer):
-        loss = self.loss_terms(features, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+    def training_loss(self, features, targets):
+        return self.loss_terms(features, targets)
 
     def config(self) -> dict:
         return {"first": self.first, "num_tokens": self.num_tokens, "alpha": self.alpha, "lam": self.lam,

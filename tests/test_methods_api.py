@@ -1,0 +1,221 @@
+"""Methods as plug-ins: every registered method builds tiny, fits, saves and loads through the one format; files of
+the previous formats still load; baselines get resume and data parallelism from the shared loop; the engine never
+names a method; a new method is one class plus one register_method call (the documented example, end to end)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.helpers import nih_subset_csv, random_targets
+
+from medbridge.backbones.tiny import tiny_open_clip
+from medbridge.engine.config import TrainConfig
+from medbridge.engine.trainer import fit_method
+from medbridge.methods import (
+    NotApplicableError,
+    OptionsError,
+    TrainingData,
+    create_method,
+    list_methods,
+    load_method,
+    save_method,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LEGACY = Path(__file__).parent / "fixtures" / "legacy"
+LABELS, NAMES = ["Effusion", "Pneumonia", "Cardiomegaly"], ["pleural effusion", "pneumonia", "cardiomegaly"]
+TINY_OPTIONS = {"medbridge": {"num_queries": 2, "t1": 6}, "linear-probe": {"C": [0.1], "max_iter": 200},
+                "lp-text": {"epochs": 3}, "mma": {"epochs": 1}, "mmrl": {"epochs": 1}}
+
+
+class MemoryCache:
+    """The cache's read interface over tensors in memory (fp16 like the real one)."""
+
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        self.arrays = {k: v.detach().half() for k, v in values.items()}
+
+    def read(self, rows, names=None):
+        return {k: v[np.asarray(rows)] for k, v in self.arrays.items() if names is None or k in names}
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_open_clip("ViT-B-16-quickgelu", layers=12, seed=3)
+
+
+def cached(method, n: int = 16, seed: int = 0) -> MemoryCache:
+    spec = method.cache_spec(1)
+    size = method.preprocess[0].image_size
+    px = torch.randn(n, 1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return MemoryCache(spec.compute([px] * len(method.backbones)))
+
+
+def train_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 2, "batch_size": 4, "seed": 0, "checkpoint_every": 1, "workers": 0, **kw})
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_registered_method_fits_saves_and_loads_the_same_scores(name, clip, tmp_path):
+    method = create_method(name, {"epochs": 1} if name not in TINY_OPTIONS and name != "zero-shot" else
+                           TINY_OPTIONS.get(name), backbones=[clip], labels=LABELS, prompt_names=NAMES,
+                           focal={"num_crops": 0})
+    cache = cached(method)
+    rows, val = np.arange(12), np.arange(12, 16)
+    fit_method(method, TrainingData(cache, random_targets(16, 3), rows, val), train_cfg(epochs=1), tmp_path / "r",
+               progress_bar=False)
+    folder = save_method(method, tmp_path / method.folder())
+    meta = json.loads((folder / "adapter.json").read_text())
+    assert meta["method"] == name and meta["labels"] == LABELS and meta["weights_sha256"]
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter.json", "adapter.safetensors"]
+    again = load_method(folder, [clip])
+    assert type(again) is type(method) and again.labels == LABELS
+    np.testing.assert_array_equal(again.scores_cached(cache, np.arange(16)), method.scores_cached(cache,
+                                                                                                  np.arange(16)))
+    assert not any(p.requires_grad for p in clip.parameters())
+
+
+@pytest.mark.parametrize("name", ["medbridge", "linear_probe", "coop"])
+def test_files_of_the_previous_formats_still_load_and_score_the_same(name):
+    """Fixtures written by medbridge 0.1's per-kind formats (tests/fixtures/legacy/make_legacy.py)."""
+    expected = json.loads((LEGACY / "expected_scores.json").read_text())
+    clip = tiny_open_clip("ViT-B-16-quickgelu", seed=3)
+    method = load_method(LEGACY / name, [clip])
+    size = expected["image_size"]
+    px = [torch.randn(2, 1, 3, size, size, generator=torch.Generator().manual_seed(expected["pixels_seed"]))]
+    scores, _ = method.scores_views(px)
+    np.testing.assert_allclose(scores, np.array(expected["scores"][name]), atol=1e-6)
+    if name == "medbridge":  # the only legacy kind that recorded backbone fingerprints
+        with pytest.raises(Exception, match="backbone 0"):
+            load_method(LEGACY / name, [tiny_open_clip("ViT-B-16-quickgelu", seed=4)])
+
+
+def test_a_baseline_resumes_exactly_and_refuses_an_unaligned_backbone(clip, tmp_path):
+    def run(out, **kw):
+        m = create_method("coop", {"epochs": 3, "batch_size": 4}, backbones=[clip], labels=LABELS, prompt_names=NAMES)
+        fit_method(m, TrainingData(cache, targets, np.arange(16), np.arange(0)), train_cfg(), out,
+                   progress_bar=False, **kw)
+        return m
+
+    probe = create_method("coop", {}, backbones=[clip], labels=LABELS, prompt_names=NAMES)
+    cache, targets = cached(probe), random_targets(16, 3)
+    full = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_after=6)  # mid-epoch 2 of 3 (4 steps per epoch)
+    resumed = run(tmp_path / "b", resume=True)
+    for n, p in full.state_tensors().items():
+        torch.testing.assert_close(resumed.state_tensors()[n], p, atol=0, rtol=0, msg=n)
+    assert not torch.equal(full.state_tensors()["prompt.ctx"], probe.state_tensors()["prompt.ctx"])
+    from medbridge.backbones.registry import tiny_builders
+
+    with pytest.raises(NotApplicableError, match="coop needs a CLIP-style backbone"):
+        create_method("coop", {}, backbones=[tiny_builders()["tiny-hf-dinov2"]()], labels=LABELS)
+
+
+def _ddp_worker(rank, world_size, init_file, out_dir, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    clip = tiny_open_clip("ViT-B-16-quickgelu", layers=12, seed=3)
+    m = create_method("coop", {"epochs": 2, "batch_size": 4}, backbones=[clip], labels=LABELS, prompt_names=NAMES)
+    fit_method(m, TrainingData(cached(m), random_targets(16, 3), np.arange(16), np.arange(0)),
+               train_cfg(checkpoint_every=0), out_dir, progress_bar=False)
+    if rank == 0:
+        torch.save({n: p.detach() for n, p in m.state_tensors().items()}, result_file)
+    dist.destroy_process_group()
+
+
+def test_a_baseline_under_two_gloo_processes_equals_one_process(clip, tmp_path):
+    import torch.multiprocessing as mp
+
+    m = create_method("coop", {"epochs": 2, "batch_size": 4}, backbones=[clip], labels=LABELS, prompt_names=NAMES)
+    fit_method(m, TrainingData(cached(m), random_targets(16, 3), np.arange(16), np.arange(0)),
+               train_cfg(checkpoint_every=0), tmp_path / "one", progress_bar=False)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), tmp_path / "ddp", str(tmp_path / "ddp.pt")), nprocs=2,
+             join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    start = create_method("coop", {}, backbones=[clip], labels=LABELS, prompt_names=NAMES)
+    assert not torch.allclose(ddp["prompt.ctx"], start.state_tensors()["prompt.ctx"])  # it trained
+    for n, p in m.state_tensors().items():
+        torch.testing.assert_close(ddp[n], p.detach(), atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_the_engine_names_no_method_and_methods_never_import_the_engine():
+    names = set(list_methods())
+    for path in sorted((REPO / "src" / "medbridge" / "engine").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not (names & literals), f"{path.name} names methods {sorted(names & literals)}"
+        imports = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imports if re.search(r"methods\.(medbridge|linear_probe|baselines)", m)], path.name
+    for path in (REPO / "src" / "medbridge" / "methods").rglob("*.py"):
+        assert "engine" not in {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(path.read_text()))
+                                if isinstance(n, ast.ImportFrom) and n.level >= 2}, path
+
+
+def test_options_are_validated_by_the_registered_dataclass():
+    with pytest.raises(OptionsError, match=r"method_options.linear-probe.Cs: unknown option; allowed: \['C', "):
+        create_method("linear-probe", {"Cs": [1]}, labels=LABELS)
+    with pytest.raises(OptionsError, match=r"features must be one of"):
+        create_method("linear-probe", {"features": "all"}, labels=LABELS)
+    with pytest.raises(OptionsError, match=r"method 'linear_probe' is not registered; did you mean linear-probe"):
+        create_method("linear_probe", {}, labels=LABELS)
+    with pytest.raises(OptionsError, match=r"num_queries: expected a number \(int\), got 'many'"):
+        create_method("medbridge", {"num_queries": "many"}, labels=LABELS)
+
+
+def example_code() -> str:
+    text = (REPO / "docs" / "adding-a-method.md").read_text()
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_the_documented_example_is_about_thirty_lines():
+    code = [line for line in example_code().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(code) <= 45
+
+
+def test_the_documented_example_method_trains_end_to_end_through_the_cli(tmp_path, nih_sample, capsys,
+                                                                        monkeypatch):
+    from medbridge.cli.main import main
+    from medbridge.methods import registry
+
+    (tmp_path / "my_methods.py").write_text(example_code())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_methods", raising=False)
+    registry.load_plugins("my_methods:register")  # what MEDBRIDGE_PLUGINS=my_methods:register does
+    try:
+        data = nih_subset_csv(nih_sample, tmp_path / "data" / "labels.csv", n=40)
+        vision = f"local-dir:{tmp_path / 'clip'}"
+        from tests.helpers import save_tiny_clip
+
+        save_tiny_clip(tmp_path / "clip")
+        out = tmp_path / "run"
+        assert main(["list", "methods"]) == 0
+        assert "mlp-head" in capsys.readouterr().out
+        assert main(["train", "--data", str(data), "--backbone", vision, "--method", "mlp-head", "--out", str(out),
+                     "--quiet", "--set", "method_options.mlp-head.hidden=16", "--set", "train.workers=0",
+                     "--set", f"train.cache_dir={tmp_path / 'cache'}", "--set", "data.fractions=[0.5,0.2,0.3]",
+                     "--with-probe"]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert set(metrics["methods"]) == {"mlp-head", "linear-probe"}
+        assert metrics["trainable_parameters"]["mlp-head"] == sum(
+            p.numel() for p in load_method(out / "mlp-head").trainable_parameters().values())
+        capsys.readouterr()
+        assert main(["eval", str(out), "--data", str(data), "--json", "--workers", "0",
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["method"] == "mlp-head" and res["macro"]["auroc"] == metrics["methods"]["mlp-head"]["macro"]["auroc"]
+        image = sorted((nih_sample / "images").glob("*.jpg"))[0]
+        assert main(["predict", str(out), str(image), "--json"]) == 0
+        assert set(json.loads(capsys.readouterr().out)[0]["probabilities"]) == {"Pneumonia", "Infiltration",
+                                                                                "Effusion"}
+    finally:
+        registry._REGISTRY.pop("mlp-head", None)
