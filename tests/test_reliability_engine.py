@@ -134,7 +134,7 @@ def test_probe_with_fewer_labels_than_weights_is_refused(run, tmp_path, nih_samp
     cfg["labels"] = cfg["labels"][:-1]
     (folder / "adapter.json").write_text(json.dumps(cfg))
     assert main(["predict", str(folder), str(sorted((nih_sample / "images").glob("*.jpg"))[0])]) == 2
-    assert "shapes do not fit the 2 labels" in capsys.readouterr().err
+    assert "shapes do not fit this linear-probe with 2 labels" in capsys.readouterr().err
 
 
 def test_damaged_or_foreign_weight_files_give_one_line(run, tmp_path, nih_sample, capsys):
