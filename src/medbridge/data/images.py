@@ -131,17 +131,15 @@ def _transfer_syntax(ds) -> str:
     return str(inferred)
 
 
-def _read_dicom_dataset(path: Path, force: bool):
+def _read_dicom_dataset(path: Path):
     """(pydicom's dataset, None); a file pydicom finds invalid (no 128-byte preamble/'DICM' prefix, no file meta)
-    is read again with ``force`` (if allowed): (dataset, pydicom's reason)."""
+    is read again with ``force=True``: (dataset, pydicom's reason)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         return pydicom.dcmread(str(path)), None
     except InvalidDicomError as exc:
-        if not force:
-            raise
         reason = " ".join(str(exc).split())
     return pydicom.dcmread(str(path), force=True), reason
 
@@ -151,7 +149,7 @@ def read_dicom(path: str | Path) -> np.ndarray:
     preamble/'DICM' prefix (older ACR-NEMA-style exports) are read when they parse as DICOM with pixel data."""
     path = Path(path)
     try:
-        ds, forced = _read_dicom_dataset(path, force=True)
+        ds, forced = _read_dicom_dataset(path)
     except Exception as exc:  # pydicom raises many kinds on malformed files
         raise ImageReadError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds:
@@ -285,7 +283,7 @@ def read_image(path: str | Path) -> np.ndarray:
 def _headerless_dicom(path: Path):
     """The dataset of a DICOM file without preamble/'DICM' prefix and without a DICOM suffix, or None."""
     try:
-        ds, _ = _read_dicom_dataset(path, force=True)
+        ds, _ = _read_dicom_dataset(path)
         return ds if "PixelData" in ds and "Rows" in ds and "Columns" in ds else None
     except Exception:
         return None
