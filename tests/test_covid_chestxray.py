@@ -186,6 +186,7 @@ def test_missing_file_and_views_option(small, tmp_path):
 
 
 # --------------------------------------------------------------------------- long notes: chunked, not truncated
+@pytest.mark.slow
 def test_long_notes_are_chunked_not_truncated(covid_sample):
     from medbridge.backbones.tiny import tiny_bert_text_tower
     from medbridge.methods.medbridge.text_head import LabelTextHead, text_capacity, token_count
