@@ -229,11 +229,12 @@ def test_vision_only_loading_peak_memory_is_a_fraction_of_the_language_model():
 
 
 def test_text_classifier_baselines_are_not_applicable_with_a_paired_text_tower(saved):
-    from medbridge.methods.baselines import NotApplicableError, build_baseline
+    from medbridge.methods.baselines import BASELINES, NotApplicableError, build_baseline
 
     backbone = create_backbone(f"local-dir:{saved['paligemma']}+minilm-l6")
     assert backbone.text is not None and not backbone.aligned
-    for method in ("zero-shot", "coop"):
+    assert {"zero-shot", "coop", "clip-adapter", "mma", "mmrl"} <= set(BASELINES)
+    for method in BASELINES:  # every registered baseline is a text classifier
         with pytest.raises(NotApplicableError, match="not trained with its image tower"):
             build_baseline(method, backbone, ["Effusion"], ["effusion"])
 
@@ -319,3 +320,35 @@ def test_registered_vlm_without_hub_says_how_to_load_offline():
 
     with pytest.raises(HubUnreachableError, match="local-dir"):
         create_backbone("qwen2.5-vl-7b")
+
+
+@pytest.mark.slow
+def test_registered_vlm_loads_from_a_hub_cache_holding_only_the_vision_shards(tmp_path, saved):
+    """A registered name resolves through the local hub cache (offline) when only config, index and the shards
+    with vision tensors were downloaded, which is what medbridge downloads."""
+    import os
+    import shutil
+
+    index = json.loads((saved["qwen2_5_vl"] / "model.safetensors.index.json").read_text())["weight_map"]
+    vision_shards = {v for k, v in index.items() if k.startswith("visual.")}
+    assert len(vision_shards) < len(set(index.values()))
+    rev = "0" * 40
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-VL-7B-Instruct"
+    snap = repo / "snapshots" / rev
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for f in saved["qwen2_5_vl"].iterdir():
+        if f.suffix == ".safetensors" and f.name not in vision_shards:
+            continue
+        shutil.copy(f, repo / "blobs" / f.name)
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    code = ("from medbridge.backbones import availability, create_backbone, get_spec\n"
+            "print(availability(get_spec('qwen2.5-vl-7b')))\n"
+            "b = create_backbone('qwen2.5-vl-7b')\n"
+            "print(b.name, b.vision.depth, b.vision.embed_dim, b.vision.preprocess.image_size)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["yes (hub cache)", "qwen2.5-vl-7b 4 32 32"]

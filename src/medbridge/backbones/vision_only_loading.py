@@ -100,15 +100,16 @@ def load_submodule(module: torch.nn.Module, folder: Path, prefixes: Iterable[str
 
 def hub_vision_snapshot(repo: str, prefixes: Iterable[str]) -> Path:
     """Download from the Hub only the config/processor files and the shards that hold ``prefixes`` tensors."""
-    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     prefixes = tuple(prefixes)
-    files = set(list_repo_files(repo))
     patterns = ["config.json", "preprocessor_config.json"]
-    if INDEX in files:
+    try:  # the hub cache answers when offline
         index = Path(hf_hub_download(repo, INDEX))
+    except EntryNotFoundError:
+        patterns.append(SINGLE)
+    else:
         weight_map = json.loads(index.read_text())["weight_map"]
         patterns += [INDEX] + sorted({weight_map[k] for k in weight_map if k.startswith(prefixes)})
-    else:
-        patterns.append(SINGLE)
     return Path(snapshot_download(repo, allow_patterns=patterns))
