@@ -32,8 +32,8 @@ class UploadError(ValueError):
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Per-upload limits: ``max_bytes`` of one request body, ``max_pixels`` of one decoded image (rows x columns x
-    frames), ``max_images`` per request."""
+    """Per-upload limits: ``max_bytes`` of one request body, ``max_pixels`` of one decoded image (rows x columns; the
+    first frame of a multi-frame DICOM), ``max_images`` per request."""
 
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000
@@ -90,10 +90,11 @@ def _decode_pil(data: bytes, name: str, fmt: str, limits: UploadLimits) -> np.nd
 
 
 def _decode_dicom(data: bytes, name: str, limits: UploadLimits) -> np.ndarray:
-    """Same pixel conversion as :func:`medbridge.data.images.read_dicom` (modality LUT, VOI LUT/window, min-max to
-    [0, 1], MONOCHROME1 inverted; colour to RGB), from bytes."""
+    """Parse in memory, check the declared size, then :func:`medbridge.data.images.dicom_to_array` (the CLI's
+    conversion: modality LUT, VOI LUT/window, MONOCHROME1 inverted, colour to luminance, first frame)."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from ..data.images import ImageReadError, dicom_to_array
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -103,34 +104,13 @@ def _decode_dicom(data: bytes, name: str, limits: UploadLimits) -> np.ndarray:
         raise UploadError(f"{name}: DICOM file has no pixel data")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise UploadError(f"{name}: DICOM file lacks valid Rows/Columns") from exc
-    _check_pixels(name, rows, cols, frames, limits)
-    syntax = ds.file_meta.get("TransferSyntaxUID", None)
+    _check_pixels(name, rows, cols, 1, limits)  # only the first frame is decoded
     try:
-        arr = ds.pixel_array
-    except Exception as exc:  # missing codec, truncated data
-        raise UploadError(f"{name}: cannot decode the DICOM pixel data (transfer syntax "
-                          f"{getattr(syntax, 'name', syntax) or 'unknown'}; {type(exc).__name__})") from exc
-    if arr.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
-        arr = arr[0]  # multi-frame: first frame
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric.startswith("MONOCHROME"):
-        arr = apply_modality_lut(arr, ds)
-        if "WindowCenter" in ds or "VOILUTSequence" in ds:
-            arr = apply_voi_lut(arr, ds, index=0)
-        arr = arr.astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        return 1.0 - arr if photometric == "MONOCHROME1" else arr
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
-        if photometric != "RGB":
-            from pydicom.pixels import convert_color_space
-
-            arr = convert_color_space(arr, photometric, "RGB")
-        return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max if arr.dtype.kind == "u" else 255)
-    raise UploadError(f"{name}: unsupported DICOM photometric interpretation {photometric}", status=415)
+        return dicom_to_array(ds, name)
+    except ImageReadError as exc:
+        raise UploadError(str(exc), status=415 if "unsupported" in str(exc) else 422) from exc
 
 
 def decode_upload(data: bytes, name: str = "image", limits: UploadLimits | None = None) -> np.ndarray:
