@@ -342,3 +342,55 @@ def test_token_required_off_loopback(tiny_run):
 def test_serve_command_refuses_public_bind_without_token(tiny_run, capsys):
     assert main(["serve", str(tiny_run["run"]), "--host", "0.0.0.0"]) == 2
     assert "pass --token" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- explanations
+
+def test_predict_explain_writes_overlays(tiny_run, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "overlays"
+    args = ["predict", str(tiny_run["run"]), str(nih_jpeg(tiny_run["nih"])), str(rg1_dicom("J2KI")), "--explain",
+            str(out), "--json"]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    files = sorted(out.glob("*.png"))
+    expected = sum(len(set(r["labels"]) | set(sorted(r["probabilities"], key=lambda k: -r["probabilities"][k])[:3]))
+                   for r in rows)
+    assert len(files) == expected and files[0].name.startswith("0000_")
+    im = Image.open(out / "0001_RG1_J2KI_Effusion.png")
+    assert im.size == (round(1024 * 1841 / 1955), 1024) and im.mode == "RGB"
+    assert main(args) == 2  # the overlays exist: refused without --overwrite
+    assert "exists" in capsys.readouterr().err
+
+
+def test_heat_maps_follow_the_method_and_the_hottest_box():
+    import torch
+
+    from medbridge.serve.explain import hottest_box
+
+    heat = np.zeros((60, 80))
+    heat[40:50, 10:20] = 1.0
+    assert hottest_box(heat, 10) == (10, 40, 20, 50)
+    assert hottest_box(torch.rand(30, 30).numpy(), 50) == (0, 0, 30, 30)
+
+
+@pytest.mark.parametrize("which", ["medbridge", "linear_probe", "baseline"])
+def test_explanation_forward_reproduces_the_method(tiny_run, which):
+    """The differentiable forward the heat maps use gives the method's own probabilities (MedBridge through
+    forward_cached from recomputed frozen states, probe, baseline)."""
+    from medbridge.data.focal import focal_views
+    from medbridge.data.images import read_image
+    from medbridge.engine.methods_io import load_method
+    from medbridge.serve.explain import token_relevance
+
+    folder = {"medbridge": tiny_run["run"], "linear_probe": tiny_run["run"] / "linear_probe",
+              "baseline": tiny_run["baseline"]}[which]
+    method = load_method(folder)
+    views = focal_views(read_image(nih_jpeg(tiny_run["nih"], 2)), method.focal, method.preprocess)
+    pixels = [v.pixels.unsqueeze(0) for v in views]
+    want = method.scores_views(pixels)[0][0]
+    for layer in (0, 2):
+        probs, maps = token_relevance(method, pixels, [2, 0], layer)
+        np.testing.assert_allclose(probs, want[[2, 0]], atol=1e-5)
+        assert maps[0].shape[:2] == (2, pixels[0].shape[1]) and (maps[0] >= 0).all() and maps[0].max() > 0

@@ -11,6 +11,9 @@ views per label). Faithfulness is checked by a deletion test (docs/serve.md).
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -178,3 +181,68 @@ def deletion_test(method: TrainedMethod, images: list[np.ndarray], labels_per_im
             rows.append({"image": i, "label": method.labels[c], "p": float(res["probabilities"][k]),
                          "p_hot": float(probs[k, 0, c]), "p_random": float(probs[k, 1:, c].mean())})
     return rows
+
+
+HEAT_STOPS = np.array([[0, 0, 255], [0, 192, 255], [64, 255, 64], [255, 255, 0], [255, 32, 0]], dtype=np.float32)
+
+
+def overlay_png(image: np.ndarray, heat: np.ndarray, boxes: list | None = None, votes: list[float] | None = None,
+                opacity: float = 0.6, max_side: int = 1024) -> bytes:
+    """The image (long side ``max_side``) with ``heat`` ([h, w] in [0, 1]) blended on top in the page's colours
+    (blue -> red, more opaque where hotter) and, for MedBridge, the focal boxes with their votes; PNG bytes."""
+    from PIL import Image, ImageDraw
+
+    grey = np.clip(image if image.ndim == 2 else image.mean(-1), 0, 1)
+    base = Image.fromarray((grey * 255).round().astype(np.uint8)).convert("RGB")
+    base.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    w, h = base.size
+    v = F.interpolate(torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None], size=(h, w),
+                      mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
+    x = v * (len(HEAT_STOPS) - 1)
+    i = np.minimum(x.astype(int), len(HEAT_STOPS) - 2)
+    t = (x - i)[..., None]
+    colour = HEAT_STOPS[i] * (1 - t) + HEAT_STOPS[i + 1] * t
+    alpha = (opacity * np.clip(0.15 + v, 0, 1) * (v >= 0.02))[..., None]
+    out = Image.fromarray((np.asarray(base, dtype=np.float32) * (1 - alpha) + colour * alpha).round()
+                          .astype(np.uint8))
+    if boxes and len(boxes) > 1:
+        draw = ImageDraw.Draw(out)
+        s = w / image.shape[1]
+        for k, (x0, y0, x1, y1) in enumerate(boxes):
+            if k == 0 and (x0, y0) == (0, 0) and (x1, y1) == (image.shape[1], image.shape[0]):
+                continue  # the whole image
+            vote = votes[k] if votes else 0.0
+            draw.rectangle([x0 * s, y0 * s, x1 * s - 1, y1 * s - 1], outline=(255, 212, 0),
+                           width=max(1, round(2 + 6 * vote)))
+            draw.text((x0 * s + 4, y0 * s + 4), f"vote {vote:.2f}", fill=(255, 212, 0))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_explanations(method: TrainedMethod, rows: list[dict], folder: Path, top: int = 3,
+                       overwrite: bool = False, layer: int = DEFAULT_LAYER) -> list[Path]:
+    """For each predicted image (rows of :func:`medbridge.engine.evaluate.predict_images`), overlays of its
+    positive labels and its ``top`` most probable ones: ``folder/<n>_<image stem>_<label>.png``. Existing files
+    are refused unless ``overwrite``."""
+    from ..data.images import read_image
+    from ..io import atomic_write_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, row in enumerate(rows):
+        if "error" in row:
+            continue
+        probs = np.array([row["probabilities"][lab] for lab in method.labels])
+        chosen = sorted(set(np.argsort(-probs)[:top].tolist()) | {method.labels.index(x) for x in row["labels"]})
+        image = read_image(row["image"])
+        res = heat_maps(method, image, chosen, layer)
+        votes = [v["vote"] for v in row["views"]] if "views" in row else None
+        for k, c in enumerate(chosen):
+            label = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in method.labels[c])
+            target = folder / f"{n:04d}_{Path(row['image']).stem}_{label}.png"
+            if target.exists() and not overwrite:
+                raise FileExistsError(f"--explain: {target} exists: choose another folder or pass --overwrite")
+            atomic_write_bytes(target, overlay_png(image, res["maps"][k], res["boxes"], votes))
+            written.append(target)
+    return written
