@@ -104,8 +104,8 @@ def test_tower_equals_the_full_vlm_image_features(saved, loaded, model_type):
 
 
 def test_llava_stops_at_its_vision_feature_layer(loaded):
-    v = loaded["llava"].vision  # 4 CLIP layers, vision_feature_layer -2 -> hidden_states[3]
-    assert v.depth == 3 and len(v.clip.vision_model.encoder.layers) == 4
+    v = loaded["llava"].vision  # 4 CLIP layers, vision_feature_layer -2 -> hidden_states[3]; the 4th is dropped
+    assert v.depth == 3 and len(v.clip.vision_model.encoder.layers) == 3
 
 
 def test_qwen_patchify_matches_the_image_processor(saved, loaded):
@@ -200,7 +200,9 @@ def test_vision_only_loading_never_reads_language_tensors(tmp_path, monkeypatch)
     full = _library_model(tmp_path)
     vision_side = sum(p.numel() for p in full.model.vision_tower.parameters()) + \
         sum(p.numel() for p in full.model.multi_modal_projector.parameters())
-    assert backbone.num_parameters() == vision_side < full.num_parameters() // 2  # no language model held
+    unused = sum(p.numel() for p in full.model.vision_tower.vision_model.encoder.layers[3:].parameters())
+    assert backbone.num_parameters() == vision_side - unused  # no language model held (nor unused CLIP layers)
+    assert vision_side < full.num_parameters() // 2
 
 
 def test_missing_vision_tensors_are_named(tmp_path):

@@ -80,8 +80,9 @@ class LlavaVisionTower(VisionTower):
         self.num_prefix_tokens = 1
         self.embed_dim = projector.linear_2.out_features
         self.preprocess = preprocess
-        layers = clip_vision.vision_model.encoder.layers
-        self._blocks = nn.ModuleList(TokenBlock(b, "hf_clip") for b in list(layers)[: self.depth])
+        encoder = clip_vision.vision_model.encoder
+        encoder.layers = encoder.layers[: self.depth]  # the layers after the feature layer are never used
+        self._blocks = nn.ModuleList(TokenBlock(b, "hf_clip") for b in encoder.layers)
 
     def embed(self, pixels: Tensor) -> Tensor:
         vm = self.clip.vision_model
@@ -307,7 +308,8 @@ def build_vlm_tower(config, folder: Path, read_log: list[str] | None = None) -> 
 
 
 def wrap_vlm_model(name: str, model: nn.Module, processor: dict | None = None) -> Backbone:
-    """A :class:`Backbone` around the vision side of an already built ``*ForConditionalGeneration`` model."""
+    """A :class:`Backbone` around the vision side of an already built ``*ForConditionalGeneration`` model (for
+    Qwen2.5-VL, its vision attention becomes the masked SDPA of ``qwen_vl``: plain SDPA when given no mask)."""
     inner = model.model
     if model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):
         return Backbone(name, tower_from_parts(model.config, inner.visual, None, processor))
