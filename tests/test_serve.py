@@ -394,3 +394,106 @@ def test_explanation_forward_reproduces_the_method(tiny_run, which):
         probs, maps = token_relevance(method, pixels, [2, 0], layer)
         np.testing.assert_allclose(probs, want[[2, 0]], atol=1e-5)
         assert maps[0].shape[:2] == (2, pixels[0].shape[1]) and (maps[0] >= 0).all() and maps[0].max() > 0
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no Chromium on this machine (scripts/setup.sh installs Debian's chromium where apt can)")
+
+
+@pytest.fixture
+def live_server(tiny_run):
+    """The app on a free loopback port in a uvicorn thread: the run from MEDBRIDGE_SERVE_BROWSER_RUN if set (e.g.
+    a demo run with the bundled backbone, for the docs' screenshot), else the tiny run."""
+    import os
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    run = os.environ.get("MEDBRIDGE_SERVE_BROWSER_RUN") or tiny_run["run"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.slow
+def test_page_in_headless_chromium(live_server, tiny_run, tmp_path):
+    """Debian's Chromium driven by Playwright: upload the real RG1 DICOM (MONOCHROME1, JPEG 2000) and a real NIH
+    image, wait for the label table, check the heat-map canvas has coloured pixels, use the keyboard to pick
+    another label and the opacity slider, save a screenshot."""
+    import os
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python client is not installed")
+    executable = chromium_path()
+    overlay_pixels = ("() => { const c = document.getElementById('overlay'); if (!c.width) return 0;"
+                      " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;"
+                      " for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }")
+    with sync_api.sync_playwright() as pw:
+        try:
+            context = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=executable,
+                                                            headless=True, args=CHROMIUM_ARGS,
+                                                            viewport={"width": 1280, "height": 900})
+        except Exception as exc:  # e.g. a Chromium that cannot start in this container
+            pytest.skip(f"Chromium at {executable} did not start: {str(exc).splitlines()[0]}")
+        try:
+            page = context.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+            page.goto(live_server + "/")
+            # waits use selectors: the page's Content-Security-Policy forbids the eval behind wait_for_function
+            page.locator("#model-info", has_text="labels").wait_for()
+            for path in (rg1_dicom("J2KR"), nih_jpeg(tiny_run["nih"])):
+                page.set_input_files("#file", str(path))
+                page.locator("#status", has_text=f"Scored {path.name}").wait_for(timeout=120_000)
+                rows = page.locator("#labels tbody tr")
+                assert rows.count() >= 3
+                probs = [float(t.rstrip("%")) for t in rows.locator("td:nth-child(2)").all_inner_texts()]
+                assert probs == sorted(probs, reverse=True)
+                first = rows.nth(0).get_attribute("data-label")
+                page.wait_for_selector(f"#overlay[data-label={json.dumps(first)}]", state="attached", timeout=120_000)
+                assert page.evaluate(overlay_pixels) > 100
+                assert page.locator("#xray").evaluate("img => img.naturalWidth") > 0
+            # keyboard: the first label's button, ArrowDown selects the next label and draws its heat map
+            second = rows.nth(1).get_attribute("data-label")
+            rows.nth(0).locator("button").focus()
+            page.keyboard.press("ArrowDown")
+            assert rows.nth(1).locator("button").get_attribute("aria-pressed") == "true"
+            page.wait_for_selector(f"#overlay[data-label={json.dumps(second)}]", state="attached", timeout=120_000)
+            assert page.evaluate(overlay_pixels) > 100
+            page.locator("#opacity").focus()
+            for _ in range(10):
+                page.keyboard.press("ArrowRight")
+            assert page.locator("#overlay").evaluate("c => c.style.opacity") == "0.7"
+            shot = tmp_path / "serve_page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            if os.environ.get("MEDBRIDGE_SCREENSHOT"):
+                shutil.copyfile(shot, os.environ["MEDBRIDGE_SCREENSHOT"])
+            assert not errors, errors
+        finally:
+            context.close()

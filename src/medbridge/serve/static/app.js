@@ -101,6 +101,7 @@
     });
     $("gate").textContent = r.gate ? "Expert gate: " + r.gate.map((g) => g.toFixed(2)).join(", ") : "";
     $("boxes-toggle-label").hidden = !r.views || r.views.length < 2;
+    $("overlay").dataset.label = "";  // no heat map of the previous image counts as drawn
     const img = $("xray");
     img.onload = () => { drawBoxes(); select(sorted[0].label); };
     img.src = r.preview;
