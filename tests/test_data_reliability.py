@@ -264,3 +264,18 @@ def test_broken_symlinks_are_reported_by_folder_loader_and_predict_inputs(tmp_pa
     assert len(warned) == 2 and all("1 broken symbolic link(s) skipped" in w and str(gone) in w for w in warned)
     with pytest.raises(FileNotFoundError, match=r"gone\.png is a broken symbolic link"):
         collect_images([gone])
+
+
+def test_split_file_write_is_atomic(tmp_path, nih_sample, monkeypatch):
+    """A write that fails half-way (disk full at fsync) leaves the previous split.json intact and no temp file."""
+    t = load_dataset("nih", nih_sample)
+    path = save_split(make_split(t, seed=0), t, tmp_path / "split.json")
+    before = path.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_split(make_split(t, seed=1), t, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["split.json"]

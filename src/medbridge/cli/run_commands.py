@@ -209,6 +209,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     method = load_method(args.run)
     thresholds = run_thresholds(Path(args.run), method.name)
     rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable)
+    if args.explain:  # per-label heat-map overlays (medbridge serve's explanations) as PNGs
+        from ..serve.explain import write_explanations
+
+        written = write_explanations(method, rows, Path(args.explain), overwrite=args.overwrite)
+        print(f"{len(written)} heat-map overlays written to {args.explain}", file=sys.stderr)
     if out is not None and out.suffix.lower() == ".csv":
         import pandas as pd
 
@@ -367,6 +372,8 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--json", action="store_true", help="print full JSON (probabilities, gate, per-view votes)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-unreadable", action="store_true", help="report unreadable images instead of failing")
+    p.add_argument("--explain", metavar="DIR", help="also write heat-map overlays (PNG) of each image's positive "
+                                                    "and 3 most probable labels into DIR")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_predict)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import PreprocessConfig
-from .images import check_image_array, to_model_input
+from .images import check_image_array, read_image, to_model_input
 
 
 @dataclass(frozen=True)
@@ -113,16 +113,63 @@ class FocalViews:
 
 
 def focal_views(image: np.ndarray, cfg: FocalConfig, preprocess: PreprocessConfig | list[PreprocessConfig],
-                train: bool = False, rng: np.random.Generator | None = None) -> FocalViews | list[FocalViews]:
+                train: bool = False, rng: np.random.Generator | None = None,
+                full_size: tuple[int, int] | None = None) -> FocalViews | list[FocalViews]:
     """Cut the views of one full-resolution image; with several preprocess configs (one per expert) the same
-    boxes are used for each."""
+    boxes are used for each. ``full_size``: the original (W, H) when ``image`` is a reduced decode
+    (:func:`read_view_image`): boxes are placed and reported in original pixels, cut at the decoded scale."""
     image = check_image_array(image)
     h, w = image.shape[:2]
+    fw, fh = full_size or (w, h)
     if cfg.mode == "random" and not train and rng is None:  # fixed per image, different between images
         rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(image.tobytes(), digest_size=8).digest(), "big"))
-    boxes = ([(0, 0, w, h)] if cfg.include_whole else []) + select_boxes(h, w, cfg, train, rng)
-    crops = [image[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes]
+    boxes = ([(0, 0, fw, fh)] if cfg.include_whole else []) + select_boxes(fh, fw, cfg, train, rng)
+    sx, sy = w / fw, h / fh
+    crops = [image[round(y0 * sy):round(y1 * sy), round(x0 * sx):round(x1 * sx)] for x0, y0, x1, y1 in boxes]
     box_t = torch.tensor(boxes, dtype=torch.long)
     cfgs = preprocess if isinstance(preprocess, list) else [preprocess]
     out = [FocalViews(torch.stack([to_model_input(c, pc) for c in crops]), box_t) for pc in cfgs]
     return out if isinstance(preprocess, list) else out[0]
+
+
+REDUCED_DECODE_MARGIN = 2  # a reduced decode keeps >= this many decoded pixels per input pixel in every view
+
+
+def read_reduced_jpeg(path, cfg: FocalConfig, preprocess: PreprocessConfig | list[PreprocessConfig],
+                      margin: int = REDUCED_DECODE_MARGIN) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """Decode an 8-bit JPEG once for all its views at the coarsest scale the JPEG decoder offers (DCT scaling
+    by 1/2, 1/4, 1/8 through Pillow's ``Image.draft``) at which every view, the whole image and each region,
+    still has ``margin`` x the largest input size per side; every view is then resized from that. Returns
+    (image in [0, 1], full (width, height)), or None where no reduction applies (not a JPEG, a region too
+    small, ...): decode at full resolution."""
+    from PIL import Image
+
+    side = margin * max(p.image_size for p in (preprocess if isinstance(preprocess, list) else [preprocess]))
+    try:
+        with Image.open(path) as im:
+            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+                return None
+            width, height = im.size
+            smallest = min(width, height)
+            if cfg.num_crops != 0:
+                smallest = min(smallest, cfg.region_pixels(height, width))
+            scale = next((s for s in (8, 4, 2) if smallest // s >= side), 1)
+            if scale == 1:
+                return None
+            im.draft(im.mode, (width // scale, height // scale))
+            if im.size == (width, height):
+                return None
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except Exception:  # unreadable: the full-resolution reader reports it properly
+        return None
+    if arr.ndim == 3 and np.allclose(arr[..., 0], arr[..., 1]) and np.allclose(arr[..., 0], arr[..., 2]):
+        arr = arr[..., 0].copy()  # grey stored as RGB: one channel, as read_image does
+    return arr, (width, height)
+
+
+def read_view_image(path, cfg: FocalConfig, preprocess: PreprocessConfig | list[PreprocessConfig]
+                    ) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """The image the views of ``path`` are cut from, and its full (W, H) when it is a reduced decode
+    (:func:`read_reduced_jpeg`), else None (full resolution, :func:`read_image`)."""
+    reduced = read_reduced_jpeg(path, cfg, preprocess)
+    return reduced if reduced is not None else (read_image(path), None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -58,8 +59,8 @@ def max_image_pixels() -> int:
     return value
 
 
-def _check_pixel_count(path: Path, width: int, height: int) -> None:
-    limit = max_image_pixels()
+def _check_pixel_count(path: Path, width: int, height: int, limit: int | None = None) -> None:
+    limit = max_image_pixels() if limit is None else limit
     if width * height > limit:
         raise ImageReadError(
             f"{path}: image of {width} x {height} = {width * height:,} pixels exceeds the limit of {limit:,} pixels "
@@ -101,9 +102,16 @@ def _dicom_decoder_hint(ds, tsyntax: str) -> str:
         decoders = (_PYLIBJPEG_LIBJPEG,)  # 12-bit JPEG Extended: only libjpeg (pydicom refuses GDCM/Pillow)
     if decoders is None:
         return ""
-    if any(importlib.util.find_spec(module) is not None for module, _ in decoders):
+    if any(_installed(module) for module, _ in decoders):
         return ""
     return "needs package " + " or ".join(package for _, package in decoders)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules (blocked)
+        return False
 
 
 def _transfer_syntax(ds) -> str:
@@ -123,17 +131,17 @@ def _transfer_syntax(ds) -> str:
     return str(inferred)
 
 
-def _read_dicom_dataset(path: Path, force: bool):
-    """pydicom's dataset; without the 128-byte preamble/'DICM' prefix read again with ``force`` (if allowed)."""
+def _read_dicom_dataset(path: Path):
+    """(pydicom's dataset, None); a file pydicom finds invalid (no 128-byte preamble/'DICM' prefix, no file meta)
+    is read again with ``force=True``: (dataset, pydicom's reason)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(str(path)), False
-    except InvalidDicomError:
-        if not force:
-            raise
-    return pydicom.dcmread(str(path), force=True), True
+        return pydicom.dcmread(str(path)), None
+    except InvalidDicomError as exc:
+        reason = " ".join(str(exc).split())
+    return pydicom.dcmread(str(path), force=True), reason
 
 
 def read_dicom(path: str | Path) -> np.ndarray:
@@ -141,11 +149,11 @@ def read_dicom(path: str | Path) -> np.ndarray:
     preamble/'DICM' prefix (older ACR-NEMA-style exports) are read when they parse as DICOM with pixel data."""
     path = Path(path)
     try:
-        ds, forced = _read_dicom_dataset(path, force=True)
+        ds, forced = _read_dicom_dataset(path)
     except Exception as exc:  # pydicom raises many kinds on malformed files
         raise ImageReadError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds:
-        what = ("not a DICOM file (no 'DICM' prefix, and no pixel data when parsed without it)" if forced
+        what = (f"not a DICOM file ({forced.rstrip('.')}; no pixel data when read without that check)" if forced
                 else "DICOM file has no pixel data (PixelData element)")
         raise ImageReadError(f"{path}: {what}")
     return dicom_to_array(ds, path)
@@ -237,12 +245,13 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"image file not found: {path}")
     if _is_dicom(path):
         return read_dicom(path)
+    limit = max_image_pixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # medbridge's own limit applies
             im = Image.open(path)
         with im:
-            _check_pixel_count(path, *im.size)
+            _check_pixel_count(path, *im.size, limit)
             im.load()
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -254,9 +263,11 @@ def read_image(path: str | Path) -> np.ndarray:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     except ImageReadError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: image too large to read ({exc}; medbridge's limit is "
-                             f"{max_image_pixels():,} pixels, {MAX_PIXELS_ENV})") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own check (2 x PIL.Image.MAX_IMAGE_PIXELS) came first
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"image of {int(size.group(1)):,} pixels" if size else "image"
+        raise ImageReadError(f"{path}: {what} exceeds Pillow's decompression-bomb limit ({exc}); medbridge's limit "
+                             f"is {limit:,} pixels ({MAX_PIXELS_ENV})") from exc
     except UnidentifiedImageError as exc:
         dicom = _headerless_dicom(path)
         if dicom is not None:
@@ -272,7 +283,7 @@ def read_image(path: str | Path) -> np.ndarray:
 def _headerless_dicom(path: Path):
     """The dataset of a DICOM file without preamble/'DICM' prefix and without a DICOM suffix, or None."""
     try:
-        ds, _ = _read_dicom_dataset(path, force=True)
+        ds, _ = _read_dicom_dataset(path)
         return ds if "PixelData" in ds and "Rows" in ds and "Columns" in ds else None
     except Exception:
         return None

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..backbones.base import PreprocessConfig
-from .focal import FocalConfig, focal_views
-from .images import ImageReadError, read_image
+from .focal import FocalConfig, focal_views, read_view_image
+from .images import ImageReadError
 from .table import ImageTable
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,14 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict | None:
         try:
-            image = read_image(self._paths[i])
+            image, full_size = read_view_image(self._paths[i], self.focal, self.preprocess)
         except ImageReadError as exc:
             if not self.skip_unreadable:
                 raise
             log.warning("skipping unreadable image (row %d): %s", i, exc)
             return None
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
-        views = focal_views(image, self.focal, self.preprocess, train=self.train, rng=rng)
+        views = focal_views(image, self.focal, self.preprocess, train=self.train, rng=rng, full_size=full_size)
         return {"index": i, "pixels": [v.pixels for v in views], "boxes": views[0].boxes,
                 "target": self._targets[i]}
 

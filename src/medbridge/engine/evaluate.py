@@ -12,8 +12,8 @@ import torch
 
 from ..data import load_dataset, load_split, make_split
 from ..data.datasets.generic import describe_broken_links, image_files
-from ..data.focal import focal_views
-from ..data.images import IMAGE_SUFFIXES, read_image
+from ..data.focal import focal_views, read_view_image
+from ..data.images import IMAGE_SUFFIXES
 from ..data.table import DatasetError
 from ..io import check_finite
 from ..methods.api import Method
@@ -115,7 +115,7 @@ def predict_images(method: Method, images: list[Path], thresholds: dict | None =
         chunk, views = [], []
         for path in images[i:i + batch_size]:
             try:
-                image = read_image(path)
+                image, full_size = read_view_image(path, method.focal, method.preprocess)
             except Exception as exc:
                 if not skip_unreadable:
                     raise
@@ -123,7 +123,7 @@ def predict_images(method: Method, images: list[Path], thresholds: dict | None =
                 rows.append({"image": str(path), "error": str(exc)})
                 continue
             chunk.append(path)
-            views.append(focal_views(image, method.focal, method.preprocess))
+            views.append(focal_views(image, method.focal, method.preprocess, full_size=full_size))
         if not chunk:
             continue
         counts = {v[0].pixels.shape[0] for v in views}

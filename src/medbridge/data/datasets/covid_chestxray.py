@@ -140,7 +140,7 @@ def is_covid_chestxray(root: str | Path) -> bool:
     return set(COLUMNS) <= header
 
 
-def load_covid_chestxray(root: str | Path, *, views="frontal", check_files: bool = True) -> ImageTable:
+def load_covid_chestxray(root: str | Path, *, views="frontal", labels=None, check_files: bool = True) -> ImageTable:
     """Load the COVID-19 Image Data Collection (github.com/ieee8023/covid-chestxray-dataset) from its folder.
 
     Expects ``metadata.csv`` (columns ``patientid``, ``finding``, ``view``, ``filename``; optional ``modality``,
@@ -153,8 +153,10 @@ def load_covid_chestxray(root: str | Path, *, views="frontal", check_files: bool
     positive when a child is; sub-types of a finding given alone (``Pneumonia``, ``Bacterial``) are unknown
     (NaN). Both spellings are read: comma-separated names (``COVID-19, ARDS``) and paths
     (``Pneumonia/Viral/COVID-19``). ``views``: ``"frontal"`` (default: PA, AP, AP Supine, AP Erect),
-    ``"lateral"`` (``L``), ``"all"`` or a list. Reports: ``clinical_notes``. The per-image ``license`` is kept
-    in ``meta`` and written into prediction files. No official split: patient-disjoint splits by ``patientid``."""
+    ``"lateral"`` (``L``), ``"all"`` or a list. ``labels``: keep only these labels (e.g. ``["COVID-19"]``: the
+    COVIDx-style COVID-19 vs other findings task; images unknown for every kept label stay, masked). Reports:
+    ``clinical_notes``. The per-image ``license`` is kept in ``meta`` and written into prediction files.
+    No official split: patient-disjoint splits by ``patientid``."""
     root = Path(root)
     csv = root / METADATA_FILE
     if not csv.is_file():
@@ -187,7 +189,11 @@ def load_covid_chestxray(root: str | Path, *, views="frontal", check_files: bool
         raise DatasetError(f"{csv}: row {row} column 'view': {frame['view'][row]!r} is not an X-ray view "
                            f"({sorted(set(VIEWS))})")
     findings = [parse_finding(cell, f"{csv}: row {row} column 'finding'") for row, cell in frame["finding"].items()]
-    labels = hierarchy_order({f for row in findings for f in row})
+    vocabulary = hierarchy_order({f for row in findings for f in row})
+    wanted = [x.strip() for x in labels.split(",")] if isinstance(labels, str) else list(labels or vocabulary)
+    missing = [x for x in wanted if x not in vocabulary]
+    if missing or not wanted:
+        raise DatasetError(f"{csv}: labels={labels!r}: {missing or 'none'} not among this file's labels {vocabulary}")
     view = raw_views.map(VIEWS)
     keep = view.isin(parse_views(views)).to_numpy()
     folder = frame["folder"].str.strip().replace("", "images") if "folder" in frame.columns else "images"
@@ -203,7 +209,8 @@ def load_covid_chestxray(root: str | Path, *, views="frontal", check_files: bool
     for col in ("offset", "sex", "age", "url", "doi"):
         if col in frame.columns:
             meta[col] = pd.to_numeric(frame[col], errors="coerce") if col in ("offset", "age") else frame[col]
-    meta, targets = meta[keep], finding_targets(findings, labels)[keep]
+    targets = finding_targets(findings, vocabulary)[:, [vocabulary.index(x) for x in wanted]]
+    meta, targets, labels = meta[keep], targets[keep], wanted
     origins = [o for o, k in zip(origins, keep) if k]
     if len(meta) == 0:
         raise DatasetError(f"{csv}: no images left after keeping views {views!r} (views present: "

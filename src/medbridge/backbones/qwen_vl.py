@@ -1,0 +1,224 @@
+"""Qwen2-VL / Qwen2.5-VL vision transformer (``model.visual``) behind the block-by-block interface.
+
+The library runs its ViT on one packed sequence of all images' patches ([sum of patches, width]) with
+``cu_seqlens`` marking where each image (or, in Qwen2.5-VL's windowed blocks, each 112-px window) starts, 2D
+rotary positions (cos, sin per token) and, in Qwen2.5-VL, patches reordered window by window. Here every image
+has the tower's fixed square input size, so the packed sequence is kept as a batch [B, L, width]:
+
+- ``embed`` cuts pixels into patches exactly as ``Qwen2VLImageProcessor`` orders them (2x2 merge groups
+  contiguous, the frame repeated over the temporal patch), runs ``patch_embed`` and, for Qwen2.5-VL, applies the
+  library's own ``get_window_index`` order.
+- each block calls the library block on the packed batch, with the library's ``rot_pos_emb`` positions and
+  ``cu_seqlens`` = one segment per image (full-attention blocks) or the library's window segments.
+
+Query tokens (MedBridge) are appended after each image's patches, inside that image's segment:
+
+- positions: a query carries the identity rotation (cos 1, sin 0), i.e. no position of its own;
+- full-attention blocks (all of Qwen2-VL's; Qwen2.5-VL's ``fullatt_block_indexes``): patches and queries of an
+  image form one segment, everyone attends to everyone (the library's call with longer segments);
+- windowed blocks (the others in Qwen2.5-VL): queries attend to all patches of their image and to each other;
+  patches keep their window and also see the queries (joint mode). This needs a mask, passed to the library
+  block's attention through transformers' ``AttentionInterface`` (PyTorch SDPA with a boolean mask; without
+  queries the library's plain SDPA runs, so Q = 0 is the library's forward exactly).
+
+``finalize`` is the library's patch merger (2x2 patches -> one token of the language model's width) averaged
+over the image; ``finalize_tokens`` merges each token as a 2x2 group of four copies of itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import PreprocessConfig, VisionTower
+from .loading import BackboneError
+
+MASKED_SDPA = "medbridge_masked_sdpa"
+MASK_KWARG = "medbridge_attention_mask"
+DEFAULT_QWEN_IMAGE_SIZE = 448
+
+
+def masked_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, with the boolean mask given as ``medbridge_attention_mask`` when present."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = kwargs.pop(MASK_KWARG, None)
+    return sdpa_attention_forward(module, query, key, value, mask if mask is not None else attention_mask, **kwargs)
+
+
+def use_masked_sdpa(vision_config) -> None:
+    """Make a vision config's attention the masked SDPA above (registered with transformers on first use)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(MASKED_SDPA, masked_sdpa_attention)
+    vision_config._attn_implementation = MASKED_SDPA
+
+
+def qwen_visual_model(config) -> nn.Module:
+    """An empty ``Qwen2VisionTransformerPretrainedModel`` / ``Qwen2_5_VisionTransformerPretrainedModel``."""
+    from transformers.modeling_utils import no_init_weights
+
+    if config.model_type == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel as cls,
+        )
+    else:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel as cls
+    vcfg = config.vision_config
+    vcfg._attn_implementation = "sdpa"
+    with no_init_weights():
+        return cls._from_config(vcfg, dtype=torch.float32).eval()
+
+
+def qwen_image_size(vision_config, processor: dict) -> int:
+    """Square input side: 448 px (256 merged tokens) within the processor's pixel limits, a multiple of 28."""
+    unit = vision_config.patch_size * vision_config.spatial_merge_size
+    size = processor.get("size") or {}
+    min_pixels = processor.get("min_pixels") or size.get("shortest_edge")
+    max_pixels = processor.get("max_pixels") or size.get("longest_edge")
+    side = DEFAULT_QWEN_IMAGE_SIZE
+    if max_pixels:
+        side = min(side, math.isqrt(int(max_pixels)))
+    side = max(unit, side // unit * unit)
+    if min_pixels and side * side < min_pixels:
+        side = math.ceil(math.sqrt(min_pixels) / unit) * unit
+    return side
+
+
+class _Layout(nn.Module):
+    """Positions and window segments of one image at the tower's input size (buffers: they follow ``.to``)."""
+
+    def __init__(self, visual: nn.Module, grid: int) -> None:
+        super().__init__()
+        grid_thw = torch.tensor([[1, grid, grid]])
+        self.num_patches = grid * grid
+        rot = visual.rot_pos_emb(grid_thw)  # the library's 2D rotary angles, processor order
+        windows = hasattr(visual, "get_window_index")
+        unit = visual.spatial_merge_size ** 2
+        if windows:
+            index, cu_window = visual.get_window_index(grid_thw)
+            cu_window = torch.unique_consecutive(torch.tensor(cu_window, dtype=torch.int32))
+            rot = rot.reshape(-1, unit, rot.shape[-1])[index].reshape(self.num_patches, -1)
+            ids = torch.bucketize(torch.arange(self.num_patches), cu_window[1:].long(), right=True)
+            self.register_buffer("window_index", index, persistent=False)
+            self.register_buffer("cu_window", cu_window, persistent=False)
+            self.register_buffer("window_ids", ids, persistent=False)
+        else:
+            self.window_index = self.cu_window = self.window_ids = None
+        emb = torch.cat([rot, rot], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def positions(self, batch: int, num_queries: int) -> tuple[Tensor, Tensor]:
+        cos, sin = self.cos, self.sin
+        if num_queries:  # queries: identity rotation
+            cos = torch.cat([cos, cos.new_ones(num_queries, cos.shape[1])])
+            sin = torch.cat([sin, sin.new_zeros(num_queries, sin.shape[1])])
+        return cos.repeat(batch, 1), sin.repeat(batch, 1)
+
+    def window_mask(self, num_queries: int) -> Tensor:
+        """[1, 1, L, L] boolean: patches see their window and the queries; queries see everything."""
+        n = self.num_patches
+        allowed = torch.ones(n + num_queries, n + num_queries, dtype=torch.bool, device=self.cos.device)
+        allowed[:n, :n] = self.window_ids[:, None] == self.window_ids[None, :]
+        return allowed[None, None]
+
+
+class QwenVisionBlock(nn.Module):
+    """One library vision block as ``[B, L, width] -> [B, L, width]`` (L = patches + queries of each image)."""
+
+    def __init__(self, block: nn.Module, layout: _Layout, full_attention: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.full_attention = full_attention
+        object.__setattr__(self, "_layout", layout)  # owned (and moved) by the tower, not by each block
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        lay = self._layout
+        b, length, d = tokens.shape
+        n = lay.num_patches
+        q = length - n
+        if q < 0:
+            raise ValueError(f"Qwen vision block expects {n} patch tokens per image (+ queries), got {length}")
+        dev = tokens.device
+        kwargs = {}
+        if self.full_attention or lay.window_ids is None:
+            cu = torch.arange(b + 1, device=dev) * length
+        elif q == 0:  # the library's window segments, image after image
+            starts = (lay.cu_window[:-1][None, :] + n * torch.arange(b, device=dev)[:, None]).flatten()
+            cu = torch.cat([starts, starts.new_tensor([b * n])])
+        else:
+            cu = torch.arange(b + 1, device=dev) * length
+            kwargs[MASK_KWARG] = lay.window_mask(q)
+        out = self.block(tokens.reshape(b * length, d), cu_seqlens=cu.to(torch.int32),
+                         position_embeddings=lay.positions(b, q), **kwargs)
+        return out.reshape(b, length, d)
+
+
+class QwenVisionTower(VisionTower):
+    """``model.visual`` of Qwen2-VL / Qwen2.5-VL at a fixed square input size (see the module docstring)."""
+
+    def __init__(self, visual: nn.Module, image_size: int, preprocess: PreprocessConfig) -> None:
+        super().__init__()
+        cfg = visual.config
+        self.visual = visual
+        self.patch = cfg.patch_size
+        self.merge = cfg.spatial_merge_size
+        self.temporal = cfg.temporal_patch_size
+        if image_size % (self.patch * self.merge):
+            raise BackboneError(f"Qwen vision input size {image_size} must be a multiple of "
+                                f"{self.patch * self.merge} (patch {self.patch} x merge {self.merge})")
+        self.grid = image_size // self.patch
+        self.layout = _Layout(visual, self.grid)
+        self.width = visual.blocks[0].norm1.weight.shape[0]
+        self.depth = len(visual.blocks)
+        self.num_prefix_tokens = 0
+        self.embed_dim = visual.merger.mlp[-1].out_features
+        self.preprocess = preprocess
+        full = set(getattr(visual, "fullatt_block_indexes", None) or range(self.depth))
+        self._blocks = nn.ModuleList(QwenVisionBlock(blk, self.layout, i in full)
+                                     for i, blk in enumerate(visual.blocks))
+
+    def patchify(self, pixels: Tensor) -> Tensor:
+        """[B, 3, H, W] -> [B * patches, 3 * temporal * patch * patch] in the image processor's order."""
+        b, c, h, w = pixels.shape
+        size = self.grid * self.patch
+        if (h, w) != (size, size):
+            raise ValueError(f"Qwen vision tower expects {size}x{size} inputs, got {h}x{w}")
+        g, m, p, t = self.grid, self.merge, self.patch, self.temporal
+        x = pixels.unsqueeze(1).expand(b, t, c, h, w)
+        x = x.reshape(b, t, c, g // m, m, p, g // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return x.reshape(b * g * g, c * t * p * p)
+
+    def grid_thw(self, batch: int) -> Tensor:
+        return torch.tensor([[1, self.grid, self.grid]] * batch)
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        b = pixels.shape[0]
+        n = self.layout.num_patches
+        x = self.visual.patch_embed(self.patchify(pixels)).reshape(b, n, self.width)
+        if self.layout.window_index is not None:
+            unit = self.merge ** 2
+            x = x.reshape(b, n // unit, unit, self.width)[:, self.layout.window_index].reshape(b, n, self.width)
+        return x
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self._blocks
+
+    def finalize_tokens(self, tokens: Tensor) -> Tensor:
+        b, length, d = tokens.shape
+        merged = self.visual.merger(tokens.repeat_interleave(self.merge ** 2, dim=1).reshape(-1, d))
+        return merged.reshape(b, length, self.embed_dim)
+
+    def finalize(self, tokens: Tensor) -> Tensor:
+        b, n, d = tokens.shape  # merge groups are contiguous in processor and window order alike
+        return self.visual.merger(tokens.reshape(b * n, d)).reshape(b, -1, self.embed_dim).mean(1)
+
+    def reference_forward(self, pixels: Tensor) -> Tensor:
+        b = pixels.shape[0]
+        out = self.visual(self.patchify(pixels), grid_thw=self.grid_thw(b))
+        return out.reshape(b, -1, self.embed_dim).mean(1)

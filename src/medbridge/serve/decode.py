@@ -1,0 +1,130 @@
+"""Uploaded image bytes -> a [0, 1] float image, entirely in memory, with the upload checked before decoding.
+
+The format is sniffed from the first bytes (PNG signature, JPEG SOI marker, DICOM preamble + ``DICM``), never taken
+from a file name or a client's content type. Size is limited twice: in bytes (before anything is parsed) and in
+pixels (from the header, before the pixel data is decoded), so a small file that would expand into a huge image
+(a decompression bomb) is refused without being decoded. Error messages name the upload and what was wrong, never a
+header value (DICOM headers carry patient data).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+DICOM_MAGIC_OFFSET = 128
+ACCEPTED = "PNG (8/16-bit), JPEG or DICOM (Part 10 file with the DICM preamble)"
+
+
+class UploadError(ValueError):
+    """A client error in an upload: ``status`` is the HTTP status to answer with (413 too large, 415 unsupported
+    type, 422 unreadable content)."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Per-upload limits: ``max_bytes`` of one request body, ``max_pixels`` of one decoded image (rows x columns; the
+    first frame of a multi-frame DICOM), ``max_images`` per request."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_images: int = 16
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'png', 'jpeg', 'dicom' or None, from the content's first bytes."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return "dicom"
+    return None
+
+
+def _check_pixels(name: str, rows: int, cols: int, frames: int, limits: UploadLimits) -> None:
+    if rows <= 0 or cols <= 0:
+        raise UploadError(f"{name}: image has no pixels ({rows} x {cols})")
+    total = rows * cols * max(frames, 1)
+    if total > limits.max_pixels:
+        raise UploadError(f"{name}: image of {cols} x {rows}" + (f" x {frames} frames" if frames > 1 else "")
+                          + f" = {total:,} pixels exceeds the limit of {limits.max_pixels:,} pixels", status=413)
+
+
+def _decode_pil(data: bytes, name: str, fmt: str, limits: UploadLimits) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit applies
+            with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
+                _check_pixels(name, im.height, im.width, 1, limits)
+                im.load()
+                mode = im.mode
+                if mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.float32)
+                    maxval = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+                    return np.clip(arr / maxval, 0.0, 1.0)
+                if mode in ("L", "P", "1", "LA"):
+                    return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+                rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except UploadError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, before ours, at > 2 x its MAX_IMAGE_PIXELS
+        raise UploadError(f"{name}: image exceeds the limit of {limits.max_pixels:,} pixels (refused as a "
+                          "decompression bomb before decoding)", status=413) from exc
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise UploadError(f"{name}: unreadable or corrupt {fmt.upper()} data ({type(exc).__name__})") from exc
+    if np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 0], rgb[..., 2]):
+        return rgb[..., 0].copy()
+    return rgb
+
+
+def _decode_dicom(data: bytes, name: str, limits: UploadLimits) -> np.ndarray:
+    """Parse in memory, check the declared size, then :func:`medbridge.data.images.dicom_to_array` (the CLI's
+    conversion: modality LUT, VOI LUT/window, MONOCHROME1 inverted, colour to luminance, first frame)."""
+    import pydicom
+
+    from ..data.images import ImageReadError, dicom_to_array
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:
+        raise UploadError(f"{name}: unreadable DICOM ({type(exc).__name__})") from exc
+    if "PixelData" not in ds:
+        raise UploadError(f"{name}: DICOM file has no pixel data")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UploadError(f"{name}: DICOM file lacks valid Rows/Columns") from exc
+    _check_pixels(name, rows, cols, 1, limits)  # only the first frame is decoded
+    try:
+        return dicom_to_array(ds, name)
+    except ImageReadError as exc:
+        raise UploadError(str(exc), status=415 if "unsupported" in str(exc) else 422) from exc
+
+
+def decode_upload(data: bytes, name: str = "image", limits: UploadLimits | None = None) -> np.ndarray:
+    """Bytes of one uploaded image -> float32 in [0, 1] (H x W grey or H x W x 3), refusing what is too large, of an
+    unaccepted type or corrupt with an :class:`UploadError` naming ``name`` and the problem."""
+    limits = limits or UploadLimits()
+    if not data:
+        raise UploadError(f"{name}: empty upload (0 bytes)", status=400)
+    if len(data) > limits.max_bytes:
+        raise UploadError(f"{name}: {len(data):,} bytes exceeds the limit of {limits.max_bytes:,} bytes", status=413)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UploadError(f"{name}: not a PNG, JPEG or DICOM file by its content (expected {ACCEPTED})", status=415)
+    image = _decode_dicom(data, name, limits) if fmt == "dicom" else _decode_pil(data, name, fmt, limits)
+    if not np.isfinite(image).all():
+        raise UploadError(f"{name}: decoded pixels are not finite")
+    return image
