@@ -4,7 +4,7 @@
 
 1. Exactness on GPU: tiny MedBridge model, cached vs direct forward on CUDA (fp32) and vs CPU; bf16 autocast
    close to fp32.
-2. Training on CUDA with bf16 autocast through ``train_medbridge`` (loss finite, adapter changes, backbone not).
+2. Training on CUDA with bf16 autocast through the shared loop (``fit_method``) (loss finite, adapter changes, backbone not).
 3. Timings on a ViT-B/16-sized model (timm vit_base_patch16_224, random init, 224 px, 5 views, T1 = 6, Q = 8):
    cache building views/s, training images/s without cache vs from the isolated-mode cache (same batch).
 """
@@ -49,7 +49,9 @@ def exactness() -> None:
 def training() -> None:
     from medbridge.engine.cache import FeatureCache
     from medbridge.engine.config import TrainConfig
-    from medbridge.engine.trainer import medbridge_cache_values, train_medbridge
+    from medbridge.engine.trainer import fit_method
+    from medbridge.methods import TrainingData
+    from medbridge.methods.medbridge.method import MedBridgeMethod, medbridge_cache_values
 
     model = tiny_model().cuda()
     px = torch.randn(32, 3, 3, 32, 32, device="cuda")
@@ -61,8 +63,8 @@ def training() -> None:
     cache.mark_done(np.arange(32))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     targets = (np.random.default_rng(0).random((32, 3)) < 0.4).astype(np.float32)
-    hist = train_medbridge(model, cache, targets, np.arange(24), TrainConfig(epochs=2, batch_size=8, lr=1e-2),
-                           tmp / "run", val_rows=np.arange(24, 32), device="cuda", progress_bar=False)
+    hist = fit_method(MedBridgeMethod(model), TrainingData(cache, targets, np.arange(24), np.arange(24, 32)),
+                      TrainConfig(epochs=2, batch_size=8, lr=1e-2), tmp / "run", device="cuda", progress_bar=False)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(model.get_parameter(n).requires_grad for n in changed)
     print(f"training on cuda (bf16 autocast): epochs {[round(h['val_macro_auroc'], 3) for h in hist]} val AUROC, "

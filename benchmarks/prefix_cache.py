@@ -44,7 +44,7 @@ def _epoch(args, queue) -> None:
     import torch
 
     from medbridge.engine.cache import FeatureCache
-    from medbridge.engine.trainer import medbridge_cache_values, split_cached
+    from medbridge.methods.medbridge.method import medbridge_cache_values, split_cached
 
     model, pixels, targets = _setup(data, n_images, views, attention)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)

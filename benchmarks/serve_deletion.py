@@ -37,7 +37,7 @@ def main() -> None:
 
     from medbridge.data import load_dataset, load_split
     from medbridge.data.images import read_image
-    from medbridge.engine.methods_io import load_method
+    from medbridge.methods import load_method
     from medbridge.serve.explain import deletion_test, explained_layers
 
     run = Path(args.run)

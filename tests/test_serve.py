@@ -134,7 +134,7 @@ def test_predict_equals_the_method_on_the_files_for_every_format(client, tiny_ru
     from medbridge.data.focal import focal_views
     from medbridge.data.images import read_image
     from medbridge.engine.evaluate import run_thresholds
-    from medbridge.engine.methods_io import load_method
+    from medbridge.methods import load_method
 
     paths = [nih_jpeg(tiny_run["nih"]), png16(tmp_path, tiny_run["nih"]), rg1_dicom("UNCR"), rg1_dicom("J2KR")]
     res = upload(client, paths)["results"]
@@ -381,7 +381,7 @@ def test_explanation_forward_reproduces_the_method(tiny_run, which):
     forward_cached from recomputed frozen states, probe, baseline)."""
     from medbridge.data.focal import focal_views
     from medbridge.data.images import read_image
-    from medbridge.engine.methods_io import load_method
+    from medbridge.methods import load_method
     from medbridge.serve.explain import token_relevance
 
     folder = {"medbridge": tiny_run["run"], "linear_probe": tiny_run["run"] / "linear_probe",

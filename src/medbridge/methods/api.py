@@ -238,6 +238,16 @@ class Method(nn.Module):
         raise NotApplicableError(f"{self.name} only knows its trained labels; scoring other label names needs a "
                                  "text-prompted method (e.g. medbridge)")
 
+    # -- explanations (gradient x activation on the frozen towers' tokens; medbridge predict --explain, serve)
+    def explain_top_block(self, expert: int) -> int:
+        """The deepest block whose input tokens every path of the method still sees (for expert ``expert``)."""
+        return self.backbones[expert].vision.depth - 1
+
+    def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
+        """Logits [b, L] from the frozen tokens entering block ``layers[k]`` of each expert ([b*n, T, width],
+        ``n`` views per image), differentiable with respect to those tokens."""
+        raise NotApplicableError(f"{self.name} does not implement explanations (logits_from_tokens)")
+
     # -- fitting
     def prepare(self, data: TrainingData) -> None:
         """Deterministic set-up from the training data before fitting (statistics, label-free init); runs again

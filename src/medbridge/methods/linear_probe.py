@@ -129,6 +129,11 @@ class LinearProbe(Method):
         with torch.no_grad():
             return torch.sigmoid(self(feats.to(self.weight.device))).cpu().numpy(), {}
 
+    def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
+        frozen = [bb.vision.finalize(bb.vision.run_blocks(x, start)).view(b, n, -1)
+                  for bb, x, start in zip(self.backbones, tokens, layers)]
+        return self(probe_features(frozen, self.options.features, self.focal.include_whole))
+
     def trainable_parameters(self) -> dict:
         return {}
 

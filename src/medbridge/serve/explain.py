@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.focal import focal_views
-from ..engine.methods_io import BaselineIO, MedBridgeMethod, ProbeMethod, TrainedMethod
-from ..methods.linear_probe import probe_features
+from ..methods.api import Method
 
 #: Default explained layer: the input of this block of the frozen tower (clamped to the deepest block every path
 #: of the method still runs on: MedBridge's T1, a prefix-caching baseline's prefix). Chosen by the deletion test
@@ -29,61 +28,22 @@ from ..methods.linear_probe import probe_features
 DEFAULT_LAYER = 4
 
 
-def _towers(method: TrainedMethod) -> list:
-    if isinstance(method, MedBridgeMethod):
-        return [b.vision for b in method.model.backbones]
-    if isinstance(method, ProbeMethod):
-        return [b.vision for b in method.backbones]
-    if isinstance(method, BaselineIO):
-        return [method.method.backbone.vision]
-    raise TypeError(f"no explanation for {type(method).__name__}")
+def _towers(method: Method) -> list:
+    return [b.vision for b in method.backbones]
 
 
-def explained_layers(method: TrainedMethod, layer: int = DEFAULT_LAYER) -> list[int]:
+def explained_layers(method: Method, layer: int = DEFAULT_LAYER) -> list[int]:
     """The block index whose input tokens are explained, per expert (``layer`` clamped to what the method runs)."""
-    out = []
-    for k, v in enumerate(_towers(method)):
-        top = v.depth - 1
-        if isinstance(method, MedBridgeMethod):
-            top = method.model.encoders[k].t1
-        elif isinstance(method, BaselineIO) and getattr(method.method, "cache_prefix_blocks", None) is not None:
-            top = method.method.cache_prefix_blocks
-        out.append(max(0, min(layer, top)))
-    return out
+    return [max(0, min(layer, method.explain_top_block(k))) for k in range(len(method.backbones))]
 
 
-def _logits_from_tokens(method: TrainedMethod, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
+def _logits_from_tokens(method: Method, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
     """The method's logits [b, labels] from the frozen tokens entering block ``layers[k]`` ([b*n, T, width] per
-    expert), differentiable with respect to those tokens."""
-    towers = _towers(method)
-    if isinstance(method, MedBridgeMethod):
-        cached = []
-        for enc, v, x, start in zip(method.model.encoders, towers, tokens, layers):
-            prefix = v.run_blocks(x, start, enc.t1)
-            if enc.attention == "joint":
-                if enc.num_queries == 0:
-                    raise ValueError("no gradient path to explain: joint attention with num_queries=0")
-                cached.append({"prefix": prefix.view(b, n, *prefix.shape[1:])})
-                continue
-            states = []
-            for block in list(v.blocks)[enc.t1:]:  # the isolated frozen path (QEncoder.frozen_states), with grad
-                states.append(prefix)
-                prefix = block(prefix)
-            states = torch.stack(states, 1)
-            cached.append({"states": states.view(b, n, *states.shape[1:]),
-                           "frozen": v.finalize(prefix).view(b, n, -1)})
-        return method.model.forward_cached(cached, method.labels, method.prompt_names).logits
-    if isinstance(method, ProbeMethod):
-        frozen = [v.finalize(v.run_blocks(x, start)).view(b, n, -1) for v, x, start in zip(towers, tokens, layers)]
-        return method.probe(probe_features(frozen, method.probe.meta["probe"]["features"],
-                                           method.focal.include_whole))
-    v, x, start = towers[0], tokens[0], layers[0]
-    t = getattr(method.method, "cache_prefix_blocks", None)
-    feats = v.finalize(v.run_blocks(x, start)) if t is None else v.run_blocks(x, start, t)
-    return method.method(feats)
+    expert), differentiable with respect to those tokens (each method's ``logits_from_tokens``)."""
+    return method.logits_from_tokens(tokens, layers, b, n)
 
 
-def token_relevance(method: TrainedMethod, pixels: list[Tensor], labels: list[int], layer: int = DEFAULT_LAYER
+def token_relevance(method: Method, pixels: list[Tensor], labels: list[int], layer: int = DEFAULT_LAYER
                     ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Views of ONE image (per expert [1, N, 3, S, S]) and label indices -> (their probabilities [k], per expert
     patch relevance [k, N, g, g]: relu of gradient x activation, summed over channels)."""
@@ -109,7 +69,7 @@ def token_relevance(method: TrainedMethod, pixels: list[Tensor], labels: list[in
     return probs, maps
 
 
-def heat_maps(method: TrainedMethod, image: np.ndarray, labels: list[int] | None = None, layer: int = DEFAULT_LAYER,
+def heat_maps(method: Method, image: np.ndarray, labels: list[int] | None = None, layer: int = DEFAULT_LAYER,
               max_side: int = 128) -> dict:
     """One image (H x W [x 3], [0, 1]) and label indices (default: all) -> {"labels": the indices,
     "probabilities": [k], "maps": [k, h, w] in [0, 1] (each scaled by its own maximum), "scale": [k] the maximum
@@ -147,7 +107,7 @@ def hottest_box(heat: np.ndarray, side: int) -> tuple[int, int, int, int]:
     return int(x), int(y), int(x) + side, int(y) + side
 
 
-def deletion_test(method: TrainedMethod, images: list[np.ndarray], labels_per_image: int = 3,
+def deletion_test(method: Method, images: list[np.ndarray], labels_per_image: int = 3,
                   region_fraction: float = 0.25, n_random: int = 3, layer: int = DEFAULT_LAYER, seed: int = 0
                   ) -> list[dict]:
     """Faithfulness by deletion: for each image's ``labels_per_image`` most probable labels, fill the square of side
@@ -220,7 +180,7 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, boxes: list | None = None, 
     return buf.getvalue()
 
 
-def write_explanations(method: TrainedMethod, rows: list[dict], folder: Path, top: int = 3,
+def write_explanations(method: Method, rows: list[dict], folder: Path, top: int = 3,
                        overwrite: bool = False, layer: int = DEFAULT_LAYER) -> list[Path]:
     """For each predicted image (rows of :func:`medbridge.engine.evaluate.predict_images`), overlays of its
     positive labels and its ``top`` most probable ones: ``folder/<n>_<image stem>_<label>.png``. Existing files

@@ -17,8 +17,9 @@ import torch
 
 from ..data.focal import focal_views
 from ..engine.evaluate import run_thresholds
-from ..engine.methods_io import BaselineIO, MedBridgeMethod, ProbeMethod, TrainedMethod, load_method
 from ..io import read_json
+from ..methods.api import Method
+from ..methods.registry import load_method
 from .explain import DEFAULT_LAYER, explained_layers, heat_maps
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,8 @@ def preview_data_url(image: np.ndarray, max_side: int = 1024) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _backbone_names(method: TrainedMethod) -> list[str]:
-    if isinstance(method, MedBridgeMethod):
-        return list(method.model.config.backbones)
-    if isinstance(method, ProbeMethod):
-        return list(method.probe.meta.get("backbones", [b.name for b in method.backbones]))
-    if isinstance(method, BaselineIO):
-        return [method.method.backbone.name]
-    return []
+def _backbone_names(method: Method) -> list[str]:
+    return [b.name for b in method.backbones]
 
 
 def run_folder_of(folder: Path) -> Path | None:

@@ -157,6 +157,16 @@ class BaselineMethod(Method):
             feats = next(iter(self.cache_spec(1).compute(pixels).values()))[:, 0]
             return torch.sigmoid(self.method(feats)).cpu().numpy(), {}
 
+    # -- explanations
+    def explain_top_block(self, expert: int) -> int:
+        blocks = getattr(self.method, "cache_prefix_blocks", None)
+        return self.method.backbone.vision.depth - 1 if blocks is None else blocks
+
+    def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
+        v, x, start = self.method.backbone.vision, tokens[0], layers[0]
+        blocks = getattr(self.method, "cache_prefix_blocks", None)
+        return self.method(v.finalize(v.run_blocks(x, start)) if blocks is None else v.run_blocks(x, start, blocks))
+
     # -- saved
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return self.method.trainable_parameters()

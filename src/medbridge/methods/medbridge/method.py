@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ...backbones.base import Backbone, backbone_fingerprint
 from ...data.focal import FocalConfig
-from ..api import CacheSpec, Method, OptionsError, TrainingData, parse_options
+from ..api import CacheSpec, Method, NotApplicableError, OptionsError, TrainingData, parse_options
 from .model import MedBridgeConfig, MedBridgeModel
 
 
@@ -179,6 +179,29 @@ class MedBridgeMethod(Method):
         with torch.no_grad():
             out = self.model(pixels, self.score_labels, self.score_prompt_names)
         return torch.sigmoid(out.logits).numpy(), {"gate": out.gate.numpy(), "view_votes": out.view_votes.numpy()}
+
+    # -- explanations
+    def explain_top_block(self, expert: int) -> int:
+        return self.model.encoders[expert].t1
+
+    def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
+        cached = []
+        for enc, x, start in zip(self.model.encoders, tokens, layers):
+            v = enc.vision
+            prefix = v.run_blocks(x, start, enc.t1)
+            if enc.attention == "joint":
+                if enc.num_queries == 0:
+                    raise NotApplicableError("no gradient path to explain: joint attention with num_queries=0")
+                cached.append({"prefix": prefix.view(b, n, *prefix.shape[1:])})
+                continue
+            states = []
+            for block in list(v.blocks)[enc.t1:]:  # the isolated frozen path (QEncoder.frozen_states), with grad
+                states.append(prefix)
+                prefix = block(prefix)
+            states = torch.stack(states, 1)
+            cached.append({"states": states.view(b, n, *states.shape[1:]),
+                           "frozen": v.finalize(prefix).view(b, n, -1)})
+        return self.model.forward_cached(cached, self.score_labels, self.score_prompt_names).logits
 
     # -- saved
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
