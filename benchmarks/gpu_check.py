@@ -4,7 +4,8 @@
 
 1. Exactness on GPU: tiny MedBridge model, cached vs direct forward on CUDA (fp32) and vs CPU; bf16 autocast
    close to fp32.
-2. Training on CUDA with bf16 autocast through the shared loop (``fit_method``) (loss finite, adapter changes, backbone not).
+2. Training on CUDA with bf16 autocast through the shared loop ``fit_method`` (loss finite, adapter changes,
+   backbone not).
 3. Timings on a ViT-B/16-sized model (timm vit_base_patch16_224, random init, 224 px, 5 views, T1 = 6, Q = 8):
    cache building views/s, training images/s without cache vs from the isolated-mode cache (same batch).
 """
