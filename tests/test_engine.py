@@ -120,7 +120,7 @@ def test_cache_needs_a_fixed_number_of_views(tmp_path, nih_sample):
     pd.DataFrame({"path": [str(src[0]), str(tmp_path / "narrow.png")], "X": [1, 0]}).to_csv(tmp_path / "d.csv",
                                                                                            index=False)
     table = load_dataset("csv", tmp_path / "d.csv")
-    with pytest.raises(DatasetError, match=r"different numbers of focal views .*set model.focal.num_crops"):
+    with pytest.raises(DatasetError, match=r"different numbers of focal views .*set focal.num_crops"):
         fixed_view_count(table, FocalConfig())
     assert fixed_view_count(table, FocalConfig(region_size=0.5, num_crops=2)) == 3
 

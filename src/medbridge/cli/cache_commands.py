@@ -78,7 +78,7 @@ def add_cache_command(sub) -> None:
     for name, func, text in (("ls", cmd_cache_ls, "list caches with their sizes"),
                              ("rm", cmd_cache_rm, "remove caches (by key or key prefix)")):
         a = actions.add_parser(name, help=text, description=text)
-        a.add_argument("--cache-dir", help="cache root (default: $MEDBRIDGE_FEATURE_CACHE or "
+        a.add_argument("--cache-dir", help="cache root (default: $MEDBRIDGE_CACHE/features or "
                                            "~/.cache/medbridge/features)")
         if name == "ls":
             a.add_argument("--json", action="store_true", help="print JSON")

@@ -61,7 +61,7 @@ def run_ablations(study_file: str, data: str, out: str | Path, *, only: list[str
         if not (run_dir / "metrics.json").is_file():
             if not train:
                 return  # summarising only: skip runs that have not finished
-            chosen = [f"method={method}", "companions=[]"] if method else []
+            chosen = [*([f"method={method}"] if method else []), "companions=[]"]  # one method per run
             cfg = load_config(study.get("base"), None, [f"data.path={data}", f"train.seed={seed}",
                                                         f"data.split_seed={seed}", *chosen, *overrides,
                                                         *(extra or [])])

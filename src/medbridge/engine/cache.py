@@ -110,7 +110,7 @@ def disk_errors(folder: Path, needed: int = 0) -> Iterator[None]:
         need = f"{format_size(needed)} needed, " if needed else ""
         raise CacheSpaceError(f"no space left for the frozen-activation cache in {folder} ({need}"
                               f"{format_size(free)} free): free space there, or move the cache with "
-                              "train.cache_dir / MEDBRIDGE_FEATURE_CACHE, or pick a smaller train.cache mode",
+                              "train.cache_dir / MEDBRIDGE_CACHE, or pick a smaller train.cache mode",
                               folder, needed, free) from exc
 
 
@@ -268,7 +268,7 @@ class FeatureCache:
             if missing > free:
                 raise CacheSpaceError(f"the frozen-activation cache needs {format_size(missing)} in {self.dir} but "
                                       f"only {format_size(free)} is free: free space there, move the cache "
-                                      "(train.cache_dir or MEDBRIDGE_FEATURE_CACHE) or pick a smaller train.cache "
+                                      "(train.cache_dir or MEDBRIDGE_CACHE) or pick a smaller train.cache "
                                       "mode", self.dir, missing, free)
         for f, (size, _) in files.items():
             if not f.is_file() or f.stat().st_size != size:

@@ -82,7 +82,7 @@ def fixed_view_count(table: ImageTable, focal: FocalConfig) -> int:
     if len(counts) > 1:
         (n1, p1), (n2, p2) = list(counts.items())[:2]
         raise DatasetError(f"images give different numbers of focal views ({n1} for {p1}, {n2} for {p2}): the "
-                           "cache needs a fixed count: set model.focal.num_crops (and a fractional region_size)")
+                           "cache needs a fixed count: set focal.num_crops (and a fractional region_size)")
     return next(iter(counts)) if counts else focal.max_views(1024, 1024)
 
 
@@ -199,7 +199,7 @@ def _compute(spec: CacheSpec, table: ImageTable, batch: dict, device: str, use_a
     if n != expected:
         bad = table.paths[int(batch["index"][0])]
         raise DatasetError(f"{bad}: {n} focal views, the cache was sized for {expected}; set "
-                           "model.focal.num_crops so every image gives the same number of views")
+                           "focal.num_crops so every image gives the same number of views")
     pixels = [p.to(device) for p in batch["pixels"]]
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
         return spec.compute(pixels)
@@ -312,4 +312,6 @@ def build_cache(spec: CacheSpec, table: ImageTable, rows: np.ndarray | None = No
 
 
 def cache_root_from(path: str | None) -> Path:
-    return Path(path) if path else Path(os.environ.get("MEDBRIDGE_FEATURE_CACHE", default_cache_root()))
+    """``train.cache_dir``, else ``$MEDBRIDGE_CACHE/features`` (``MEDBRIDGE_FEATURE_CACHE``: a deprecated alias, still
+    honoured so that older scripts keep their caches)."""
+    return Path(path) if path else Path(os.environ.get("MEDBRIDGE_FEATURE_CACHE") or default_cache_root())
