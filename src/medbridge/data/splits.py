@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backbones.loading import atomic_write_bytes
+from ..io import atomic_write_bytes
 from .table import SPLIT_NAMES, DatasetError, ImageTable, read_json
 
 SPLIT_FORMAT = "medbridge-split/1"

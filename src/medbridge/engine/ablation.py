@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..backbones.loading import atomic_write_bytes
+from ..io import atomic_write_bytes
 from .config import PRESET_DIR, ConfigError, load_config
 from .report import save_figure
 from .run import train_run

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..backbones.loading import atomic_write_bytes
+from ..io import atomic_write_bytes
 from ..methods.api import NotApplicableError
 from .config import RunConfig, config_from_dict
 from .report import collect_runs, paper_table, save_figure

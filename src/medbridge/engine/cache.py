@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones.loading import atomic_write_bytes
+from ..io import atomic_write_bytes
 
 CACHE_FORMAT = "medbridge-cache/2"  # /2: per-row checksums
 LOCK_FILE = "build.lock"

@@ -242,7 +242,7 @@ def load_config(preset: str | None = None, files: list[str] | None = None,
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from ..backbones.loading import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)),
                                             sort_keys=False).encode())

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..backbones.loading import atomic_write_bytes
 from ..data.splits import Split, label_fraction, patient_split, save_split
 from ..data.table import DatasetError, ImageTable
+from ..io import atomic_write_bytes
 from .config import RunConfig, config_from_dict, save_config
 from .metrics import evaluate_scores
 from .report import ci_sentence, paired_table, plot_roc, summary_table, write_json

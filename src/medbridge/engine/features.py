@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from ..backbones.loading import cache_dir
 from ..data.focal import FocalConfig
 from ..data.loader import ViewDataset, collate_views
 from ..data.table import DatasetError, ImageTable
+from ..io import cache_dir
 from ..methods.api import CacheSpec
 from .cache import (
     CacheError,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..backbones.loading import atomic_write_bytes
+from ..io import atomic_write_bytes
 from .metrics import roc_curve
 
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones.loading import atomic_write_bytes
 from ..data import load_dataset, load_split, make_split, save_split
 from ..data.splits import Split
 from ..data.table import DatasetError, ImageTable
-from ..io import check_finite
+from ..io import atomic_write_bytes, check_finite
 from ..methods.api import Method, TrainingData
 from ..methods.registry import create_method, load_method, save_method
 from .config import ConfigError, DataConfig, RunConfig, save_config
