@@ -254,6 +254,7 @@ def test_cache_ls_and_rm(tmp_path, table, capsys):
 
 
 # --------------------------------------------------------------------------- issue 16: input pipeline
+@pytest.mark.slow
 def test_reduced_jpeg_decode_matches_the_full_decode_and_keeps_the_boxes(tmp_path, nih_sample):
     from PIL import Image
 
