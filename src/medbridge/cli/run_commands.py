@@ -52,6 +52,10 @@ def add_config_args(p: argparse.ArgumentParser, presets: list[str]) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override, e.g. train.lr=1e-3, model.num_queries=16, data.label_fraction=0.1")
     p.add_argument("--backbone", action="append", help="backbone source(s); several = mixture of experts")
+    p.add_argument("--cache", choices=["auto", "full", "prefix", "pooled", "none"],
+                   help="what to cache of the frozen path (train.cache; default auto: the fastest that fits)")
+    p.add_argument("--cache-budget", metavar="SIZE",
+                   help="disk budget of the cache: 50G, 500M, or 30%% of the free space (train.cache_budget)")
 
 
 def build_run_config(args: argparse.Namespace):
@@ -73,6 +77,10 @@ def build_run_config(args: argparse.Namespace):
         overrides.append("companions=" + json.dumps(list(dict.fromkeys(also))))
     if getattr(args, "split_file", None):
         overrides.append(f"data.split_file={args.split_file}")
+    if getattr(args, "cache", None):
+        overrides.append(f"train.cache={args.cache}")
+    if getattr(args, "cache_budget", None):
+        overrides.append(f"train.cache_budget={args.cache_budget}")
     return load_config(args.preset, args.config, overrides)
 
 

@@ -32,8 +32,9 @@ PLUS_LABEL_FILES = ("impression_fixed.json", "findings_fixed.json", "report_fixe
 
 def _view(frontal_lateral: pd.Series, ap_pa: pd.Series) -> list[str | None]:
     out = []
-    for fl, ap in zip(frontal_lateral.fillna(""), ap_pa.fillna("")):
-        fl, ap = str(fl).strip().lower(), str(ap).strip().upper()
+    for fl, ap in zip(frontal_lateral, ap_pa):  # blank cells are NaN (a float column when all are blank)
+        fl = fl.strip().lower() if isinstance(fl, str) else ""
+        ap = ap.strip().upper() if isinstance(ap, str) else ""
         if fl == "lateral":
             out.append("LATERAL")
         elif ap in ("AP", "PA", "LL", "RL"):
