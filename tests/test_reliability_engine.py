@@ -214,3 +214,60 @@ def test_failed_run_leaves_no_files(run, tmp_path, capsys):
     assert main(argv) == 2
     assert "missing" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_registered_hub_backbone_offline_fails_fast_before_the_library_retries(monkeypatch):
+    """One request decides (as for the hf-hub: form); open_clip's minute of retries is never entered."""
+    import huggingface_hub
+    import open_clip
+
+    from medbridge.backbones import create_backbone
+    from medbridge.backbones.loading import HubUnreachableError
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("huggingface.co unreachable")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the library's own download (with retries) was entered")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
+    monkeypatch.setattr(open_clip, "create_model", must_not_run)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", must_not_run)
+    monkeypatch.setattr("medbridge.backbones.registry._hf_cached", lambda repo: False)
+    with pytest.raises(HubUnreachableError, match=r"clip-vit-b-16 \(hf-hub:timm/.*unreachable from this machine"):
+        create_backbone("clip-vit-b-16")
+
+
+def test_image_errors_inside_dataloader_workers_are_one_line(run, tmp_path, nih_sample, capsys):
+    """A corrupt image decoded in a worker process: exit 2, one line naming the file, no worker traceback."""
+    import pandas as pd
+
+    frame = pd.read_csv(run["data"])
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    frame.loc[3, "path"] = str(bad)
+    frame.to_csv(tmp_path / "labels.csv", index=False)
+    argv = [a if a != str(run["data"]) else str(tmp_path / "labels.csv") for a in run["argv"]]
+    argv = [a if a != str(run["out"]) else str(tmp_path / "out") for a in argv]
+    argv[argv.index("train.workers=0")] = "train.workers=1"
+    argv[argv.index(f"train.cache_dir={run['root'] / 'cache'}")] = f"train.cache_dir={tmp_path / 'cache'}"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("medbridge: error")]
+    assert len(errors) == 1 and "broken.jpg" in errors[0] and "corrupt image" in errors[0]
+    assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line(run, tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:  # root writes anywhere: a path under a file stands in for an unwritable place
+        target = tmp_path / "afile" / "run"
+        (tmp_path / "afile").write_text("x")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        target = tmp_path / "ro" / "run"
+    argv = [a if a != str(run["out"]) else str(target) for a in run["argv"]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write there" in err[0] and str(target) in err[0]

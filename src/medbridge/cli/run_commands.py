@@ -319,7 +319,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                           seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
                           extra=args.set, progress=not args.quiet, train=not args.no_train)
     text = summarise(frame, Path(args.out))
-    Path(args.out, "ablations.md").write_text(text + "\n")
+    from ..io import atomic_write_bytes
+
+    atomic_write_bytes(Path(args.out, "ablations.md"), (text + "\n").encode())
     print(text)
     return 0
 

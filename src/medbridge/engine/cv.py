@@ -198,7 +198,7 @@ def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None
     plot_roc(out / "roc_curves.png", {m: (oof[m][scored], targets, labels) for m in methods}, labels,
              patients if n_boot else None, n_boot=min(n_boot, 200), seed=BOOT_SEED,
              note="POOLED out-of-fold scores")
-    (out / "report.md").write_text(cv_report(summary, table) + "\n")
+    atomic_write_bytes(out / "report.md", (cv_report(summary, table) + "\n").encode())
     return summary
 
 

@@ -290,7 +290,7 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
                              "test_patients": int(len(set(patients)))}}
     write_json(out / "metrics.json", summary)
     per_class = per_class_table(results)
-    (out / "per_class.csv").write_text(per_class.to_csv(index=False))
+    atomic_write_bytes(out / "per_class.csv", per_class.to_csv(index=False).encode())
     all_rel = table.relative_paths()
     rel = [all_rel[i] for i in test_rows]
     kept = {c: table.meta[c].to_numpy()[test_rows] for c in table.notes.get("prediction_columns", ())}  # licence
@@ -329,7 +329,7 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
                 dl = pair["delong"].get(lab, {})
                 lines.append(f"| {lab} | {fmt_diff({k: d[k] for k in ('diff', 'ci')})} | {fmt_p(d['p'])} | "
                              f"{dl.get('z', float('nan')):+.2f} | {fmt_p(dl['p']) if dl else '-'} |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
     return summary
 
 
