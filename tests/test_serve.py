@@ -503,9 +503,10 @@ def test_deleting_the_hottest_region_lowers_the_score_more_than_a_random_one(tin
     """Faithfulness on real NIH test images: over each image's 3 most probable labels, filling the square where the
     label's heat map is hottest lowers that label's probability more, on average, than filling random squares of
     the same area (docs/serve.md has the numbers with the bundled backbone)."""
+    from medbridge.engine.methods_io import load_method
+
     from medbridge.data import load_dataset, load_split
     from medbridge.data.images import read_image
-    from medbridge.engine.methods_io import load_method
     from medbridge.serve.explain import deletion_test
 
     run = tiny_run["run"]
