@@ -29,9 +29,13 @@ def baseline_options_class(feature_class: type[FeatureMethod]) -> type:
     """An options dataclass for a baseline: its :class:`Hparams` (None = the method's published default) plus the
     keyword arguments of its constructor, typed and defaulted from the signature."""
     specs = []
-    for f in dataclasses.fields(Hparams):
-        specs.append((f.name, f"{f.type} | None", dataclasses.field(default=None,
-                                                                     metadata={"help": HPARAM_HELP.get(f.name, "")})))
+    defaults = feature_class.default_hparams
+    for f in dataclasses.fields(Hparams):  # defaulting to the method's published settings (specs/baselines.md)
+        value = getattr(defaults, f.name)
+        default = (dataclasses.field(default_factory=lambda v=value: dict(v)) if isinstance(value, dict)
+                   else dataclasses.field(default=value))
+        default.metadata = {"help": HPARAM_HELP.get(f.name, "")}
+        specs.append((f.name, f.type, default))
     seen = {s[0] for s in specs}
     for cls in feature_class.__mro__:  # the constructor's keywords, following **kwargs to the parent's
         if "__init__" not in vars(cls):
@@ -51,7 +55,17 @@ def baseline_options_class(feature_class: type[FeatureMethod]) -> type:
         from ..medbridge.text_head import DEFAULT_TEMPLATE
 
         specs.append(("template", "str", dataclasses.field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt"})))
-    return dataclasses.make_dataclass(f"{feature_class.__name__}Options", specs)
+    options = dataclasses.make_dataclass(f"{feature_class.__name__}Options", specs)
+    options.__post_init__ = _check_hparams
+    return options
+
+
+def _check_hparams(self) -> None:
+    if self.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer: {self.optimizer!r} is not one of sgd, adamw")
+    for name in ("lr", "epochs", "batch_size"):
+        if not getattr(self, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def prefix_cache_spec(backbone: Backbone, blocks: int) -> CacheSpec:
@@ -93,9 +107,7 @@ class BaselineMethod(Method):
 
     @property
     def hparams(self) -> Hparams:
-        over = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(Hparams)
-                if getattr(self.options, f.name) is not None}
-        return dataclasses.replace(self.method.default_hparams, **over)
+        return Hparams(**{f.name: getattr(self.options, f.name) for f in dataclasses.fields(Hparams)})
 
     # -- cache
     def cache_spec(self, n_views: int) -> CacheSpec:
