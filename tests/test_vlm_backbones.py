@@ -243,7 +243,8 @@ def test_text_classifier_baselines_are_not_applicable_with_a_paired_text_tower(s
 
 def test_mixture_of_clip_qwen25_and_gemma3_experts_trains_saves_and_loads(tmp_path, saved):
     from medbridge.data.focal import FocalConfig
-    from medbridge.methods.medbridge import MedBridgeConfig, load_adapter, save_adapter
+    from medbridge.methods import load_method, save_method
+    from medbridge.methods.medbridge import MedBridgeConfig, MedBridgeMethod
     from medbridge.methods.medbridge.adapter import build_medbridge
 
     sources = [save_tiny_clip(tmp_path / "clip"), f"local-dir:{saved['qwen2_5_vl']}", f"local-dir:{saved['gemma3']}"]
@@ -266,8 +267,8 @@ def test_mixture_of_clip_qwen25_and_gemma3_experts_trains_saves_and_loads(tmp_pa
     opt.step()
     assert any(not torch.equal(before[n], p) for n, p in trainable.items())
     assert all(torch.equal(a, b) for a, b in zip(frozen_before, model.backbones.parameters()))
-    save_adapter(model, tmp_path / "adapter")
-    loaded = load_adapter(tmp_path / "adapter")  # rebuilds the three experts from their local-dir sources
+    save_method(MedBridgeMethod(model), tmp_path / "adapter")
+    loaded = load_method(tmp_path / "adapter").model  # rebuilds the three experts from their local-dir sources
     with torch.no_grad():
         torch.testing.assert_close(loaded(px).logits, model.eval()(px).logits, atol=1e-6, rtol=1e-6)
 
@@ -288,7 +289,7 @@ def test_cli_train_and_eval_with_vlm_experts_on_real_xrays(tmp_path, saved, nih_
     for e in experts:
         argv += ["--backbone", e]
     assert main(argv) == 0
-    meta = json.loads((out / "medbridge" / "adapter_config.json").read_text())
+    meta = json.loads((out / "medbridge" / "adapter.json").read_text())
     assert [b["name"] for b in meta["backbones"]] == experts
     metrics = json.loads((out / "metrics.json").read_text())["methods"]["medbridge"]
     assert 0 <= metrics["macro"]["auroc"] <= 1

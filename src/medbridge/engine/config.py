@@ -11,7 +11,7 @@ import yaml
 from ..backbones import DEFAULT_BACKBONE
 from ..data.focal import FocalConfig
 from ..methods.api import OptionsError
-from ..methods.legacy import migrate_legacy_config
+from ..methods.legacy import migrate_legacy_config, migrate_legacy_key
 from ..methods.registry import check_method_options, default_method, get_method, list_methods, method_groups
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
@@ -221,12 +221,12 @@ def load_config(preset: str | None = None, files: list[str] | None = None,
     for p in sources:
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
-        d = _merge(d, yaml.safe_load(p.read_text()) or {})
+        d = _merge(d, migrate_legacy_config(yaml.safe_load(p.read_text()) or {}))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-3")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
+        parts = migrate_legacy_key(key.strip()).split(".")
         node = d
         # option sections are validated by the methods' registered options classes afterwards
         free_form = parts[0] in ("method_options", "focal", "model", "probe", "baseline")

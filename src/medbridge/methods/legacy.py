@@ -82,3 +82,15 @@ def migrate_legacy_config(d: dict) -> dict:
     if options:
         d["method_options"] = options
     return d
+
+
+def migrate_legacy_key(key: str) -> str:
+    """An override key of medbridge 0.1 in the current form: ``model.backbones`` -> ``backbones``,
+    ``model.focal.x`` -> ``focal.x``, ``model.x`` -> ``method_options.medbridge.x``, ``probe.x`` /
+    ``baseline.x`` -> ``method_options.linear-probe.x`` / ``method_options.baseline.x``."""
+    head, _, rest = key.partition(".")
+    if head == "model" and rest.split(".")[0] in ("backbones", "focal"):
+        return rest
+    if head in LEGACY_SECTIONS and rest:
+        return f"method_options.{LEGACY_SECTIONS[head]}.{rest}"
+    return key
