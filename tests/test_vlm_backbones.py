@@ -6,6 +6,7 @@ layout; vision-only loading; a mixture of three heterogeneous experts; the CLI o
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,31 @@ def test_missing_vision_tensors_are_named(tmp_path):
         create_backbone(f"local-dir:{tmp_path}")
 
 
+def test_older_save_layouts_load(tmp_path, saved, loaded):
+    """Saves that carry a position_ids buffer, or whose SigLIP config leaves vision_use_head at its default (True)
+    without head weights, load to the same tower."""
+    from safetensors.torch import load_file, save_file
+
+    llava = tmp_path / "llava"
+    shutil.copytree(saved["llava"], llava)
+    index = json.loads((llava / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["vision_tower.vision_model.embeddings.patch_embedding.weight"]
+    sd = load_file(llava / shard)
+    sd["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(sd, llava / shard, metadata={"format": "pt"})
+    index["weight_map"]["vision_tower.vision_model.embeddings.position_ids"] = shard
+    (llava / "model.safetensors.index.json").write_text(json.dumps(index))
+    pali = tmp_path / "paligemma"
+    shutil.copytree(saved["paligemma"], pali)
+    cfg = json.loads((pali / "config.json").read_text())
+    cfg["vision_config"].pop("vision_use_head")
+    (pali / "config.json").write_text(json.dumps(cfg))
+    for model_type, folder in [("llava", llava), ("paligemma", pali)]:
+        x = _pixels(loaded[model_type])
+        with torch.no_grad():
+            torch.testing.assert_close(create_backbone(f"local-dir:{folder}").vision(x), loaded[model_type].vision(x))
+
+
 @pytest.mark.slow
 def test_vision_only_loading_peak_memory_is_a_fraction_of_the_language_model():
     """The benchmark script in a fresh process: loading the vision tower grows peak RSS by < 15% of the language
@@ -345,7 +371,6 @@ def test_registered_vlm_loads_from_a_hub_cache_holding_only_the_vision_shards(tm
     """A registered name resolves through the local hub cache (offline) when only config, index and the shards
     with vision tensors were downloaded, which is what medbridge downloads."""
     import os
-    import shutil
 
     index = json.loads((saved["qwen2_5_vl"] / "model.safetensors.index.json").read_text())["weight_map"]
     vision_shards = {v for k, v in index.items() if k.startswith("visual.")}

@@ -31,7 +31,7 @@ from .base import (
     VisionTower,
 )
 from .loading import BackboneError
-from .vision_only_loading import checkpoint_weight_map, hub_vision_snapshot, load_submodule
+from .vision_only_loading import checkpoint_weight_map, hub_vision_snapshot, load_submodule, select_prefixed
 
 VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
@@ -300,7 +300,11 @@ def build_vlm_tower(config, folder: Path, read_log: list[str] | None = None) -> 
         visual = qwen_visual_model(config)
         load_submodule(visual, folder, QWEN_VISUAL_PREFIXES, weights, read_log, "Qwen vision (visual.*)")
         return tower_from_parts(config, visual, None, proc, str(folder))
-    vision = _vision_model(config.vision_config)
+    vcfg = config.vision_config
+    if vcfg.model_type == "siglip_vision_model" and getattr(vcfg, "vision_use_head", True) and \
+            not any(".head." in k for k in select_prefixed(weights, VISION_PREFIXES).values()):
+        vcfg.vision_use_head = False  # a VLM's SigLIP without its pooling head (SigLIP defaults to one)
+    vision = _vision_model(vcfg)
     load_submodule(vision, folder, VISION_PREFIXES, weights, read_log, "vision tower")
     projector = _projector(model_type, config)
     load_submodule(projector, folder, PROJECTOR_PREFIXES, weights, read_log, "multi-modal projector")
