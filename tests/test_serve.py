@@ -398,6 +398,7 @@ def test_explanation_forward_reproduces_the_method(tiny_run, which):
 
 # ---------------------------------------------------------------------------------------------- the page
 
+PAGE_TIMEOUT_MS = 600_000  # scoring + one heat map with the bundled backbone on 2 busy cores can take minutes
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -449,6 +450,9 @@ def test_page_in_headless_chromium(live_server, tiny_run, tmp_path):
 
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python client is not installed")
     executable = chromium_path()
+    def drawn(label: str) -> str:  # the overlay canvas once the label's heat map is drawn on it
+        return f"#overlay[data-label={json.dumps(label)}]"
+
     overlay_pixels = ("() => { const c = document.getElementById('overlay'); if (!c.width) return 0;"
                       " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;"
                       " for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }")
@@ -469,13 +473,13 @@ def test_page_in_headless_chromium(live_server, tiny_run, tmp_path):
             page.locator("#model-info", has_text="labels").wait_for()
             for path in (rg1_dicom("J2KR"), nih_jpeg(tiny_run["nih"])):
                 page.set_input_files("#file", str(path))
-                page.locator("#status", has_text=f"Scored {path.name}").wait_for(timeout=120_000)
+                page.locator("#status", has_text=f"Scored {path.name}").wait_for(timeout=PAGE_TIMEOUT_MS)
                 rows = page.locator("#labels tbody tr")
                 assert rows.count() >= 3
                 probs = [float(t.rstrip("%")) for t in rows.locator("td:nth-child(2)").all_inner_texts()]
                 assert probs == sorted(probs, reverse=True)
                 first = rows.nth(0).get_attribute("data-label")
-                page.wait_for_selector(f"#overlay[data-label={json.dumps(first)}]", state="attached", timeout=120_000)
+                page.wait_for_selector(drawn(first), state="attached", timeout=PAGE_TIMEOUT_MS)
                 assert page.evaluate(overlay_pixels) > 100
                 assert page.locator("#xray").evaluate("img => img.naturalWidth") > 0
             # keyboard: the first label's button, ArrowDown selects the next label and draws its heat map
@@ -483,7 +487,7 @@ def test_page_in_headless_chromium(live_server, tiny_run, tmp_path):
             rows.nth(0).locator("button").focus()
             page.keyboard.press("ArrowDown")
             assert rows.nth(1).locator("button").get_attribute("aria-pressed") == "true"
-            page.wait_for_selector(f"#overlay[data-label={json.dumps(second)}]", state="attached", timeout=120_000)
+            page.wait_for_selector(drawn(second), state="attached", timeout=PAGE_TIMEOUT_MS)
             assert page.evaluate(overlay_pixels) > 100
             page.locator("#opacity").focus()
             for _ in range(10):

@@ -23,10 +23,13 @@ from ..data.focal import focal_views
 from ..engine.methods_io import BaselineIO, MedBridgeMethod, ProbeMethod, TrainedMethod
 from ..methods.linear_probe import probe_features
 
-#: Default explained layer: the input of this block of the frozen tower (clamped to the deepest block every path
-#: of the method still runs on: MedBridge's T1, a prefix-caching baseline's prefix). Chosen by the deletion test
-#: in docs/serve.md.
-DEFAULT_LAYER = 4
+#: Default explained layer: None = the deepest block input every path of the method still runs through (MedBridge's
+#: T1, where its queries join; the last block for a probe or pooled-feature baseline; a prefix-caching baseline's
+#: prefix). Chosen by the deletion test in docs/serve.md (deeper was more faithful than the patch embedding).
+DEFAULT_LAYER: int | None = None
+#: Relevance relative to "zero" tokens (plain gradient x activation) or to the tokens of the image filled with its
+#: "mean" (gradient x (activation - reference)).
+DEFAULT_REFERENCE = "zero"
 
 
 def _towers(method: TrainedMethod) -> list:
@@ -39,8 +42,9 @@ def _towers(method: TrainedMethod) -> list:
     raise TypeError(f"no explanation for {type(method).__name__}")
 
 
-def explained_layers(method: TrainedMethod, layer: int = DEFAULT_LAYER) -> list[int]:
-    """The block index whose input tokens are explained, per expert (``layer`` clamped to what the method runs)."""
+def explained_layers(method: TrainedMethod, layer: int | None = DEFAULT_LAYER) -> list[int]:
+    """The block index whose input tokens are explained, per expert (``layer`` clamped to what the method runs;
+    None: the deepest)."""
     out = []
     for k, v in enumerate(_towers(method)):
         top = v.depth - 1
@@ -48,7 +52,7 @@ def explained_layers(method: TrainedMethod, layer: int = DEFAULT_LAYER) -> list[
             top = method.model.encoders[k].t1
         elif isinstance(method, BaselineIO) and getattr(method.method, "cache_prefix_blocks", None) is not None:
             top = method.method.cache_prefix_blocks
-        out.append(max(0, min(layer, top)))
+        out.append(top if layer is None else max(0, min(layer, top)))
     return out
 
 
@@ -83,16 +87,19 @@ def _logits_from_tokens(method: TrainedMethod, tokens: list[Tensor], layers: lis
     return method.method(feats)
 
 
-def token_relevance(method: TrainedMethod, pixels: list[Tensor], labels: list[int], layer: int = DEFAULT_LAYER
+def token_relevance(method: TrainedMethod, pixels: list[Tensor], labels: list[int],
+                    layer: int | None = DEFAULT_LAYER, reference: list[Tensor] | None = None
                     ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Views of ONE image (per expert [1, N, 3, S, S]) and label indices -> (their probabilities [k], per expert
-    patch relevance [k, N, g, g]: relu of gradient x activation, summed over channels)."""
+    patch relevance [k, N, g, g]: relu of gradient x activation, summed over channels). ``reference``: views of a
+    reference image (same shapes): gradient x (activation - the reference's activation) instead."""
     k = len(labels)
     layers = explained_layers(method, layer)
-    tokens = []
+    tokens, offsets = [], []
     with torch.no_grad():
-        for v, px, start in zip(_towers(method), pixels, layers):
+        for e, (v, px, start) in enumerate(zip(_towers(method), pixels, layers)):
             x = v.run_blocks(v.embed(px.flatten(0, 1)), 0, start)
+            offsets.append(0 if reference is None else v.run_blocks(v.embed(reference[e].flatten(0, 1)), 0, start))
             tokens.append(x.repeat(k, 1, 1).requires_grad_(True))  # one copy of the views per explained label
     n = pixels[0].shape[1]
     with torch.enable_grad():
@@ -100,8 +107,9 @@ def token_relevance(method: TrainedMethod, pixels: list[Tensor], labels: list[in
         logits.sum().backward()  # copy j backpropagates its own label only
     probs = torch.sigmoid(logits.detach()).numpy()
     maps = []
-    for v, x in zip(_towers(method), tokens):
-        rel = (x.grad * x.detach()).sum(-1)[:, v.num_prefix_tokens:].clamp_min(0)
+    for v, x, ref in zip(_towers(method), tokens, offsets):
+        delta = x.detach() - (ref.repeat(k, 1, 1) if torch.is_tensor(ref) else ref)
+        rel = (x.grad * delta).sum(-1)[:, v.num_prefix_tokens:].clamp_min(0)
         g = int(round(rel.shape[-1] ** 0.5))
         if g * g != rel.shape[-1]:
             raise ValueError(f"{rel.shape[-1]} patch tokens do not form a square grid")
@@ -109,8 +117,8 @@ def token_relevance(method: TrainedMethod, pixels: list[Tensor], labels: list[in
     return probs, maps
 
 
-def heat_maps(method: TrainedMethod, image: np.ndarray, labels: list[int] | None = None, layer: int = DEFAULT_LAYER,
-              max_side: int = 128) -> dict:
+def heat_maps(method: TrainedMethod, image: np.ndarray, labels: list[int] | None = None,
+              layer: int | None = DEFAULT_LAYER, max_side: int = 128, reference: str = DEFAULT_REFERENCE) -> dict:
     """One image (H x W [x 3], [0, 1]) and label indices (default: all) -> {"labels": the indices,
     "probabilities": [k], "maps": [k, h, w] in [0, 1] (each scaled by its own maximum), "scale": [k] the maximum
     before scaling, "boxes": the views' boxes, "size": (h, w)}. ``h, w``: the image's aspect, long side
@@ -118,7 +126,13 @@ def heat_maps(method: TrainedMethod, image: np.ndarray, labels: list[int] | None
     labels = list(range(len(method.labels))) if labels is None else list(labels)
     views = focal_views(image, method.focal, method.preprocess)
     pixels = [v.pixels.unsqueeze(0) for v in views]
-    probs, maps = token_relevance(method, pixels, labels, layer)
+    ref = None
+    if reference == "mean":  # relevance relative to the image filled with its mean (what deleting a region does)
+        flat = np.broadcast_to(image.mean(axis=(0, 1)), image.shape).astype(np.float32)
+        ref = [v.pixels.unsqueeze(0) for v in focal_views(flat, method.focal, method.preprocess)]
+    elif reference != "zero":
+        raise ValueError(f"reference must be 'zero' or 'mean', got {reference!r}")
+    probs, maps = token_relevance(method, pixels, labels, layer, ref)
     h0, w0 = image.shape[:2]
     s = max_side / max(h0, w0)
     h, w = max(1, round(h0 * s)), max(1, round(w0 * s))
@@ -148,8 +162,8 @@ def hottest_box(heat: np.ndarray, side: int) -> tuple[int, int, int, int]:
 
 
 def deletion_test(method: TrainedMethod, images: list[np.ndarray], labels_per_image: int = 3,
-                  region_fraction: float = 0.25, n_random: int = 3, layer: int = DEFAULT_LAYER, seed: int = 0
-                  ) -> list[dict]:
+                  region_fraction: float = 0.25, n_random: int = 3, layer: int | None = DEFAULT_LAYER, seed: int = 0,
+                  reference: str = DEFAULT_REFERENCE) -> list[dict]:
     """Faithfulness by deletion: for each image's ``labels_per_image`` most probable labels, fill the square of side
     ``region_fraction`` x the short side where the label's heat map is hottest with the image's mean, and (as the
     control) ``n_random`` squares of the same size at uniformly random positions; rows with the label's
@@ -159,7 +173,7 @@ def deletion_test(method: TrainedMethod, images: list[np.ndarray], labels_per_im
     for i, image in enumerate(images):
         px = [v.pixels.unsqueeze(0) for v in focal_views(image, method.focal, method.preprocess)]
         top = np.argsort(-method.scores_views(px)[0][0])[:labels_per_image].tolist()
-        res = heat_maps(method, image, top, layer)
+        res = heat_maps(method, image, top, layer, reference=reference)
         h, w = image.shape[:2]
         side = max(1, int(round(region_fraction * min(h, w))))
         fill = image.mean(axis=(0, 1))
@@ -221,7 +235,7 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, boxes: list | None = None, 
 
 
 def write_explanations(method: TrainedMethod, rows: list[dict], folder: Path, top: int = 3,
-                       overwrite: bool = False, layer: int = DEFAULT_LAYER) -> list[Path]:
+                       overwrite: bool = False, layer: int | None = DEFAULT_LAYER) -> list[Path]:
     """For each predicted image (rows of :func:`medbridge.engine.evaluate.predict_images`), overlays of its
     positive labels and its ``top`` most probable ones: ``folder/<n>_<image stem>_<label>.png``. Existing files
     are refused unless ``overwrite``."""

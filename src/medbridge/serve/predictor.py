@@ -100,7 +100,7 @@ class Predictor:
     """A saved method (run folder, adapter, probe or baseline folder) loaded once with the CLI's safe loaders,
     its validation thresholds and what ``GET /v1/model`` reports."""
 
-    def __init__(self, source: str | Path, explain_layer: int = DEFAULT_LAYER) -> None:
+    def __init__(self, source: str | Path, explain_layer: int | None = DEFAULT_LAYER) -> None:
         self.folder = Path(source)
         self.method = load_method(self.folder)
         self.explain_layer = explain_layer
