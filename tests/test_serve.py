@@ -521,3 +521,20 @@ def test_deleting_the_hottest_region_lowers_the_score_more_than_a_random_one(tin
     drop_hot = np.mean([r["p"] - r["p_hot"] for r in res])
     drop_random = np.mean([r["p"] - r["p_random"] for r in res])
     assert drop_hot > drop_random, (drop_hot, drop_random)
+
+
+def test_a_label_without_validation_positives_has_no_threshold(tiny_run, tmp_path):
+    """metrics.json stores an infinite threshold for a label with no positive in the validation split: the API
+    answers null (valid JSON) and never calls it positive."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("checkpoint.pt", "predictions_*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["methods"]["medbridge"]["thresholds"]["Effusion"] = float("inf")
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    with TestClient(create_app(run)) as c:
+        assert c.get("/v1/model").json()["thresholds"]["Effusion"] is None
+        row = upload(c, [nih_jpeg(tiny_run["nih"])])["results"][0]
+    effusion = next(p for p in row["predictions"] if p["label"] == "Effusion")
+    assert effusion["threshold"] is None and effusion["positive"] is False
