@@ -1,12 +1,13 @@
 """Per-label heat maps for any trained method: gradient x activation on the frozen tower's patch tokens.
 
 For each label, the label's logit is differentiated with respect to the vision tokens entering block ``layer`` of
-the frozen tower; per patch, ``relu(sum_channels(gradient * token))`` says how much that patch's current content
-pushes the label up. Every view (the whole image and, for MedBridge, its focal crops) contributes its patch grid
-pasted into its box on the image, so crops the model pooled from show up where they are. The forward pass is the
-method's own (the backbone's ``embed``/``run_blocks``/``finalize``, the adapter's ``forward_cached``, the probe,
-the baseline module), run with gradients; all labels are explained in one batched backward pass (one copy of the
-views per label). Faithfulness is checked by a deletion test (docs/serve.md).
+the frozen tower; per patch, ``relu(sum_channels(gradient * (token - reference token)))`` says how much that patch's
+current content pushes the label up compared with the same image filled with its mean (the reference; plain gradient
+x activation with ``reference="zero"``). Every view (the whole image and, for MedBridge, its focal crops)
+contributes its patch grid pasted into its box on the image, so crops the model pooled from show up where they are.
+The forward pass is the method's own (the backbone's ``embed``/``run_blocks``/``finalize``, the adapter's
+``forward_cached``, the probe, the baseline module), run with gradients; all labels are explained in one batched
+backward pass (one copy of the views per label). Faithfulness is checked by a deletion test (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from ..methods.linear_probe import probe_features
 #: T1, where its queries join; the last block for a probe or pooled-feature baseline; a prefix-caching baseline's
 #: prefix). Chosen by the deletion test in docs/serve.md (deeper was more faithful than the patch embedding).
 DEFAULT_LAYER: int | None = None
-#: Relevance relative to "zero" tokens (plain gradient x activation) or to the tokens of the image filled with its
-#: "mean" (gradient x (activation - reference)).
-DEFAULT_REFERENCE = "zero"
+#: Relevance relative to the tokens of the image filled with its "mean" (gradient x (activation - reference): the
+#: first-order estimate of what blanking a region does), or to "zero" tokens (plain gradient x activation). "mean"
+#: passed the deletion test in docs/serve.md where "zero" did not.
+DEFAULT_REFERENCE = "mean"
 
 
 def _towers(method: TrainedMethod) -> list:

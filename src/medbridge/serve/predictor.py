@@ -121,7 +121,8 @@ class Predictor:
                 "thresholds": {lab: finite_or_none(t) for lab, t in self.thresholds.items()},
                 "threshold_source": self.threshold_source,
                 "focal": m.focal.to_dict(),
-                "explanation": {"method": "gradient x activation on the frozen tower's patch tokens",
+                "explanation": {"method": "gradient x (activation - mean-image activation) on the frozen tower's "
+                                          "patch tokens",
                                 "layer": explained_layers(m, self.explain_layer)},
                 "training_data": None, "metrics": None}
         run = run_folder_of(self.folder)
@@ -183,7 +184,8 @@ class Predictor:
         """Heat maps of the given label indices (default: all) as greyscale PNG data URLs."""
         res = heat_maps(self.method, image, labels, self.explain_layer)
         h, w = res["size"]
-        return {"method": "gradient x activation", "layer": explained_layers(self.method, self.explain_layer),
+        return {"method": "gradient x (activation - mean-image activation)",
+                "layer": explained_layers(self.method, self.explain_layer),
                 "height": h, "width": w, "boxes": res["boxes"],
                 "maps": {self.method.labels[c]: png_data_url(res["maps"][k]) for k, c in enumerate(res["labels"])}}
 
