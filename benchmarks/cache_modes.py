@@ -4,7 +4,8 @@
 
 Bundled DINOv2-S + MiniLM, isolated attention, T1 = 6 of 12, Q = 8, 5 views (whole + 2 x 2 regions of half the
 short side). Each mode (``train.cache``) is built with ``build_cache`` into a temporary folder, then two training
-epochs of ``train_medbridge`` read it (the fastest epoch is reported: the loop alone, as in the run's history):
+epochs of the shared training loop (``fit_method``) read it (the fastest epoch is reported: the loop alone, as in
+the run's history):
   - full: block inputs T1+1..T + pooled output stored; each step computes only the query rows;
   - prefix: block-T1 tokens stored; each step reruns the frozen blocks T1+1..T, then the query rows;
   - none: nothing stored; each step decodes the images and runs the whole frozen path.
@@ -34,8 +35,9 @@ def main() -> None:
     from medbridge.data import FocalConfig, load_dataset
     from medbridge.engine.config import TrainConfig
     from medbridge.engine.features import build_cache
-    from medbridge.engine.methods_io import MedBridgeMethod
-    from medbridge.engine.trainer import train_medbridge
+    from medbridge.engine.trainer import fit_method
+    from medbridge.methods import TrainingData
+    from medbridge.methods.medbridge.method import MedBridgeMethod
     from medbridge.methods.medbridge.model import MedBridgeConfig, MedBridgeModel
 
     table = load_dataset("nih", a.data).subset(range(a.images))
@@ -60,7 +62,8 @@ def main() -> None:
                                 progress=False, mode=mode)
             build = time.perf_counter() - t0
             tc = TrainConfig(batch_size=a.batch, epochs=a.epochs, checkpoint_every=0, workers=0)
-            history = train_medbridge(model, cache, table.targets, rows, tc, root / f"run-{mode}", progress_bar=False)
+            history = fit_method(method, TrainingData(cache, table.targets, rows, rows[:0]), tc, root / f"run-{mode}",
+                                 progress_bar=False)
             results[mode] = (cache.bytes / a.images, build, min(h["seconds"] for h in history))
         base = results["full"]
         for mode, (per_image, build, epoch) in results.items():

@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--layers", default="0,2,4,6")
     ap.add_argument("--method-dir", help="method folder to explain (default: the run's MedBridge adapter)")
+    ap.add_argument("--references", default="zero", help="comma-separated: zero (gradient x activation), mean "
+                                                        "(gradient x (activation - the mean-filled image's))")
     ap.add_argument("--labels-per-image", type=int, default=3)
     ap.add_argument("--random", type=int, default=3, help="random squares per (image, label)")
     ap.add_argument("--seed", type=int, default=0)
@@ -51,21 +53,22 @@ def main() -> None:
     images = [read_image(p) for p in table.meta["path"].iloc[rows]]
     print(f"{method.name} from {args.method_dir or run}: {len(images)} test images of {data['path']}, "
           f"top-{args.labels_per_image} labels each, {args.random} random squares", flush=True)
-    print("| layer | mean drop hottest | mean drop random | hottest > random | diff 95% CI (bootstrap) | sign test p "
-          "| s |")
+    print("| layer, reference | mean drop hottest | mean drop random | hottest > random | diff 95% CI (bootstrap) "
+          "| sign test p | s |")
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(args.seed)
-    for layer in [int(x) for x in args.layers.split(",")]:
+    settings = [(int(x), ref) for x in args.layers.split(",") for ref in args.references.split(",")]
+    for layer, ref in settings:
         t0 = time.perf_counter()
         res = deletion_test(method, images, args.labels_per_image, n_random=args.random, layer=layer,
-                            seed=args.seed)
+                            seed=args.seed, reference=ref)
         p = np.array([r["p"] for r in res])
         hot, rand = p - np.array([r["p_hot"] for r in res]), p - np.array([r["p_random"] for r in res])
         diff = hot - rand
         boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)]
         wins = int((diff > 0).sum())
         used = explained_layers(method, layer)
-        print(f"| {layer} (used {used}) | {hot.mean():.4f} | {rand.mean():.4f} | {wins}/{len(diff)} "
+        print(f"| {layer} (used {used}), {ref} | {hot.mean():.4f} | {rand.mean():.4f} | {wins}/{len(diff)} "
               f"| {diff.mean():.4f} [{np.percentile(boot, 2.5):.4f}, {np.percentile(boot, 97.5):.4f}] "
               f"| {sign_test_p(wins, len(diff)):.2g} | {time.perf_counter() - t0:.0f} |", flush=True)
 

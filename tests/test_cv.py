@@ -77,6 +77,13 @@ def test_cv_summary_is_the_mean_over_folds_with_intervals(cv_run, capsys):
     assert "| cv3 | medbridge | 1 |" in table and "| split | medbridge | 1 |" in table
     ci = m["methods"]["medbridge"]["ci"]["macro"]["auroc"]
     assert f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" in table
+    from medbridge.engine.benchmark import paired_difference
+
+    again = paired_difference(out, "linear-probe", out, "medbridge", n_boot=200)  # from the saved folds
+    assert again["diff"] == pytest.approx(-pair["diff"])
+    assert again["ci"] == pytest.approx([-c for c in pair["ci"][::-1]])
+    assert main(["collect", str(out), "--paired", "--n-boot", "200"]) == 0
+    assert "| run:linear-probe | " + f"{-100 * pair['diff']:+.1f}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -398,6 +398,7 @@ def test_explanation_forward_reproduces_the_method(tiny_run, which):
 
 # ---------------------------------------------------------------------------------------------- the page
 
+PAGE_TIMEOUT_MS = 600_000  # scoring + one heat map with the bundled backbone on 2 busy cores can take minutes
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -449,6 +450,9 @@ def test_page_in_headless_chromium(live_server, tiny_run, tmp_path):
 
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python client is not installed")
     executable = chromium_path()
+    def drawn(label: str) -> str:  # the overlay canvas once the label's heat map is drawn on it
+        return f"#overlay[data-label={json.dumps(label)}]"
+
     overlay_pixels = ("() => { const c = document.getElementById('overlay'); if (!c.width) return 0;"
                       " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;"
                       " for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }")
@@ -469,13 +473,13 @@ def test_page_in_headless_chromium(live_server, tiny_run, tmp_path):
             page.locator("#model-info", has_text="labels").wait_for()
             for path in (rg1_dicom("J2KR"), nih_jpeg(tiny_run["nih"])):
                 page.set_input_files("#file", str(path))
-                page.locator("#status", has_text=f"Scored {path.name}").wait_for(timeout=120_000)
+                page.locator("#status", has_text=f"Scored {path.name}").wait_for(timeout=PAGE_TIMEOUT_MS)
                 rows = page.locator("#labels tbody tr")
                 assert rows.count() >= 3
                 probs = [float(t.rstrip("%")) for t in rows.locator("td:nth-child(2)").all_inner_texts()]
                 assert probs == sorted(probs, reverse=True)
                 first = rows.nth(0).get_attribute("data-label")
-                page.wait_for_selector(f"#overlay[data-label={json.dumps(first)}]", state="attached", timeout=120_000)
+                page.wait_for_selector(drawn(first), state="attached", timeout=PAGE_TIMEOUT_MS)
                 assert page.evaluate(overlay_pixels) > 100
                 assert page.locator("#xray").evaluate("img => img.naturalWidth") > 0
             # keyboard: the first label's button, ArrowDown selects the next label and draws its heat map
@@ -483,7 +487,7 @@ def test_page_in_headless_chromium(live_server, tiny_run, tmp_path):
             rows.nth(0).locator("button").focus()
             page.keyboard.press("ArrowDown")
             assert rows.nth(1).locator("button").get_attribute("aria-pressed") == "true"
-            page.wait_for_selector(f"#overlay[data-label={json.dumps(second)}]", state="attached", timeout=120_000)
+            page.wait_for_selector(drawn(second), state="attached", timeout=PAGE_TIMEOUT_MS)
             assert page.evaluate(overlay_pixels) > 100
             page.locator("#opacity").focus()
             for _ in range(10):
@@ -503,10 +507,9 @@ def test_deleting_the_hottest_region_lowers_the_score_more_than_a_random_one(tin
     """Faithfulness on real NIH test images: over each image's 3 most probable labels, filling the square where the
     label's heat map is hottest lowers that label's probability more, on average, than filling random squares of
     the same area (docs/serve.md has the numbers with the bundled backbone)."""
-    from medbridge.engine.methods_io import load_method
-
     from medbridge.data import load_dataset, load_split
     from medbridge.data.images import read_image
+    from medbridge.methods import load_method
     from medbridge.serve.explain import deletion_test
 
     run = tiny_run["run"]
@@ -518,3 +521,20 @@ def test_deleting_the_hottest_region_lowers_the_score_more_than_a_random_one(tin
     drop_hot = np.mean([r["p"] - r["p_hot"] for r in res])
     drop_random = np.mean([r["p"] - r["p_random"] for r in res])
     assert drop_hot > drop_random, (drop_hot, drop_random)
+
+
+def test_a_label_without_validation_positives_has_no_threshold(tiny_run, tmp_path):
+    """metrics.json stores an infinite threshold for a label with no positive in the validation split: the API
+    answers null (valid JSON) and never calls it positive."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("checkpoint.pt", "predictions_*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["methods"]["medbridge"]["thresholds"]["Effusion"] = float("inf")
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    with TestClient(create_app(run)) as c:
+        assert c.get("/v1/model").json()["thresholds"]["Effusion"] is None
+        row = upload(c, [nih_jpeg(tiny_run["nih"])])["results"][0]
+    effusion = next(p for p in row["predictions"] if p["label"] == "Effusion")
+    assert effusion["threshold"] is None and effusion["positive"] is False

@@ -6,6 +6,7 @@ layout; vision-only loading; a mixture of three heterogeneous experts; the CLI o
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,11 +130,13 @@ def test_qwen_window_blocks_with_queries_equal_per_window_library_calls(loaded):
     windowed = [i for i, blk in enumerate(tower.blocks) if not blk.full_attention]
     assert windowed and len(lay.cu_window) - 1 > 1  # several windows in this tiny config
     g = torch.Generator().manual_seed(3)
-    tokens = torch.randn(2, lay.num_patches, tower.width, generator=g)
+    tokens = torch.randn(2, lay.num_patches, tower.width, generator=g)  # in the library's (window) order
     queries = torch.randn(2, 3, tower.width, generator=g)
     block = tower.blocks[windowed[0]]
+    raster = tokens[:, lay.from_library]  # what the tower's blocks take and return
     with torch.no_grad():
-        ours = block(torch.cat([tokens, queries], 1))
+        out = block(torch.cat([raster, queries], 1))
+        ours = torch.cat([out[:, : lay.num_patches][:, lay.library_order], out[:, lay.num_patches:]], 1)
         ones, zeros = torch.ones(3, lay.cos.shape[1]), torch.zeros(3, lay.cos.shape[1])
         for b in range(2):
             for s, e in zip(lay.cu_window[:-1].tolist(), lay.cu_window[1:].tolist()):
@@ -146,8 +149,8 @@ def test_qwen_window_blocks_with_queries_equal_per_window_library_calls(loaded):
             pos = (torch.cat([lay.cos, ones]), torch.cat([lay.sin, zeros]))
             ref = block.block(seg, cu_seqlens=torch.tensor([0, len(seg)], dtype=torch.int32), position_embeddings=pos)
             torch.testing.assert_close(ours[b, lay.num_patches:], ref[lay.num_patches:], atol=1e-5, rtol=1e-5)
-        no_queries = block(tokens)
-    assert not torch.allclose(ours[:, : lay.num_patches], no_queries, atol=1e-4)  # patches do see the queries
+        no_queries = block(raster)
+    assert not torch.allclose(out[:, : lay.num_patches], no_queries, atol=1e-4)  # patches do see the queries
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
@@ -169,6 +172,20 @@ def test_qencoder_on_qwen_q0_is_the_library_forward_and_isolated_queries_leave_i
         torch.manual_seed(0)
         joint, qj = QEncoder(tower, t1=1, num_queries=4, attention="joint")(x)
     assert not torch.allclose(joint, ref, atol=1e-4)  # joint: patches attend to the queries
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_tokens_are_in_raster_order(loaded, model_type):
+    """Token r * grid + c is the patch at row r, column c (as for every other tower): heat maps need no reordering."""
+    tower = loaded[model_type].vision
+    x = _pixels(loaded[model_type])
+    p, t = tower.patch, tower.temporal
+    with torch.no_grad():
+        tokens = tower.embed(x)
+        for r, c in [(0, 0), (0, 5), (3, 1), (7, 6)]:
+            patch = x[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p].unsqueeze(2).expand(-1, -1, t, -1, -1)
+            torch.testing.assert_close(tokens[:, r * tower.grid + c], tower.visual.patch_embed(patch.reshape(2, -1)),
+                                       atol=1e-5, rtol=1e-5)
 
 
 def test_qwen_rejects_other_input_sizes(loaded):
@@ -213,6 +230,31 @@ def test_missing_vision_tensors_are_named(tmp_path):
     save_file({k: v for k, v in sd.items() if not k.startswith(VISION_PREFIXES)}, tmp_path / "model.safetensors")
     with pytest.raises(BackboneError, match="no vision tower tensors"):
         create_backbone(f"local-dir:{tmp_path}")
+
+
+def test_older_save_layouts_load(tmp_path, saved, loaded):
+    """Saves that carry a position_ids buffer, or whose SigLIP config leaves vision_use_head at its default (True)
+    without head weights, load to the same tower."""
+    from safetensors.torch import load_file, save_file
+
+    llava = tmp_path / "llava"
+    shutil.copytree(saved["llava"], llava)
+    index = json.loads((llava / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["vision_tower.vision_model.embeddings.patch_embedding.weight"]
+    sd = load_file(llava / shard)
+    sd["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(sd, llava / shard, metadata={"format": "pt"})
+    index["weight_map"]["vision_tower.vision_model.embeddings.position_ids"] = shard
+    (llava / "model.safetensors.index.json").write_text(json.dumps(index))
+    pali = tmp_path / "paligemma"
+    shutil.copytree(saved["paligemma"], pali)
+    cfg = json.loads((pali / "config.json").read_text())
+    cfg["vision_config"].pop("vision_use_head")
+    (pali / "config.json").write_text(json.dumps(cfg))
+    for model_type, folder in [("llava", llava), ("paligemma", pali)]:
+        x = _pixels(loaded[model_type])
+        with torch.no_grad():
+            torch.testing.assert_close(create_backbone(f"local-dir:{folder}").vision(x), loaded[model_type].vision(x))
 
 
 @pytest.mark.slow
@@ -330,7 +372,6 @@ def test_registered_vlm_loads_from_a_hub_cache_holding_only_the_vision_shards(tm
     """A registered name resolves through the local hub cache (offline) when only config, index and the shards
     with vision tensors were downloaded, which is what medbridge downloads."""
     import os
-    import shutil
 
     index = json.loads((saved["qwen2_5_vl"] / "model.safetensors.index.json").read_text())["weight_map"]
     vision_shards = {v for k, v in index.items() if k.startswith("visual.")}

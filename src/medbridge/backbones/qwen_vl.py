@@ -6,10 +6,13 @@ rotary positions (cos, sin per token) and, in Qwen2.5-VL, patches reordered wind
 has the tower's fixed square input size, so the packed sequence is kept as a batch [B, L, width]:
 
 - ``embed`` cuts pixels into patches exactly as ``Qwen2VLImageProcessor`` orders them (2x2 merge groups
-  contiguous, the frame repeated over the temporal patch), runs ``patch_embed`` and, for Qwen2.5-VL, applies the
-  library's own ``get_window_index`` order.
-- each block calls the library block on the packed batch, with the library's ``rot_pos_emb`` positions and
-  ``cu_seqlens`` = one segment per image (full-attention blocks) or the library's window segments.
+  contiguous, the frame repeated over the temporal patch) and runs ``patch_embed``; the tokens it returns (and
+  every block returns) are in raster order, row by row, like every other tower's patch tokens (so spatial
+  consumers such as heat maps need no Qwen-specific code).
+- each block reorders the patches into the library's order (merge groups; for Qwen2.5-VL the library's own
+  ``get_window_index`` order), calls the library block on the packed batch with the library's ``rot_pos_emb``
+  positions and ``cu_seqlens`` = one segment per image (full-attention blocks) or the library's window segments,
+  and puts the patches back in raster order.
 
 Query tokens (MedBridge) are appended after each image's patches, inside that image's segment:
 
@@ -97,17 +100,25 @@ class _Layout(nn.Module):
         self.num_patches = grid * grid
         rot = visual.rot_pos_emb(grid_thw)  # the library's 2D rotary angles, processor order
         windows = hasattr(visual, "get_window_index")
-        unit = visual.spatial_merge_size ** 2
+        m = visual.spatial_merge_size
+        unit = m * m
+        # raster index of each token in the processor's order (2x2 merge groups contiguous), as rot_pos_emb has it
+        processor = torch.arange(self.num_patches).view(grid // m, m, grid // m, m).permute(0, 2, 1, 3).flatten()
+        library = processor
         if windows:
             index, cu_window = visual.get_window_index(grid_thw)
             cu_window = torch.unique_consecutive(torch.tensor(cu_window, dtype=torch.int32))
             rot = rot.reshape(-1, unit, rot.shape[-1])[index].reshape(self.num_patches, -1)
+            library = processor.view(-1, unit)[index].flatten()
             ids = torch.bucketize(torch.arange(self.num_patches), cu_window[1:].long(), right=True)
-            self.register_buffer("window_index", index, persistent=False)
             self.register_buffer("cu_window", cu_window, persistent=False)
             self.register_buffer("window_ids", ids, persistent=False)
         else:
-            self.window_index = self.cu_window = self.window_ids = None
+            self.cu_window = self.window_ids = None
+        self.register_buffer("processor_order", processor, persistent=False)  # raster index per processor token
+        self.register_buffer("from_processor", torch.argsort(processor), persistent=False)
+        self.register_buffer("library_order", library, persistent=False)  # raster index per library token
+        self.register_buffer("from_library", torch.argsort(library), persistent=False)
         emb = torch.cat([rot, rot], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
@@ -120,7 +131,7 @@ class _Layout(nn.Module):
         return cos.repeat(batch, 1), sin.repeat(batch, 1)
 
     def window_mask(self, num_queries: int) -> Tensor:
-        """[1, 1, L, L] boolean: patches see their window and the queries; queries see everything."""
+        """[1, 1, L, L] boolean (library order): patches see their window and the queries; queries see all."""
         n = self.num_patches
         allowed = torch.ones(n + num_queries, n + num_queries, dtype=torch.bool, device=self.cos.device)
         allowed[:n, :n] = self.window_ids[:, None] == self.window_ids[None, :]
@@ -128,7 +139,7 @@ class _Layout(nn.Module):
 
 
 class QwenVisionBlock(nn.Module):
-    """One library vision block as ``[B, L, width] -> [B, L, width]`` (L = patches + queries of each image)."""
+    """One library vision block as ``[B, L, width] -> [B, L, width]`` (L = patches in raster order + queries)."""
 
     def __init__(self, block: nn.Module, layout: _Layout, full_attention: bool) -> None:
         super().__init__()
@@ -153,9 +164,10 @@ class QwenVisionBlock(nn.Module):
         else:
             cu = torch.arange(b + 1, device=dev) * length
             kwargs[MASK_KWARG] = lay.window_mask(q)
-        out = self.block(tokens.reshape(b * length, d), cu_seqlens=cu.to(torch.int32),
-                         position_embeddings=lay.positions(b, q), **kwargs)
-        return out.reshape(b, length, d)
+        x = torch.cat([tokens[:, :n][:, lay.library_order], tokens[:, n:]], dim=1)
+        out = self.block(x.reshape(b * length, d), cu_seqlens=cu.to(torch.int32),
+                         position_embeddings=lay.positions(b, q), **kwargs).reshape(b, length, d)
+        return torch.cat([out[:, :n][:, lay.from_library], out[:, n:]], dim=1)
 
 
 class QwenVisionTower(VisionTower):
@@ -197,13 +209,10 @@ class QwenVisionTower(VisionTower):
         return torch.tensor([[1, self.grid, self.grid]] * batch)
 
     def embed(self, pixels: Tensor) -> Tensor:
+        """Patch embeddings [B, patches, width] in raster order (row by row)."""
         b = pixels.shape[0]
-        n = self.layout.num_patches
-        x = self.visual.patch_embed(self.patchify(pixels)).reshape(b, n, self.width)
-        if self.layout.window_index is not None:
-            unit = self.merge ** 2
-            x = x.reshape(b, n // unit, unit, self.width)[:, self.layout.window_index].reshape(b, n, self.width)
-        return x
+        x = self.visual.patch_embed(self.patchify(pixels)).reshape(b, self.layout.num_patches, self.width)
+        return x[:, self.layout.from_processor]
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -215,8 +224,9 @@ class QwenVisionTower(VisionTower):
         return merged.reshape(b, length, self.embed_dim)
 
     def finalize(self, tokens: Tensor) -> Tensor:
-        b, n, d = tokens.shape  # merge groups are contiguous in processor and window order alike
-        return self.visual.merger(tokens.reshape(b * n, d)).reshape(b, -1, self.embed_dim).mean(1)
+        b, n, d = tokens.shape
+        grouped = tokens[:, self.layout.processor_order]  # 2x2 merge groups contiguous, as the merger expects
+        return self.visual.merger(grouped.reshape(b * n, d)).reshape(b, -1, self.embed_dim).mean(1)
 
     def reference_forward(self, pixels: Tensor) -> Tensor:
         b = pixels.shape[0]

@@ -17,6 +17,7 @@ import torch
 from .loading import BackboneError
 
 INDEX = "model.safetensors.index.json"
+NON_PERSISTENT_BUFFERS = ("position_ids", "inv_freq")
 SINGLE = "model.safetensors"
 
 
@@ -85,9 +86,11 @@ def load_submodule(module: torch.nn.Module, folder: Path, prefixes: Iterable[str
     if not chosen:
         raise BackboneError(f"{folder}: no {what} tensors in the checkpoint (looked for names starting with "
                             f"{' or '.join(repr(p) for p in prefixes)})")
+    own = module.state_dict()
+    # non-persistent buffers some older saves still carry (recomputed by the module itself, never read)
+    chosen = {k: v for k, v in chosen.items() if v in own or not v.endswith(NON_PERSISTENT_BUFFERS)}
     tensors = read_tensors(folder, chosen, weight_map, read_log)
     state = {chosen[k]: v for k, v in tensors.items()}
-    own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)

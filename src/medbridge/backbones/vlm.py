@@ -31,7 +31,7 @@ from .base import (
     VisionTower,
 )
 from .loading import BackboneError
-from .vision_only_loading import checkpoint_weight_map, hub_vision_snapshot, load_submodule
+from .vision_only_loading import checkpoint_weight_map, hub_vision_snapshot, load_submodule, select_prefixed
 
 VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
@@ -300,7 +300,11 @@ def build_vlm_tower(config, folder: Path, read_log: list[str] | None = None) -> 
         visual = qwen_visual_model(config)
         load_submodule(visual, folder, QWEN_VISUAL_PREFIXES, weights, read_log, "Qwen vision (visual.*)")
         return tower_from_parts(config, visual, None, proc, str(folder))
-    vision = _vision_model(config.vision_config)
+    vcfg = config.vision_config
+    if vcfg.model_type == "siglip_vision_model" and getattr(vcfg, "vision_use_head", True) and \
+            not any(".head." in k for k in select_prefixed(weights, VISION_PREFIXES).values()):
+        vcfg.vision_use_head = False  # a VLM's SigLIP without its pooling head (SigLIP defaults to one)
+    vision = _vision_model(vcfg)
     load_submodule(vision, folder, VISION_PREFIXES, weights, read_log, "vision tower")
     projector = _projector(model_type, config)
     load_submodule(projector, folder, PROJECTOR_PREFIXES, weights, read_log, "multi-modal projector")
@@ -346,17 +350,17 @@ _CLIP = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 _HALF = (HALF_MEAN, HALF_STD)
 _INET = (IMAGENET_MEAN, IMAGENET_STD)
 # Published checkpoints (keyword arguments of registry.BackboneSpec; the registry registers them explicitly).
-# depth = blocks run (LLaVA stops at vision_feature_layer -2). Sizes: vision + projector parameters counted from
-# the published configs (docs/vlm_backbones.md), of ~N = the whole VLM as its model card states it.
+# depth = blocks run (LLaVA stops at vision_feature_layer -2). Sizes: parameters the tower holds (vision +
+# projector at the published sizes: benchmarks/vlm_tower_speed.py), of ~N = the whole VLM as its model card states.
 VLM_BACKBONE_SPECS = [
     _entry("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", 1024, 23, 336, _CLIP,
-           "LLaVA-1.5 7B: CLIP ViT-L/14-336 to layer -2 + MLP projector (0.32B of ~7.1B; 4096-d tokens)"),
+           "LLaVA-1.5 7B: CLIP ViT-L/14-336 to layer -2 + MLP projector (0.31B of ~7.1B; 4096-d tokens)"),
     _entry("llava-1.5-13b", "llava-hf/llava-1.5-13b-hf", 1024, 23, 336, _CLIP,
-           "LLaVA-1.5 13B: CLIP ViT-L/14-336 to layer -2 + MLP projector (0.33B of ~13B; 5120-d tokens)"),
+           "LLaVA-1.5 13B: CLIP ViT-L/14-336 to layer -2 + MLP projector (0.32B of ~13B; 5120-d tokens)"),
     _entry("llava-v1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf", 1024, 23, 336, _CLIP,
-           "LLaVA-NeXT Mistral 7B: CLIP ViT-L/14-336 to layer -2 + projector, base view (0.32B of ~7.6B)"),
+           "LLaVA-NeXT Mistral 7B: CLIP ViT-L/14-336 to layer -2 + projector, base view (0.31B of ~7.6B)"),
     _entry("llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", 1024, 23, 336, _CLIP,
-           "LLaVA-NeXT Vicuna 7B: CLIP ViT-L/14-336 to layer -2 + projector, base view (0.32B of ~7.1B)"),
+           "LLaVA-NeXT Vicuna 7B: CLIP ViT-L/14-336 to layer -2 + projector, base view (0.31B of ~7.1B)"),
     _entry("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", 1280, 32, 448, _CLIP,
            "Qwen2-VL 2B: its ViT (2D RoPE) + patch merger, 448 px -> 256 tokens (0.67B of ~2.2B; 1536-d)"),
     _entry("qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct", 1280, 32, 448, _CLIP,

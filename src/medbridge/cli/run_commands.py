@@ -285,6 +285,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if args.csv:
         frame.to_csv(args.csv, index=False)
     print(paper_table(frame))
+    if args.paired:
+        from ..engine.benchmark import paired_rows
+
+        print("\n" + paired_rows(frame))
     return 0
 
 
@@ -392,6 +396,10 @@ def add_run_commands(sub, presets: list[str]) -> None:
                        epilog="example:\n  medbridge collect runs/nih-s0 runs/nih-s1 runs/nih-s2 --csv results.csv")
     p.add_argument("runs", nargs="+", help="run folders (with metrics.json)")
     p.add_argument("--csv", help="also write one row per (run, method) as CSV")
+    p.add_argument("--paired", action="store_true",
+                   help="paired macro AUROC difference of every (run, method) to the first, on the same test images "
+                        "(runs with the same split, or --cv runs with the same folds), with interval and p-value")
+    add_stats_args(p, cv=False)
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("benchmark", help="compare methods on the same data, split, seeds and backbone",

@@ -121,62 +121,98 @@ def paired_to_first(done: list[Path], methods: list[str], seeds: list[int], cv: 
             b_dir = by_name.get(f"{m}-s{seed}")
             if a_dir is None or b_dir is None:
                 continue
-            pair = (_paired_cv if cv else _paired_split)(a_dir, base, b_dir, m, default_n_boot())
+            pair = paired_difference(a_dir, base, b_dir, m, default_n_boot())
             lines.append(f"| {seed} | {base} - {m} | {fmt_diff(pair)} | {verdict(pair, base, m)} |")
     return "\n".join(lines)
 
 
+def paired_difference(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int | None = None) -> dict:
+    """Paired macro AUROC difference ``a - b`` of two finished runs scored on the same test images: two
+    single-split runs with the same split (patient bootstrap), or two ``--cv`` runs with the same folds (mean over
+    folds, bootstrap stratified by fold)."""
+    import json
+
+    a_dir, b_dir = Path(a_dir), Path(b_dir)
+    cv_a = json.loads((a_dir / "metrics.json").read_text()).get("protocol") == "cv"
+    cv_b = json.loads((b_dir / "metrics.json").read_text()).get("protocol") == "cv"
+    if cv_a != cv_b:
+        raise ValueError(f"{a_dir} and {b_dir}: one is a cross-validation run and the other is not: not paired")
+    return (_paired_cv if cv_a else _paired_split)(a_dir, a, b_dir, b, n_boot)
+
+
 def _scores(run_dir: Path, method: str, images: list[str] | None = None):
     frame = pd.read_csv(run_dir / f"predictions_{method}.csv").set_index("image")
-    frame = frame.loc[images] if images is not None else frame
+    if images is not None:
+        missing = sorted(set(images) - set(frame.index))
+        if missing or len(frame) != len(images):
+            raise ValueError(f"{run_dir}: {method} was not scored on the same test images ({len(missing)} missing, "
+                             f"e.g. {missing[:1]}): runs must share the split (same data and seed)")
+        frame = frame.loc[images]
     return list(frame.index), frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy(np.float64)
 
 
-def _paired_split(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int) -> dict:
-    """Paired bootstrap of two single-split runs of the same seed (same split, same test images)."""
-    import json
+def _run_table(run_dir: Path, no_split_file: bool = False):
+    from dataclasses import replace
 
     import yaml
 
     from .config import config_from_dict
     from .run import prepare_data
+
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    table, _ = prepare_data(replace(cfg.data, split_file=None) if no_split_file else cfg.data)
+    return table
+
+
+def _paired_split(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int | None) -> dict:
+    """Paired bootstrap of two single-split runs with the same split (same test images)."""
     from .stats import paired_bootstrap
 
-    cfg = config_from_dict(yaml.safe_load((a_dir / "config.yaml").read_text()))
-    table, _ = prepare_data(cfg.data)
+    table = _run_table(a_dir, no_split_file=True)
     images, sa = _scores(a_dir, a)
     _, sb = _scores(b_dir, b, images)
     where = {p: i for i, p in enumerate(table.relative_paths())}
     rows = np.array([where[p] for p in images])
-    labels = json.loads((a_dir / "metrics.json").read_text())["labels"]
-    return paired_bootstrap(sa, sb, table.targets[rows], labels, table.patient_ids[rows], n_boot)
+    return paired_bootstrap(sa, sb, table.targets[rows], table.labels, table.patient_ids[rows], n_boot)
 
 
-def _paired_cv(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int) -> dict:
+def _paired_cv(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int | None) -> dict:
     """Mean-over-folds paired difference of two CV runs with the same folds (bootstrap stratified by fold)."""
     import json
 
-    import yaml
-
-    from .config import config_from_dict
     from .cv import load_fold_predictions
-    from .run import prepare_data
     from .stats import cv_bootstrap
 
-    cfg = config_from_dict(yaml.safe_load((a_dir / "config.yaml").read_text()))
-    from dataclasses import replace
-
-    table, _ = prepare_data(replace(cfg.data, split_file=None))
+    table = _run_table(a_dir, no_split_file=True)
     k = json.loads((a_dir / "metrics.json").read_text())["folds"]
+    if json.loads((b_dir / "metrics.json").read_text())["folds"] != k:
+        raise ValueError(f"{a_dir} and {b_dir}: different numbers of folds: not paired")
     folds = []
     for f in range(k):
         rows, sa, ta = load_fold_predictions(a_dir / f"fold-{f}", table, a)
         rows_b, sb, tb = load_fold_predictions(b_dir / f"fold-{f}", table, b)
-        if not np.array_equal(rows, rows_b):
-            raise ValueError(f"{a_dir} and {b_dir}: fold {f} tested different images (different folds?)")
+        if not np.array_equal(np.sort(rows), np.sort(rows_b)):
+            raise ValueError(f"{a_dir} and {b_dir}: fold {f} tested different images (different folds or seeds?)")
+        sb = sb[np.argsort(rows_b)][np.argsort(np.argsort(rows))]  # b's scores in a's image order
         folds.append({"targets": table.targets[rows], "patients": table.patient_ids[rows],
-                      "scores": {a: sa, b: sb}, "thresholds": {a: ta, b: tb}})
-    return cv_bootstrap(folds, table.labels, n_boot, 0, [a, b])["paired"][f"{a} - {b}"]
+                      "scores": {"a": sa, "b": sb}, "thresholds": {"a": ta, "b": tb}})
+    return cv_bootstrap(folds, table.labels, n_boot, 0, ["a", "b"])["paired"]["a - b"]
 
 
-__all__ = ["run_benchmark", "bar_chart"]
+def paired_rows(frame: pd.DataFrame, n_boot: int | None = None) -> str:
+    """Markdown: every (run, method) of a collect table minus the first one, paired on the same test images."""
+    from .stats import fmt_diff, verdict
+
+    first = frame.iloc[0]
+    a_name = f"{Path(first['run']).name}:{first['method']}"
+    lines = [f"Paired differences of macro AUROC, run minus {a_name} (same test images; interval excludes 0: a real "
+             "difference, contains 0: a tie):", "", "| run:method | difference [95% CI], p | reading |",
+             "|---|---|---|"]
+    for _, row in frame.iloc[1:].iterrows():
+        b_name = f"{Path(row['run']).name}:{row['method']}"
+        try:
+            pair = paired_difference(Path(row["run"]), row["method"], Path(first["run"]), first["method"], n_boot)
+            lines.append(f"| {b_name} | {fmt_diff(pair)} | {verdict(pair, b_name, a_name)} |")
+        except (ValueError, FileNotFoundError) as exc:
+            lines.append(f"| {b_name} | not paired: {exc} | - |")
+    return "\n".join(lines)

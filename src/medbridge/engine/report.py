@@ -128,8 +128,8 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
     macro_ax.legend(fontsize=7, loc="lower right")
     macro_ax.tick_params(labelsize=7)
     if counts is not None:
-        fig.suptitle(f"ROC curves; shaded: 95% patient-bootstrap band ({n_boot} resamples, seed {seed})",
-                     fontsize=9)
+        fig.suptitle(f"ROC curves{' of ' + note if note else ''}; shaded: 95% patient-bootstrap band ({n_boot} "
+                     f"resamples, seed {seed})", fontsize=9)
     save_figure(fig, path, dpi=90)
 
 

@@ -1,12 +1,13 @@
 """Per-label heat maps for any trained method: gradient x activation on the frozen tower's patch tokens.
 
 For each label, the label's logit is differentiated with respect to the vision tokens entering block ``layer`` of
-the frozen tower; per patch, ``relu(sum_channels(gradient * token))`` says how much that patch's current content
-pushes the label up. Every view (the whole image and, for MedBridge, its focal crops) contributes its patch grid
-pasted into its box on the image, so crops the model pooled from show up where they are. The forward pass is the
-method's own (the backbone's ``embed``/``run_blocks``/``finalize``, the adapter's ``forward_cached``, the probe,
-the baseline module), run with gradients; all labels are explained in one batched backward pass (one copy of the
-views per label). Faithfulness is checked by a deletion test (docs/serve.md).
+the frozen tower; per patch, ``relu(sum_channels(gradient * (token - reference token)))`` says how much that patch's
+current content pushes the label up compared with the same image filled with its mean (the reference; plain gradient
+x activation with ``reference="zero"``). Every view (the whole image and, for MedBridge, its focal crops)
+contributes its patch grid pasted into its box on the image, so crops the model pooled from show up where they are.
+The forward pass is the method's own (the backbone's ``embed``/``run_blocks``/``finalize``, the adapter's
+``forward_cached``, the probe, the baseline module), run with gradients; all labels are explained in one batched
+backward pass (one copy of the views per label). Faithfulness is checked by a deletion test (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -22,19 +23,25 @@ from torch import Tensor
 from ..data.focal import focal_views
 from ..methods.api import Method
 
-#: Default explained layer: the input of this block of the frozen tower (clamped to the deepest block every path
-#: of the method still runs on: MedBridge's T1, a prefix-caching baseline's prefix). Chosen by the deletion test
-#: in docs/serve.md.
-DEFAULT_LAYER = 4
+#: Default explained layer: None = the deepest block input every path of the method still runs through (MedBridge's
+#: T1, where its queries join; the last block for a probe or pooled-feature baseline; a prefix-caching baseline's
+#: prefix). Chosen by the deletion test in docs/serve.md (deeper was more faithful than the patch embedding).
+DEFAULT_LAYER: int | None = None
+#: Relevance relative to the tokens of the image filled with its "mean" (gradient x (activation - reference): the
+#: first-order estimate of what blanking a region does), or to "zero" tokens (plain gradient x activation). "mean"
+#: passed the deletion test in docs/serve.md where "zero" did not.
+DEFAULT_REFERENCE = "mean"
 
 
 def _towers(method: Method) -> list:
     return [b.vision for b in method.backbones]
 
 
-def explained_layers(method: Method, layer: int = DEFAULT_LAYER) -> list[int]:
-    """The block index whose input tokens are explained, per expert (``layer`` clamped to what the method runs)."""
-    return [max(0, min(layer, method.explain_top_block(k))) for k in range(len(method.backbones))]
+def explained_layers(method: Method, layer: int | None = DEFAULT_LAYER) -> list[int]:
+    """The block index whose input tokens are explained, per expert (``layer`` clamped to what the method runs;
+    None: the deepest)."""
+    tops = [method.explain_top_block(k) for k in range(len(method.backbones))]
+    return [top if layer is None else max(0, min(layer, top)) for top in tops]
 
 
 def _logits_from_tokens(method: Method, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
@@ -43,16 +50,19 @@ def _logits_from_tokens(method: Method, tokens: list[Tensor], layers: list[int],
     return method.logits_from_tokens(tokens, layers, b, n)
 
 
-def token_relevance(method: Method, pixels: list[Tensor], labels: list[int], layer: int = DEFAULT_LAYER
+def token_relevance(method: Method, pixels: list[Tensor], labels: list[int],
+                    layer: int | None = DEFAULT_LAYER, reference: list[Tensor] | None = None
                     ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Views of ONE image (per expert [1, N, 3, S, S]) and label indices -> (their probabilities [k], per expert
-    patch relevance [k, N, g, g]: relu of gradient x activation, summed over channels)."""
+    patch relevance [k, N, g, g]: relu of gradient x activation, summed over channels). ``reference``: views of a
+    reference image (same shapes): gradient x (activation - the reference's activation) instead."""
     k = len(labels)
     layers = explained_layers(method, layer)
-    tokens = []
+    tokens, offsets = [], []
     with torch.no_grad():
-        for v, px, start in zip(_towers(method), pixels, layers):
+        for e, (v, px, start) in enumerate(zip(_towers(method), pixels, layers)):
             x = v.run_blocks(v.embed(px.flatten(0, 1)), 0, start)
+            offsets.append(0 if reference is None else v.run_blocks(v.embed(reference[e].flatten(0, 1)), 0, start))
             tokens.append(x.repeat(k, 1, 1).requires_grad_(True))  # one copy of the views per explained label
     n = pixels[0].shape[1]
     with torch.enable_grad():
@@ -60,8 +70,9 @@ def token_relevance(method: Method, pixels: list[Tensor], labels: list[int], lay
         logits.sum().backward()  # copy j backpropagates its own label only
     probs = torch.sigmoid(logits.detach()).numpy()
     maps = []
-    for v, x in zip(_towers(method), tokens):
-        rel = (x.grad * x.detach()).sum(-1)[:, v.num_prefix_tokens:].clamp_min(0)
+    for v, x, ref in zip(_towers(method), tokens, offsets):
+        delta = x.detach() - (ref.repeat(k, 1, 1) if torch.is_tensor(ref) else ref)
+        rel = (x.grad * delta).sum(-1)[:, v.num_prefix_tokens:].clamp_min(0)
         g = int(round(rel.shape[-1] ** 0.5))
         if g * g != rel.shape[-1]:
             raise ValueError(f"{rel.shape[-1]} patch tokens do not form a square grid")
@@ -69,8 +80,8 @@ def token_relevance(method: Method, pixels: list[Tensor], labels: list[int], lay
     return probs, maps
 
 
-def heat_maps(method: Method, image: np.ndarray, labels: list[int] | None = None, layer: int = DEFAULT_LAYER,
-              max_side: int = 128) -> dict:
+def heat_maps(method: Method, image: np.ndarray, labels: list[int] | None = None,
+              layer: int | None = DEFAULT_LAYER, max_side: int = 128, reference: str = DEFAULT_REFERENCE) -> dict:
     """One image (H x W [x 3], [0, 1]) and label indices (default: all) -> {"labels": the indices,
     "probabilities": [k], "maps": [k, h, w] in [0, 1] (each scaled by its own maximum), "scale": [k] the maximum
     before scaling, "boxes": the views' boxes, "size": (h, w)}. ``h, w``: the image's aspect, long side
@@ -78,7 +89,13 @@ def heat_maps(method: Method, image: np.ndarray, labels: list[int] | None = None
     labels = list(range(len(method.labels))) if labels is None else list(labels)
     views = focal_views(image, method.focal, method.preprocess)
     pixels = [v.pixels.unsqueeze(0) for v in views]
-    probs, maps = token_relevance(method, pixels, labels, layer)
+    ref = None
+    if reference == "mean":  # relevance relative to the image filled with its mean (what deleting a region does)
+        flat = np.broadcast_to(image.mean(axis=(0, 1)), image.shape).astype(np.float32)
+        ref = [v.pixels.unsqueeze(0) for v in focal_views(flat, method.focal, method.preprocess)]
+    elif reference != "zero":
+        raise ValueError(f"reference must be 'zero' or 'mean', got {reference!r}")
+    probs, maps = token_relevance(method, pixels, labels, layer, ref)
     h0, w0 = image.shape[:2]
     s = max_side / max(h0, w0)
     h, w = max(1, round(h0 * s)), max(1, round(w0 * s))
@@ -108,8 +125,8 @@ def hottest_box(heat: np.ndarray, side: int) -> tuple[int, int, int, int]:
 
 
 def deletion_test(method: Method, images: list[np.ndarray], labels_per_image: int = 3,
-                  region_fraction: float = 0.25, n_random: int = 3, layer: int = DEFAULT_LAYER, seed: int = 0
-                  ) -> list[dict]:
+                  region_fraction: float = 0.25, n_random: int = 3, layer: int | None = DEFAULT_LAYER, seed: int = 0,
+                  reference: str = DEFAULT_REFERENCE) -> list[dict]:
     """Faithfulness by deletion: for each image's ``labels_per_image`` most probable labels, fill the square of side
     ``region_fraction`` x the short side where the label's heat map is hottest with the image's mean, and (as the
     control) ``n_random`` squares of the same size at uniformly random positions; rows with the label's
@@ -119,7 +136,7 @@ def deletion_test(method: Method, images: list[np.ndarray], labels_per_image: in
     for i, image in enumerate(images):
         px = [v.pixels.unsqueeze(0) for v in focal_views(image, method.focal, method.preprocess)]
         top = np.argsort(-method.scores_views(px)[0][0])[:labels_per_image].tolist()
-        res = heat_maps(method, image, top, layer)
+        res = heat_maps(method, image, top, layer, reference=reference)
         h, w = image.shape[:2]
         side = max(1, int(round(region_fraction * min(h, w))))
         fill = image.mean(axis=(0, 1))
@@ -181,7 +198,7 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, boxes: list | None = None, 
 
 
 def write_explanations(method: Method, rows: list[dict], folder: Path, top: int = 3,
-                       overwrite: bool = False, layer: int = DEFAULT_LAYER) -> list[Path]:
+                       overwrite: bool = False, layer: int | None = DEFAULT_LAYER) -> list[Path]:
     """For each predicted image (rows of :func:`medbridge.engine.evaluate.predict_images`), overlays of its
     positive labels and its ``top`` most probable ones: ``folder/<n>_<image stem>_<label>.png``. Existing files
     are refused unless ``overwrite``."""

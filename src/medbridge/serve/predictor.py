@@ -67,6 +67,12 @@ def png_data_url(values: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def finite_or_none(value: float) -> float | None:
+    """A threshold for JSON: an infinite one (the label had no positive in the validation split, so it is never
+    called positive) becomes null."""
+    return float(value) if np.isfinite(value) else None
+
+
 def preview_data_url(image: np.ndarray, max_side: int = 1024) -> str:
     """The decoded image as the service sees it (windowed, MONOCHROME1 inverted), long side at most ``max_side``,
     as a JPEG data: URL for the page (DICOM cannot be shown by a browser directly)."""
@@ -95,7 +101,7 @@ class Predictor:
     """A saved method (run folder, adapter, probe or baseline folder) loaded once with the CLI's safe loaders,
     its validation thresholds and what ``GET /v1/model`` reports."""
 
-    def __init__(self, source: str | Path, explain_layer: int = DEFAULT_LAYER) -> None:
+    def __init__(self, source: str | Path, explain_layer: int | None = DEFAULT_LAYER) -> None:
         self.folder = Path(source)
         self.method = load_method(self.folder)
         self.explain_layer = explain_layer
@@ -107,9 +113,11 @@ class Predictor:
     def _describe(self) -> dict:
         m = self.method
         info = {"method": m.name, "labels": list(m.labels), "backbones": _backbone_names(m),
-                "thresholds": self.thresholds, "threshold_source": self.threshold_source,
+                "thresholds": {lab: finite_or_none(t) for lab, t in self.thresholds.items()},
+                "threshold_source": self.threshold_source,
                 "focal": m.focal.to_dict(),
-                "explanation": {"method": "gradient x activation on the frozen tower's patch tokens",
+                "explanation": {"method": "gradient x (activation - mean-image activation) on the frozen tower's "
+                                          "patch tokens",
                                 "layer": explained_layers(m, self.explain_layer)},
                 "training_data": None, "metrics": None}
         run = run_folder_of(self.folder)
@@ -155,7 +163,8 @@ class Predictor:
             h, w = job.image.shape[:2]
             row = {"image": job.name, "width": int(w), "height": int(h),
                    "predictions": [{"label": lab, "probability": round(float(p[c]), 6),
-                                    "threshold": self.thresholds[lab], "positive": bool(p[c] >= self.thresholds[lab])}
+                                    "threshold": finite_or_none(self.thresholds[lab]),
+                                    "positive": bool(p[c] >= self.thresholds[lab])}
                                    for c, lab in enumerate(self.method.labels)],
                    "threshold_source": self.threshold_source, **extra}
             if job.explain is not None:
@@ -170,7 +179,8 @@ class Predictor:
         """Heat maps of the given label indices (default: all) as greyscale PNG data URLs."""
         res = heat_maps(self.method, image, labels, self.explain_layer)
         h, w = res["size"]
-        return {"method": "gradient x activation", "layer": explained_layers(self.method, self.explain_layer),
+        return {"method": "gradient x (activation - mean-image activation)",
+                "layer": explained_layers(self.method, self.explain_layer),
                 "height": h, "width": w, "boxes": res["boxes"],
                 "maps": {self.method.labels[c]: png_data_url(res["maps"][k]) for k, c in enumerate(res["labels"])}}
 

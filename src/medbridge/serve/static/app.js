@@ -81,18 +81,24 @@
       const bar = document.createElement("span");
       bar.className = "bar";
       bar.setAttribute("role", "img");
-      bar.setAttribute("aria-label", "probability " + pct(p.probability) + ", threshold " + pct(p.threshold));
+      const hasThreshold = p.threshold !== null && p.threshold !== undefined;
+      bar.setAttribute("aria-label", "probability " + pct(p.probability) + (hasThreshold ? ", threshold " +
+        pct(p.threshold) : ", no threshold"));
       const fill = document.createElement("span");
       fill.className = "fill";
       fill.style.width = pct(p.probability);
-      const mark = document.createElement("span");
-      mark.className = "mark";
-      mark.style.left = pct(Math.min(p.threshold, 1));
-      mark.title = "threshold " + p.threshold.toFixed(3);
-      bar.append(fill, mark);
+      bar.append(fill);
+      if (hasThreshold) {
+        const mark = document.createElement("span");
+        mark.className = "mark";
+        mark.style.left = pct(Math.min(p.threshold, 1));
+        mark.title = "threshold " + p.threshold.toFixed(3);
+        bar.append(mark);
+      }
       prob.append(bar, document.createTextNode(pct(p.probability)));
       const thr = document.createElement("td");
-      thr.textContent = p.threshold.toFixed(3);
+      thr.textContent = hasThreshold ? p.threshold.toFixed(3) : "none";
+      if (!hasThreshold) thr.title = "no positive case in the validation split: never called positive";
       const dec = document.createElement("td");
       dec.textContent = p.positive ? "positive" : "negative";
       if (p.positive) dec.className = "positive";
