@@ -215,11 +215,13 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
     if device == "cuda" and world()[1] > 1:
         device = f"cuda:{rank % torch.cuda.device_count()}"
     cache_root = cache_root_from(cfg.train.cache_dir)
+    torch.manual_seed(cfg.train.seed)  # before the backbones are built: their construction draws random numbers too
     backbones = backbones or [create_backbone(s) for s in cfg.backbones]
     timings, params, saved = {}, {}, {}
     shared = None  # (spec, cache, rows) of the run's method, for companions that can read it
     for k, name in enumerate([cfg.method, *cfg.companions]):
-        torch.manual_seed(cfg.train.seed)
+        if k:
+            torch.manual_seed(cfg.train.seed)
         method = create_method(name, cfg.options_for(name), backbones=backbones, labels=list(table.labels),
                                prompt_names=list(table.prompt_names), focal=cfg.focal_config())
         method.to(device)
