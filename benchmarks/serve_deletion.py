@@ -31,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run folder (its split.json test images are used) or method folder inside it")
     ap.add_argument("--images", type=int, default=60)
+    ap.add_argument("--offset", type=int, default=0, help="skip this many test images (a fresh set)")
     ap.add_argument("--layers", default="0,2,4,6")
     ap.add_argument("--method-dir", help="method folder to explain (default: the run's MedBridge adapter)")
     ap.add_argument("--references", default="zero", help="comma-separated: zero (gradient x activation), mean "
@@ -49,7 +50,7 @@ def main() -> None:
     method = load_method(args.method_dir or run)
     data = (yaml.safe_load((run / "config.yaml").read_text()) or {})["data"]
     table = load_dataset(data.get("format", "auto"), data["path"])
-    rows = load_split(run / "split.json", table).test[: args.images]
+    rows = load_split(run / "split.json", table).test[args.offset: args.offset + args.images]
     images = [read_image(p) for p in table.meta["path"].iloc[rows]]
     print(f"{method.name} from {args.method_dir or run}: {len(images)} test images of {data['path']}, "
           f"top-{args.labels_per_image} labels each, {args.random} random squares", flush=True)

@@ -538,3 +538,23 @@ def test_a_label_without_validation_positives_has_no_threshold(tiny_run, tmp_pat
         row = upload(c, [nih_jpeg(tiny_run["nih"])])["results"][0]
     effusion = next(p for p in row["predictions"] if p["label"] == "Effusion")
     assert effusion["threshold"] is None and effusion["positive"] is False
+
+
+def test_a_cross_validation_run_serves_its_first_fold(tiny_run, tmp_path):
+    """``medbridge demo`` and ``train --cv K`` write fold-<f>/ run folders under one CV folder: serving the CV folder
+    serves fold-0's model with that fold's thresholds, and /v1/model adds the cross-validated metrics."""
+    import shutil
+
+    cv = tmp_path / "cv"
+    for f in (0, 1):
+        shutil.copytree(tiny_run["run"], cv / f"fold-{f}", ignore=shutil.ignore_patterns("checkpoint.pt"))
+    fold_metrics = json.loads((cv / "fold-0" / "metrics.json").read_text())["methods"]["medbridge"]
+    (cv / "metrics.json").write_text(json.dumps({"protocol": "cv", "folds": 2, "methods": {
+        "medbridge": {"macro": {"auroc": 0.61, "auroc_ci": [0.5, 0.7]}}}}))
+    with TestClient(create_app(cv)) as c:
+        info = c.get("/v1/model").json()
+        row = upload(c, [nih_jpeg(tiny_run["nih"])])["results"][0]
+    assert info["cross_validation"] == {"folder": str(cv), "served_fold": "fold-0", "folds": 2,
+                                        "metrics": {"macro": {"auroc": 0.61, "auroc_ci": [0.5, 0.7]}}}
+    assert info["thresholds"] == pytest.approx(fold_metrics["thresholds"])
+    assert row["threshold_source"] == "validation split of the training run"

@@ -40,15 +40,22 @@ def test_vectorised_bootstrap_equals_recomputing_each_materialised_resample():
     counts = draw_patients(n_patients, 25, seed=3)[:, inverse]
     fast = resampled_metrics(s, t, labels, counts, thr)
     macro = macro_of(fast)
+    oracle = {lab: r["threshold_oracle"] for lab, r in evaluate_scores(s, t, labels)["per_class"].items()}
     for b in range(25):
         idx = np.repeat(np.arange(len(s)), counts[b])  # the resample, written out image by image
         ref = evaluate_scores(s[idx], t[idx], labels, thr)
-        for key, value in ref["macro"].items():
-            assert macro[key][b] == pytest.approx(value, abs=1e-12), (b, key)
+        at_oracle = evaluate_scores(s[idx], t[idx], labels, oracle)  # the full set's oracle thresholds, held fixed
+        for key in ("auroc", "f1", "acc"):
+            assert macro[key][b] == pytest.approx(ref["macro"][key], abs=1e-12), (b, key)
+        for key in ("f1", "acc"):
+            assert macro[f"{key}_oracle"][b] == pytest.approx(at_oracle["macro"][key], abs=1e-12), (b, key)
         for j, lab in enumerate(labels):
-            for key in fast:
+            for key in ("auroc", "f1", "acc"):
                 want = ref["per_class"].get(lab, {}).get(key, np.nan)
                 assert fast[key][b, j] == pytest.approx(want, abs=1e-12, nan_ok=True), (b, lab, key)
+                if key != "auroc":
+                    want = at_oracle["per_class"].get(lab, {}).get(key, np.nan)
+                    assert fast[f"{key}_oracle"][b, j] == pytest.approx(want, abs=1e-12, nan_ok=True), (b, lab)
 
 
 def test_bootstrap_is_seeded_and_brackets_the_point_estimate():

@@ -7,8 +7,10 @@ confusion counts. This scores all resamples of one class with a handful of array
 over resamples), and equals recomputing the metric on the materialised resample (tested against that).
 
 Metrics per resample follow :func:`medbridge.engine.metrics.evaluate_scores`: AUROC; F1/ACC at the given
-(validation) thresholds; F1/ACC at the oracle threshold re-picked on the resample. A class with no positive
-or no negative in a resample is left out of that resample's macro mean and counted in ``dropped``."""
+(validation) thresholds; F1/ACC at the oracle threshold picked once on the full evaluated set and held fixed
+(re-picking it on every resample would add the optimism of a maximum over thresholds to every resample and shift
+the percentile interval above the point estimate). A class with no positive or no negative in a resample is left
+out of that resample's macro mean and counted in ``dropped``."""
 
 from __future__ import annotations
 
@@ -68,24 +70,6 @@ def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) 
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-def weighted_oracle_f1_acc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray
-                           ) -> tuple[np.ndarray, np.ndarray]:
-    """F1 and ACC at the F1-maximising threshold re-picked on every resample (the oracle protocol)."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, y, w = scores[order], labels[order].astype(bool), weights[:, order]
-    starts = _groups(s)
-    tp = np.cumsum(np.add.reduceat(w * y, starts, axis=1), axis=1)
-    fp = np.cumsum(np.add.reduceat(w * ~y, starts, axis=1), axis=1)
-    n_pos, n_neg = tp[:, -1:], fp[:, -1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = 2 * tp / (tp + fp + n_pos)
-    best = np.argmax(np.nan_to_num(f1, nan=-1), axis=1)[:, None]
-    f1_best = np.take_along_axis(f1, best, 1)[:, 0]
-    acc = ((np.take_along_axis(tp, best, 1) + n_neg - np.take_along_axis(fp, best, 1)) / (n_pos + n_neg))[:, 0]
-    valid = (n_pos[:, 0] > 0) & (n_neg[:, 0] > 0)
-    return np.where(valid, f1_best, np.nan), np.where(valid, acc, np.nan)
-
-
 def weighted_f1_acc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, threshold: float
                     ) -> tuple[np.ndarray, np.ndarray]:
     """F1 and ACC at a fixed threshold (predict positive if score >= threshold) for every resample."""
@@ -103,6 +87,8 @@ def resampled_metrics(scores: np.ndarray, targets: np.ndarray, labels, image_cou
                       thresholds: dict | None = None, chunk: int | None = None) -> dict[str, np.ndarray]:
     """Per-class metric of every resample: {metric: (B, C)} with NaN where the class is not evaluable in that
     resample (or not at all, as in ``evaluate_scores``). ``image_counts`` (B, n) = multiplicity per image."""
+    from .metrics import best_f1_threshold
+
     scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=np.float64)
     n_boot, n = image_counts.shape
     chunk = chunk or max(1, int(4e6 // max(n, 1)))  # bounds the (chunk, n) float arrays to ~32 MB each
@@ -114,10 +100,11 @@ def resampled_metrics(scores: np.ndarray, targets: np.ndarray, labels, image_cou
         if (y == 1).sum() == 0 or (y == 0).sum() == 0:
             continue  # skipped on the full set: left out everywhere
         t = thresholds.get(lab) if thresholds is not None else None
+        t_oracle = best_f1_threshold(s, y)
         for b0 in range(0, n_boot, chunk):
             w = image_counts[b0:b0 + chunk][:, known].astype(np.float64)
             out["auroc"][b0:b0 + chunk, j] = weighted_auroc(s, y, w)
-            f1o, acco = weighted_oracle_f1_acc(s, y, w)
+            f1o, acco = weighted_f1_acc(s, y, w, t_oracle)
             out["f1_oracle"][b0:b0 + chunk, j], out["acc_oracle"][b0:b0 + chunk, j] = f1o, acco
             if t is not None and np.isfinite(t):
                 f1, acc = weighted_f1_acc(s, y, w, t)

@@ -97,12 +97,25 @@ def run_folder_of(folder: Path) -> Path | None:
     return None
 
 
+def resolve_cv_fold(folder: Path) -> tuple[Path, Path | None]:
+    """A cross-validation run folder (``train --cv K``, ``medbridge demo``: ``fold-<f>/`` run folders, no method at
+    the top) -> (its first fold's run folder, the CV folder); any other folder -> (itself, None). Each fold's model
+    was trained on (K-1)/K of the data; serve ``RUN/fold-<f>`` to choose another."""
+    folds = sorted((f for f in folder.glob("fold-*") if f.is_dir() and (f / "metrics.json").is_file()),
+                   key=lambda f: int(f.name.split("-")[1]) if f.name.split("-")[1].isdigit() else 1 << 30)
+    has_method = any((folder / n).is_dir() for n in ("medbridge", "linear_probe")) or any(folder.glob("*_config.json"))
+    if folds and not has_method:
+        log.warning("%s is a cross-validation run: serving the model of %s", folder, folds[0].name)
+        return folds[0], folder
+    return folder, None
+
+
 class Predictor:
     """A saved method (run folder, adapter, probe or baseline folder) loaded once with the CLI's safe loaders,
     its validation thresholds and what ``GET /v1/model`` reports."""
 
     def __init__(self, source: str | Path, explain_layer: int | None = DEFAULT_LAYER) -> None:
-        self.folder = Path(source)
+        self.folder, self.cv_root = resolve_cv_fold(Path(source))
         self.method = load_method(self.folder)
         self.explain_layer = explain_layer
         found = run_thresholds(self.folder, self.method.name)
@@ -132,6 +145,11 @@ class Predictor:
         metrics = read_json(run / "metrics.json", "run metrics").get("methods", {}).get(m.name)
         if metrics:  # everything but per-threshold tables: macro and per-class metrics, with intervals if present
             info["metrics"] = {k: v for k, v in metrics.items() if k != "thresholds"}
+        if self.cv_root is not None:
+            cv = read_json(self.cv_root / "metrics.json", "cross-validation metrics") if (
+                self.cv_root / "metrics.json").is_file() else {}
+            info["cross_validation"] = {"folder": str(self.cv_root), "served_fold": self.folder.name,
+                                        "folds": cv.get("folds"), "metrics": cv.get("methods", {}).get(m.name)}
         return info
 
     def score(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[dict]]:

@@ -30,10 +30,13 @@
   async function loadModel() {
     try {
       const m = await api("/v1/model");
-      const auroc = m.metrics && m.metrics.macro && m.metrics.macro.auroc;
+      const cv = m.cross_validation && m.cross_validation.metrics && m.cross_validation.metrics.macro;
+      const auroc = cv ? cv.auroc : (m.metrics && m.metrics.macro && m.metrics.macro.auroc);
+      const what = cv ? " — " + m.cross_validation.folds + "-fold cross-validated macro AUROC " :
+        " — test macro AUROC ";
       $("model-info").textContent = m.method + " on " + m.backbones.join(" + ") + " — " + m.labels.length +
-        " labels" + (auroc !== undefined && auroc !== null ? " — test macro AUROC " + (100 * auroc).toFixed(1) : "") +
-        " — thresholds: " + m.threshold_source;
+        " labels" + (auroc !== undefined && auroc !== null ? what + (100 * auroc).toFixed(1) : "") +
+        (cv ? " (serving " + m.cross_validation.served_fold + ")" : "") + " — thresholds: " + m.threshold_source;
     } catch (e) {
       $("model-info").textContent = "Model description unavailable: " + e.message;
     }
