@@ -139,3 +139,20 @@ def test_cv_lists_a_class_without_positives_in_a_fold():
     res = cv_bootstrap(folds, ["a", "b"], n_boot=50)["methods"]["m"]
     assert res["skipped"] == {"fold 1": ["b"]}
     assert np.isfinite(res["per_class"]["b"]["auroc"]) and np.isfinite(res["macro"]["auroc"])
+
+
+@pytest.mark.slow
+def test_predict_and_eval_on_a_cv_folder_use_the_first_folds_model(cv_run, capsys, nih_sample):
+    """``medbridge predict/eval CVFOLDER`` (e.g. the demo's run folder) use fold-0's model, thresholds and split."""
+    out = cv_run["out"]
+    image = str(sorted((nih_sample / "images").glob("*.jpg"))[0])
+    capsys.readouterr()
+    assert main(["predict", str(out), image, "--json"]) == 0
+    via_cv = json.loads(capsys.readouterr().out)[0]
+    assert main(["predict", str(out / "fold-0"), image, "--json"]) == 0
+    assert via_cv == json.loads(capsys.readouterr().out)[0]
+    assert main(["eval", str(out), "--data", str(cv_run["data"]), "--json", "--workers", "0",
+                 "--cache-dir", str(cv_run["root"] / "cache")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fold0 = json.loads((out / "fold-0" / "metrics.json").read_text())["methods"]["medbridge"]
+    assert res["n"] == fold0["n"] and res["macro"]["auroc"] == fold0["macro"]["auroc"]

@@ -209,13 +209,14 @@ def check_predict_out(out: str, inputs: list[Path], overwrite: bool) -> Path:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..engine.evaluate import collect_images, predict_images, run_thresholds
     from ..io import atomic_write_bytes
-    from ..methods.registry import load_method
+    from ..methods.registry import load_method, model_run_folder
 
     _setup_logging(args.verbose)
     images = collect_images(args.inputs)
     out = check_predict_out(args.out, images, args.overwrite) if args.out else None
-    method = load_method(args.run)
-    thresholds = run_thresholds(Path(args.run), method.name)
+    run = model_run_folder(args.run)  # a cross-validation folder predicts with its first fold's model
+    method = load_method(run)
+    thresholds = run_thresholds(run, method.name)
     rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable)
     if args.explain:  # per-label heat-map overlays (medbridge serve's explanations) as PNGs
         from ..serve.explain import write_explanations

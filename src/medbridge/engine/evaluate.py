@@ -17,7 +17,7 @@ from ..data.images import IMAGE_SUFFIXES
 from ..data.table import DatasetError
 from ..io import check_finite
 from ..methods.api import Method
-from ..methods.registry import load_method
+from ..methods.registry import load_method, model_run_folder
 from .features import cache_root_from
 from .metrics import evaluate_scores
 from .run import method_scores, resolve_device
@@ -44,7 +44,7 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
     split when ``data`` is the dataset it was trained on, else all images: cross-dataset zero-shot).
     ``label_space``: "model" (the method's labels; the dataset is aligned onto them, NaN where it has no
     counterpart) or "data" (MedBridge only: the dataset's own label names become prompts)."""
-    folder = Path(method_dir)
+    folder = model_run_folder(method_dir)  # a cross-validation folder: its first fold's model and split
     method = load_method(folder)
     table = load_dataset(format, data, **(options or {}))
     # a method folder inside a run folder (RUN/linear_probe, RUN/coop) belongs to the run's config and split

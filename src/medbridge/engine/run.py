@@ -217,13 +217,14 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
     cache_root = cache_root_from(cfg.train.cache_dir)
     torch.manual_seed(cfg.train.seed)  # before the backbones are built: their construction draws random numbers too
     backbones = backbones or [create_backbone(s) for s in cfg.backbones]
+    focal = run_focal(cfg, table)
     timings, params, saved = {}, {}, {}
     shared = None  # (spec, cache, rows) of the run's method, for companions that can read it
     for k, name in enumerate([cfg.method, *cfg.companions]):
         if k:
             torch.manual_seed(cfg.train.seed)
         method = create_method(name, cfg.options_for(name), backbones=backbones, labels=list(table.labels),
-                               prompt_names=list(table.prompt_names), focal=cfg.focal_config())
+                               prompt_names=list(table.prompt_names), focal=focal)
         method.to(device)
         n_views = fixed_view_count(table, method.focal)
         if shared is not None and reads_cache(method, shared[0], shared[1], n_views):
@@ -256,6 +257,22 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
                                        table.labels)
     timings["total_s"] = time.perf_counter() - t_start
     return write_outputs(out, table, test_rows, results, scores, params, timings, cfg, split)
+
+
+def run_focal(cfg: RunConfig, table: ImageTable):
+    """The run's focal views. Left at the defaults (no ``focal`` given) on images of different sizes, which would
+    give different numbers of crops per image (the cache needs one count), the whole image is used, with a
+    warning; an explicit ``focal`` is kept as given (and refused with the reason when it cannot be cached)."""
+    focal = cfg.focal_config()
+    if cfg.focal:
+        return focal
+    try:
+        fixed_view_count(table, focal)
+    except DatasetError as exc:
+        log.warning("%s; using the whole image only (set focal.num_crops to a fixed number of crops, and a "
+                    "fractional focal.region_size, to add crops)", exc)
+        return type(focal)(**{**focal.to_dict(), "num_crops": 0})
+    return focal
 
 
 def reads_cache(method: Method, spec, cache, n_views: int) -> bool:

@@ -159,12 +159,21 @@ def check_backbones(folder: Path, saved: list[dict], given: list[Backbone]) -> N
                                        f"differs ({'; '.join(diffs)})")
 
 
+def model_run_folder(folder: str | Path) -> Path:
+    """The run folder whose model a folder stands for: a cross-validation folder (``medbridge demo``, ``--cv``)
+    stands for its first fold's run (``fold-0/``); any other folder for itself."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() and (folder / "fold-0" / "config.yaml").is_file():
+        return folder / "fold-0"
+    return folder
+
+
 def method_folder(folder: str | Path) -> Path:
     """The folder holding a saved method: ``folder`` itself, or in a run folder the run's method (config.yaml),
     else the first saved method found in it."""
     from .legacy import LEGACY_CONFIGS
 
-    folder = Path(folder)
+    folder = model_run_folder(folder)
     markers = (CONFIG, *LEGACY_CONFIGS)
     if any((folder / m).is_file() for m in markers):
         return folder
@@ -212,4 +221,5 @@ def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> 
 
 
 __all__ = ["AdapterMismatchError", "MethodEntry", "check_method_options", "create_method", "get_method",
-           "list_methods", "load_method", "method_folder", "method_groups", "register_method", "save_method"]
+           "list_methods", "load_method", "method_folder", "method_groups", "model_run_folder", "register_method",
+           "save_method"]
