@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +121,10 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
         mean_tpr = np.mean([c for c, _ in parts], axis=0)
         macro_ax.plot(grid, mean_tpr, color=f"C{k}", label=method)
         if counts is not None:
-            bands = np.nanmean(np.stack([b for _, b in parts]), axis=0)
-            lo, hi = np.nanpercentile(bands, [2.5, 97.5], axis=0)
+            with warnings.catch_warnings():  # resamples where no class could be drawn are all-NaN: left out
+                warnings.simplefilter("ignore", RuntimeWarning)
+                bands = np.nanmean(np.stack([b for _, b in parts]), axis=0)
+                lo, hi = np.nanpercentile(bands, [2.5, 97.5], axis=0)
             macro_ax.fill_between(grid, lo, hi, color=f"C{k}", alpha=0.2, lw=0)
     macro_ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
     macro_ax.set_title("macro (mean TPR over classes)" + (f"\n{note}" if note else ""), fontsize=9)

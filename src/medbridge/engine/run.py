@@ -269,8 +269,7 @@ def run_focal(cfg: RunConfig, table: ImageTable):
     try:
         fixed_view_count(table, focal)
     except DatasetError as exc:
-        log.warning("%s; using the whole image only (set focal.num_crops to a fixed number of crops, and a "
-                    "fractional focal.region_size, to add crops)", exc)
+        log.warning("%s; until then the whole image is used", exc)
         return type(focal)(**{**focal.to_dict(), "num_crops": 0})
     return focal
 
