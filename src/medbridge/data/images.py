@@ -253,14 +253,7 @@ def read_image(path: str | Path) -> np.ndarray:
         with im:
             _check_pixel_count(path, *im.size, limit)
             im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                maxval = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-                return np.clip(arr / maxval, 0.0, 1.0)
-            if mode in ("L", "P", "1", "LA"):
-                return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            return pil_to_array(im)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own check (2 x PIL.Image.MAX_IMAGE_PIXELS) came first
@@ -275,8 +268,21 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: unreadable or corrupt image (not a format Pillow or pydicom reads)") from exc
     except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ... on corrupt files
         raise ImageReadError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from exc
+
+
+def pil_to_array(im) -> np.ndarray:
+    """A loaded Pillow image as float32 in [0, 1]: 16-bit and 8-bit grey as H x W, colour as H x W x 3 (grey
+    stored as RGB(A) keeps one channel)."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float32)
+        maxval = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return np.clip(arr / maxval, 0.0, 1.0)
+    if mode in ("L", "P", "1", "LA"):
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     if np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 0], rgb[..., 2]):
-        return rgb[..., 0].copy()  # grey stored as RGB(A): keep one channel
+        return rgb[..., 0].copy()
     return rgb
 
 

@@ -63,20 +63,15 @@ def _check_pixels(name: str, rows: int, cols: int, frames: int, limits: UploadLi
 def _decode_pil(data: bytes, name: str, fmt: str, limits: UploadLimits) -> np.ndarray:
     from PIL import Image
 
+    from ..data.images import pil_to_array
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit applies
             with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
                 _check_pixels(name, im.height, im.width, 1, limits)
                 im.load()
-                mode = im.mode
-                if mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im, dtype=np.float32)
-                    maxval = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-                    return np.clip(arr / maxval, 0.0, 1.0)
-                if mode in ("L", "P", "1", "LA"):
-                    return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-                rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+                return pil_to_array(im)  # the CLI's conversion
     except UploadError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own guard, before ours, at > 2 x its MAX_IMAGE_PIXELS
@@ -84,9 +79,6 @@ def _decode_pil(data: bytes, name: str, fmt: str, limits: UploadLimits) -> np.nd
                           "decompression bomb before decoding)", status=413) from exc
     except Exception as exc:  # PIL raises many types for corrupt data
         raise UploadError(f"{name}: unreadable or corrupt {fmt.upper()} data ({type(exc).__name__})") from exc
-    if np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 0], rgb[..., 2]):
-        return rgb[..., 0].copy()
-    return rgb
 
 
 def _decode_dicom(data: bytes, name: str, limits: UploadLimits) -> np.ndarray:
