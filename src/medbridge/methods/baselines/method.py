@@ -165,9 +165,13 @@ class BaselineMethod(Method):
             return torch.sigmoid(self.method(self.features_cached(cache, rows).to(self._device()))).cpu().numpy()
 
     def scores_views(self, pixels: list[Tensor]) -> tuple[np.ndarray, dict]:
+        """From the whole-image view [B, 1, 3, S, S] directly (what the cache stores, without building its spec and
+        its shape probe for every batch)."""
+        v = self.method.backbone.vision
+        blocks = getattr(self.method, "cache_prefix_blocks", None)
         with torch.no_grad():
-            feats = next(iter(self.cache_spec(1).compute(pixels).values()))[:, 0]
-            return torch.sigmoid(self.method(feats)).cpu().numpy(), {}
+            x = v.run_blocks(v.embed(pixels[0][:, 0]), 0, blocks)
+            return torch.sigmoid(self.method(x if blocks is not None else v.finalize(x))).cpu().numpy(), {}
 
     # -- explanations
     def explain_top_block(self, expert: int) -> int:
