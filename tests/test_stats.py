@@ -12,6 +12,8 @@ from medbridge.engine.stats import (
     bootstrap_metrics,
     bootstrap_p,
     cv_bootstrap,
+    delong_covariance,
+    delong_per_class,
     delong_test,
     draw_patients,
     fmt_ci,
@@ -184,3 +186,124 @@ def test_formatting():
     assert fmt_ci(float("nan"), None) == "-"
     assert fmt_diff({"diff": 0.055, "ci": [0.019, 0.079], "p": 0.004}) == "+5.5 [+1.9, +7.9], p = 0.004"
     assert interval(np.array([np.nan, np.nan])) != interval(np.arange(10.0))
+
+
+# ----- DeLong against published results: pROC's aSAH example -----
+# Data: 113 patients with aneurysmal subarachnoid haemorrhage, outcome Good/Poor at 6 months, WFNS grade, S100B and
+# NDKA at admission (Turck et al., Intensive Care Med 2010;36:107-115), published as the data set `aSAH` of the R
+# package pROC (Robin et al., BMC Bioinformatics 2011;12:77), in pROC's row order. Transcribed from a public CSV copy
+# of pROC's data/aSAH.RData (github.com/hedglinnolan/tabular-ml-lab, turbotab/core/tests/acceptance/asah.py); its
+# first six rows equal pROC's printed `head(aSAH)`, and it has pROC's printed "72 controls (Good) < 41 cases (Poor)".
+# G = Good (negative), P = Poor (positive).
+ASAH_OUTCOME = (
+    "GGGGPPGPGGPGPPGGPGPPPGPGGGGGGGGGPGGPPGPPGGGGGGGGGPPGGGPGG"
+    "GPGPGGPPPGPPGPPPPGGGPPGPGGGGGGPGGGGGGGGGGGGPPPPPPGGGPGGG"
+)
+ASAH_AGE = (
+    "42 37 42 27 42 48 57 41 49 75 37 49 49 71 64 49 63 33 51 54 78 47 56 76 58 50 36 43 61 31 58 61 76 54 55 57 "
+    "64 67 71 74 72 62 65 50 51 50 35 44 45 48 61 36 53 66 73 58 31 28 32 36 47 29 46 73 45 40 50 57 37 60 53 57 "
+    "56 31 59 66 50 54 55 51 44 45 47 57 29 52 18 68 47 45 34 60 33 38 48 67 64 70 24 74 42 63 81 62 33 51 29 68 "
+    "53 58 32 39 34"
+)
+ASAH_WFNS = (
+    "1 1 1 1 3 2 5 4 1 2 5 2 5 5 1 2 5 2 2 5 2 1 1 1 1 2 1 2 1 1 3 4 2 1 4 5 4 1 4 2 5 5 1 1 2 4 1 1 2 5 5 2 1 2 "
+    "5 1 2 2 2 1 5 1 1 2 5 2 1 4 5 2 4 4 1 4 1 2 1 4 2 1 2 3 2 4 2 1 4 5 1 1 5 4 2 2 1 1 1 3 1 2 5 2 2 5 5 5 2 4 "
+    "4 5 1 1 1"
+)
+ASAH_S100B = (
+    "0.13 0.14 0.1 0.04 0.13 0.1 0.47 0.16 0.18 0.1 0.12 0.1 0.44 0.71 0.04 0.08 0.49 0.04 0.07 0.33 0.09 0.09 "
+    "0.07 0.11 0.07 0.17 0.07 0.11 0.13 0.19 0.05 0.16 0.41 0.14 0.34 0.35 0.48 0.09 0.96 0.25 0.5 0.46 0.16 0.07 "
+    "0.43 0.45 0.11 0.08 0.09 0.86 0.52 0.08 0.06 0.13 2.07 0.1 0.14 0.15 0.07 0.06 0.77 0.05 0.09 0.3 0.03 0.09 "
+    "0.04 0.23 0.7 0.09 0.27 0.71 0.08 0.26 0.08 0.16 0.09 0.13 0.1 0.08 0.11 0.33 0.11 0.28 0.07 0.1 0.32 0.22 "
+    "0.07 0.05 0.24 0.38 0.1 0.15 0.08 0.14 0.1 0.07 0.04 0.19 0.56 0.14 0.58 0.32 0.82 0.74 0.15 0.47 0.17 0.44 "
+    "0.15 0.5 0.48"
+)
+ASAH_NDKA = (
+    "3.01 8.54 8.09 10.42 17.4 12.75 6 13.2 15.54 6.01 15.96 17.86 5.18 8.9 13.41 20.75 11.6 16.11 32.37 54.82 "
+    "32.41 49.94 40.34 9.47 6.29 12.53 6.54 6.3 80.3 12.8 9.8 9.81 9.85 18.21 5.03 14.04 21.93 8.02 7.42 8.38 "
+    "6.59 9.63 13.12 7.96 14.34 41.43 7.63 7.06 12.59 13.56 3.87 9.44 7.66 12.98 419.19 27.19 22.27 9.95 21.22 "
+    "11.73 10.4 58.83 6.39 11.09 12.22 13.67 17.21 22.63 12.9 9.7 21.57 8.23 72.57 15.54 10.51 10.6 14.57 5.19 "
+    "9.63 4.61 21.48 17.3 12.71 9.44 11.07 19.46 10.83 5.37 11.97 7.75 9.83 10.55 28.49 8.53 12.57 12.9 46.83 "
+    "11.68 12.67 9.01 9.57 34.06 11.72 14.26 47.61 11.67 24.58 10.33 13.87 15.89 22.43 6.79 13.45"
+)
+
+# pROC's published results on aSAH (its reference outputs, github.com/xrobin/pROC tests/testthat/test-auc.R,
+# test-var.R, test-cov.R, test-roc.test.R, all with pROC's defaults: roc(aSAH$outcome, marker), DeLong, paired,
+# two-sided). roc.test(a, b) tests AUC(a) - AUC(b).
+PROC_AUC = {"wfns": 0.823678861788618, "ndka": 0.611957994579946}
+PROC_VAR = {"wfns": 0.00146991470882363, "ndka": 0.0031908105493913, "s100b": 0.00266868245717244}
+PROC_COV = {("wfns", "ndka"): -0.000532967856762438, ("ndka", "s100b"): -0.000756164938056579,
+            ("s100b", "wfns"): 0.00119615567376754}
+PROC_ROC_TEST = {  # (a, b): Z, two-sided p, 95% CI of AUC(a) - AUC(b)
+    ("wfns", "s100b"): (2.20898359144091, 0.0271757822291882, (0.0104061769564846, 0.174214419249478)),
+    ("wfns", "ndka"): (2.79777591868904, 0.00514557970691098, (0.0634011709339876, 0.3600405634833566)),
+    ("ndka", "s100b"): (-1.39077002573558, 0.164295175223054, (-0.2876917446341914, 0.0488706064228094)),
+}
+
+
+def _asah():
+    y = np.array([c == "P" for c in ASAH_OUTCOME], dtype=float)
+    cols = {name: np.array(text.split(), dtype=float) for name, text in
+            (("age", ASAH_AGE), ("wfns", ASAH_WFNS), ("s100b", ASAH_S100B), ("ndka", ASAH_NDKA))}
+    assert len(y) == 113 and y.sum() == 41 and all(len(v) == 113 for v in cols.values())
+    return y, cols
+
+
+def test_delong_auc_variances_and_covariances_equal_procs_on_asah():
+    y, cols = _asah()
+    names = ["wfns", "ndka", "s100b"]
+    aucs, cov = delong_covariance([cols[k] for k in names], y)
+    for i, k in enumerate(names):
+        assert cov[i, i] == pytest.approx(PROC_VAR[k], rel=1e-9), k
+        if k in PROC_AUC:
+            assert aucs[i] == pytest.approx(PROC_AUC[k], abs=1e-12), k
+    for (a, b), want in PROC_COV.items():
+        assert cov[names.index(a), names.index(b)] == pytest.approx(want, rel=1e-9), (a, b)
+    # pROC prints "Area under the curve: 0.8237 / 0.612 / 0.7314" and, for ci(roc(outcome ~ s100b)),
+    # "95% CI: 0.6301-0.8326 (DeLong)" (AUC -/+ 1.96 DeLong standard errors).
+    assert (round(aucs[0], 4), round(aucs[1], 3), round(aucs[2], 4)) == (0.8237, 0.612, 0.7314)
+    half = 1.959963984540054 * np.sqrt(cov[2, 2])
+    assert (round(aucs[2] - half, 4), round(aucs[2] + half, 4)) == (0.6301, 0.8326)
+    single_auc, single_var = delong_covariance(cols["s100b"], y)  # one curve alone: same variance
+    assert single_auc[0] == aucs[2] and single_var[0, 0] == pytest.approx(cov[2, 2], rel=1e-12)
+
+
+def test_delong_test_equals_procs_roc_test_on_asah():
+    from scipy.stats import norm
+
+    y, cols = _asah()
+    for (a, b), (z, p, ci) in PROC_ROC_TEST.items():
+        res = delong_test(cols[a], cols[b], y)
+        assert res["z"] == pytest.approx(z, rel=1e-9), (a, b)
+        assert res["p"] == pytest.approx(p, rel=1e-9), (a, b)
+        half = norm.ppf(0.975) * res["se"]
+        assert (res["diff"] - half, res["diff"] + half) == pytest.approx(ci, rel=1e-9), (a, b)
+        swapped = delong_test(cols[b], cols[a], y)
+        assert swapped["z"] == pytest.approx(-z, rel=1e-12) and swapped["p"] == pytest.approx(p, rel=1e-12)
+    # A third-party printout of pROC (blog.csdn.net/weixin_43935907/article/details/123599869, R 4.0.5):
+    # roc.test(roc(outcome ~ age), roc(outcome ~ s100b)) -> "Z = -1.7604, p-value = 0.07835",
+    # "AUC of roc1 0.6150068, AUC of roc2 0.7313686". Age has many ties (52 distinct values in 113 patients).
+    res = delong_test(cols["age"], cols["s100b"], y)
+    assert round(res["z"], 4) == -1.7604 and round(res["p"], 5) == 0.07835
+    assert (round(res["auc_a"], 7), round(res["auc_b"], 7)) == (0.6150068, 0.7313686)
+
+
+def test_delong_per_class_reproduces_procs_three_comparisons_and_skips_a_one_sided_class():
+    y, cols = _asah()
+    pairs = list(PROC_ROC_TEST)
+    scores_a = np.column_stack([cols[a] for a, _ in pairs] + [cols["age"]])
+    scores_b = np.column_stack([cols[b] for _, b in pairs] + [cols["s100b"]])
+    targets = np.column_stack([y] * len(pairs) + [np.zeros_like(y)])  # last class: no positive
+    targets[:20, 1] = np.nan  # unknown labels of class 1: the test runs on the other 93 patients
+    labels = ["wfns-s100b", "wfns-ndka", "ndka-s100b", "no positive"]
+    res = delong_per_class(scores_a, scores_b, targets, labels)
+    assert list(res) == labels[:3]
+    for lab, (z, p, _) in zip(labels[::2], [PROC_ROC_TEST[pairs[0]], PROC_ROC_TEST[pairs[2]]]):
+        assert res[lab]["z"] == pytest.approx(z, rel=1e-9) and res[lab]["p"] == pytest.approx(p, rel=1e-9)
+    subset = delong_test(cols["wfns"][20:], cols["ndka"][20:], y[20:])
+    assert res["wfns-ndka"] == subset and res["wfns-ndka"]["positives"] + res["wfns-ndka"]["negatives"] == 93
+
+
+def test_delong_covariance_rejects_scores_of_the_wrong_length():
+    with pytest.raises(ValueError, match="one score per label"):
+        delong_covariance([[0.1, 0.2, 0.3], [0.1, 0.2]], [1, 0, 1])

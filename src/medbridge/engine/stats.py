@@ -203,24 +203,40 @@ def paired_bootstrap(scores_a, scores_b, targets, labels, patient_ids, n_boot: i
     return out
 
 
-def delong_test(scores_a, scores_b, labels) -> dict:
-    """DeLong, DeLong & Clarke-Pearson (1988) test of two correlated AUROCs on the same cases (the fast
-    midrank form of Sun & Xu 2014): AUCs, difference, its standard error, z and the two-sided p-value."""
-    from scipy.stats import norm, rankdata
+def delong_covariance(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs of k scorings of the same cases and their DeLong (1988) k x k covariance matrix (the midrank form
+    of Sun & Xu 2014). ``scores``: k score vectors (or one); ``labels``: 1 = positive. The diagonal is each
+    AUC's variance (its root: the DeLong standard error, as pROC's ``var``/``ci.auc`` report it)."""
+    from scipy.stats import rankdata
 
-    y = np.asarray(labels).astype(bool)
+    y = np.asarray(labels).astype(bool).ravel()
+    rows = scores if isinstance(scores, (list, tuple)) else np.atleast_2d(scores)
+    rows = [np.asarray(r, dtype=np.float64).ravel() for r in rows]
+    if any(len(r) != len(y) for r in rows):
+        raise ValueError(f"DeLong: every score vector needs one score per label ({len(y)} labels), got lengths "
+                         f"{[len(r) for r in rows]}")
+    s = np.vstack(rows)
     m, n = int(y.sum()), int((~y).sum())
     if m == 0 or n == 0:
         raise ValueError(f"DeLong's test needs positives and negatives (got {m} positive, {n} negative)")
-    aucs, v10, v01 = [], [], []
-    for s in (np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)):
-        tz, tx, ty = rankdata(s), rankdata(s[y]), rankdata(s[~y])
-        aucs.append((tz[y].sum() - m * (m + 1) / 2) / (m * n))
-        v10.append((tz[y] - tx) / n)  # per positive: share of negatives scored below it (ties 1/2)
-        v01.append(1 - (tz[~y] - ty) / m)  # per negative: share of positives scored above it
-    s10 = np.cov(np.vstack(v10)) if m > 1 else np.zeros((2, 2))
-    s01 = np.cov(np.vstack(v01)) if n > 1 else np.zeros((2, 2))
-    cov = s10 / m + s01 / n
+    tz, tx, ty = rankdata(s, axis=1), rankdata(s[:, y], axis=1), rankdata(s[:, ~y], axis=1)
+    aucs = (tz[:, y].sum(1) - m * (m + 1) / 2) / (m * n)
+    v10 = (tz[:, y] - tx) / n  # per positive: share of negatives scored below it (ties 1/2)
+    v01 = 1 - (tz[:, ~y] - ty) / m  # per negative: share of positives scored above it
+    k = len(s)
+    s10 = np.cov(v10).reshape(k, k) if m > 1 else np.zeros((k, k))
+    s01 = np.cov(v01).reshape(k, k) if n > 1 else np.zeros((k, k))
+    return aucs, s10 / m + s01 / n
+
+
+def delong_test(scores_a, scores_b, labels) -> dict:
+    """DeLong, DeLong & Clarke-Pearson (1988) test of two correlated AUROCs on the same cases (the fast
+    midrank form of Sun & Xu 2014): AUCs, difference, its standard error, z and the two-sided p-value."""
+    from scipy.stats import norm
+
+    y = np.asarray(labels).astype(bool)
+    m, n = int(y.sum()), int((~y).sum())
+    aucs, cov = delong_covariance([scores_a, scores_b], y)
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     diff = float(aucs[0] - aucs[1])
     if var <= 1e-300:
@@ -370,6 +386,6 @@ def verdict(pair: dict, a: str, b: str) -> str:
     return "tie (interval contains 0)"
 
 
-__all__ = ["METRICS", "bootstrap_metrics", "paired_bootstrap", "delong_test", "delong_per_class", "cv_bootstrap",
-           "resampled_metrics", "image_counts_for", "draw_patients", "weighted_auroc", "interval", "bootstrap_p",
-           "fmt_ci", "fmt_diff", "fmt_p", "verdict", "default_n_boot"]
+__all__ = ["METRICS", "bootstrap_metrics", "paired_bootstrap", "delong_test", "delong_per_class", "delong_covariance",
+           "cv_bootstrap", "resampled_metrics", "image_counts_for", "draw_patients", "weighted_auroc", "interval",
+           "bootstrap_p", "fmt_ci", "fmt_diff", "fmt_p", "verdict", "default_n_boot"]
