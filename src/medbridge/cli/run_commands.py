@@ -52,7 +52,9 @@ def add_config_args(p: argparse.ArgumentParser, presets: list[str]) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override, e.g. train.lr=1e-3, model.num_queries=16, data.label_fraction=0.1")
     p.add_argument("--backbone", action="append", help="backbone source(s); several = mixture of experts")
-    p.add_argument("--cache", choices=["auto", "full", "prefix", "pooled", "none"],
+    from ..engine.features import CACHE_MODES
+
+    p.add_argument("--cache", choices=list(CACHE_MODES),
                    help="what to cache of the frozen path (train.cache; default auto: the fastest that fits)")
     p.add_argument("--cache-budget", metavar="SIZE",
                    help="disk budget of the cache: 50G, 500M, or 30%% of the free space (train.cache_budget)")

@@ -45,3 +45,12 @@ def broadcast_parameters(params) -> None:
     if world()[1] > 1:
         for p in params:
             dist.broadcast(p.data, src=0)
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (decisions taken on rank 0, e.g. early stopping on its validation score)."""
+    if world()[1] == 1:
+        return bool(flag)
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, src=0)
+    return bool(t.item())

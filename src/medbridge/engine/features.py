@@ -37,21 +37,27 @@ from .distributed import barrier, world
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("auto", "full", "prefix", "pooled", "none")
+CACHE_MODES = ("auto", "full", "prefix", "pooled", "pixels", "none")
 MODE_NOTES = {
     "full": "every frozen activation the adapter reads (isolated attention: the inputs of blocks T1+1..T and the "
             "pooled output); fastest to train from",
     "prefix": "the frozen tokens after block T1; blocks T1+1..T of the frozen path rerun at every step",
     "pooled": "the pooled frozen embedding of every view",
+    "pixels": "the preprocessed input pixels of every view (fine-tuning: the tower itself trains, so no activation "
+              "is frozen; images are not decoded again at every epoch)",
     "none": "nothing stored: images decoded and the whole frozen path rerun at every read (slowest)",
 }
 DEFAULT_BUDGET_SHARE = 0.8  # of the free space, when train.cache_budget is not set
 
 
 def stored_kind(spec: CacheSpec) -> str:
-    """The mode name of what ``spec`` stores: block states (full), block-T1 tokens (prefix) or embeddings."""
+    """The mode name of what ``spec`` stores: block states (full), block-T1 tokens (prefix), embeddings (pooled)
+    or input pixels."""
     kinds = {name.split(".", 1)[-1] for name in spec.shapes}
-    return "full" if "states" in kinds else "prefix" if "prefix" in kinds else "pooled"
+    for kind, mode in (("states", "full"), ("prefix", "prefix"), ("pixels", "pixels")):
+        if kind in kinds:
+            return mode
+    return "pooled"
 
 
 def cache_modes(spec: CacheSpec) -> dict[str, CacheSpec | None]:

@@ -19,7 +19,7 @@ import torch
 from ..io import atomic_write_bytes, load_torch_checkpoint
 from ..methods.api import Method, NonFiniteLoss, Optimization, TrainingData
 from .config import TrainConfig
-from .distributed import average_gradients, broadcast_parameters, world
+from .distributed import average_gradients, broadcast_flag, broadcast_parameters, world
 from .metrics import evaluate_scores
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,17 @@ class Progress:
 
 
 def save_checkpoint(path: Path, method: Method, opt: torch.optim.Optimizer, progress: Progress,
-                    history: list) -> None:
+                    history: list, best: dict | None = None) -> None:
     state = {"method": method.name, "trainable": {n: p.detach().cpu() for n, p in method.state_tensors().items()},
              "optimizer": opt.state_dict(), "progress": progress.to_dict(), "history": json.dumps(history)}
+    if best is not None:  # the best epoch's tensors so far (Optimization.keep_best)
+        state["best"] = best
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path, method: Method, opt: torch.optim.Optimizer) -> tuple[Progress, list]:
+def load_checkpoint(path: Path, method: Method, opt: torch.optim.Optimizer) -> tuple[Progress, list, dict | None]:
     state = load_torch_checkpoint(path)
     if not isinstance(state, dict) or "trainable" not in state:
         raise TrainingError(f"{path}: not a medbridge training checkpoint")
@@ -74,7 +76,7 @@ def load_checkpoint(path: Path, method: Method, opt: torch.optim.Optimizer) -> t
                                     f"{tuple(p.shape)}: it belongs to another config")
             p.copy_(state["trainable"][n])
     opt.load_state_dict(state["optimizer"])
-    return Progress(**state["progress"]), json.loads(state["history"])
+    return Progress(**state["progress"]), json.loads(state["history"]), state.get("best")
 
 
 def default_optimization(cfg: TrainConfig) -> Optimization:
@@ -117,16 +119,16 @@ def _loop(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Path, d
 
     rank, size = world()
     opt_cfg = method.optimization(default_optimization(cfg))
-    params = list(method.trainable_parameters().values())
-    broadcast_parameters(params)
-    opt = opt_cfg.make_optimizer(params)
+    groups = method.parameter_groups()
+    broadcast_parameters([p for g in groups for p in g["params"]])
+    opt = opt_cfg.make_optimizer(groups)
     train_rows = np.asarray(data.train_rows)
     steps_per_epoch = math.ceil(len(train_rows) / opt_cfg.batch_size)
     total = steps_per_epoch * opt_cfg.epochs
     ckpt = run_dir / CHECKPOINT
-    progress, history = Progress(), []
+    progress, history, best = Progress(), [], None
     if resume and ckpt.is_file():
-        progress, history = load_checkpoint(ckpt, method, opt)
+        progress, history, best = load_checkpoint(ckpt, method, opt)
         log.info("resumed from %s at epoch %d step %d", ckpt, progress.epoch, progress.step)
     targets_t = torch.from_numpy(data.targets)
     logf = (run_dir / "log.jsonl").open("a") if rank == 0 else None
@@ -146,8 +148,9 @@ def _loop(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Path, d
             for step in range(progress.step if epoch == progress.epoch else 0, steps_per_epoch):
                 rows = perm[step * opt_cfg.batch_size:(step + 1) * opt_cfg.batch_size]
                 local = rows[rank::size]
+                lr = opt_cfg.lr_at(progress.global_step, epoch, steps_per_epoch)
                 for g in opt.param_groups:
-                    g["lr"] = opt_cfg.lr_at(progress.global_step, epoch, steps_per_epoch)
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                 batch = method.read_batch(data.cache, local, device)
                 reports = [data.reports[i] for i in local] if data.reports is not None else None
                 try:
@@ -168,7 +171,7 @@ def _loop(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Path, d
                 if board:
                     board.add_scalar("train/loss", loss.item(), progress.global_step)
                 if rank == 0 and cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0:
-                    save_checkpoint(ckpt, method, opt, progress, history)
+                    save_checkpoint(ckpt, method, opt, progress, history, best)
                 if stop_after is not None and progress.global_step >= stop_after:
                     raise KeyboardInterrupt
             record = {"event": "epoch", "epoch": epoch + 1, "seconds": time.perf_counter() - t0,
@@ -180,16 +183,22 @@ def _loop(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Path, d
                                                             method.labels)["macro"]["auroc"]
             history.append(record)
             progress = Progress(epoch + 1, 0, progress.global_step)
+            if opt_cfg.keep_best and rank == 0 and _best_epoch(history) == epoch + 1:
+                best = {n: p.detach().cpu().clone() for n, p in method.state_tensors().items()}
             if rank == 0:
-                save_checkpoint(ckpt, method, opt, progress, history)
+                save_checkpoint(ckpt, method, opt, progress, history, best)
                 if logf:
                     logf.write(json.dumps(record) + "\n")
                 if board and "val_macro_auroc" in record:
                     board.add_scalar("val/macro_auroc", record["val_macro_auroc"], epoch + 1)
                 log.info("epoch %d: %s", epoch + 1, record)
+            if opt_cfg.patience and broadcast_flag(rank == 0 and _stale_epochs(history) >= opt_cfg.patience):
+                log.info("early stop after epoch %d: no better validation AUROC for %d epochs", epoch + 1,
+                         opt_cfg.patience)
+                break
     except KeyboardInterrupt:
         if rank == 0:
-            save_checkpoint(ckpt, method, opt, progress, history)
+            save_checkpoint(ckpt, method, opt, progress, history, best)
         bar.close()
         raise
     finally:
@@ -199,4 +208,24 @@ def _loop(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Path, d
             board.close()
     bar.close()
     method.eval()
+    if opt_cfg.keep_best and best is not None and rank == 0:
+        chosen = _best_epoch(history)
+        method.load_state_tensors(best, f"{ckpt} (best epoch)")
+        history.append({"event": "selected", "epoch": chosen,
+                        "val_macro_auroc": _val_curve(history)[chosen - 1]})
     return history
+
+
+def _val_curve(history: list[dict]) -> list[float]:
+    return [r.get("val_macro_auroc", float("nan")) for r in history if r.get("event") == "epoch"]
+
+
+def _best_epoch(history: list[dict]) -> int:
+    """1-based epoch with the best validation macro AUROC (the earliest of equals; NaN never best)."""
+    curve = np.nan_to_num(np.asarray(_val_curve(history), dtype=float), nan=-np.inf)
+    return int(np.argmax(curve)) + 1 if len(curve) else 0
+
+
+def _stale_epochs(history: list[dict]) -> int:
+    """Epochs since the best validation macro AUROC."""
+    return len(_val_curve(history)) - _best_epoch(history)

@@ -61,6 +61,10 @@ class Optimization:
     # cosine over the remaining epochs)
     schedule: str = "constant"
     warmup_epochs: int = 0
+    # keep the weights of the epoch with the best validation macro AUROC (not the last epoch's)
+    keep_best: bool = False
+    # stop after this many epochs without a better validation macro AUROC (0: run every epoch)
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
@@ -82,7 +86,9 @@ class Optimization:
             return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
         return self.lr
 
-    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def make_optimizer(self, params: list[nn.Parameter] | list[dict]) -> torch.optim.Optimizer:
+        """The optimiser over parameters or parameter groups (a group's ``lr_scale`` multiplies the schedule's
+        learning rate for it; a group may set its own ``weight_decay``)."""
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
@@ -278,6 +284,11 @@ class Method(nn.Module):
         """The loop's optimiser and schedule; ``defaults`` come from the run's ``train`` section."""
         return defaults
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimiser's parameter groups: ``{"params": [...], "lr_scale": s, "weight_decay": w}`` (``lr_scale``
+        and ``weight_decay`` optional); default: one group of every trainable parameter."""
+        return [{"params": list(self.trainable_parameters().values())}]
+
     def read_batch(self, cache: Any, rows: np.ndarray, device: str) -> Any:
         raise NotImplementedError(f"{self.name} does not train through the shared loop")
 
@@ -323,6 +334,13 @@ class Method(nn.Module):
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(tensors[k])
+
+    def backbone_fingerprints(self) -> list[dict]:
+        """What the saved method records of its backbones and checks when loaded (the pretrained weights it was
+        built on; a fine-tuned tower's own copy is saved in its tensors)."""
+        from ..backbones.base import backbone_fingerprint
+
+        return [backbone_fingerprint(b) for b in self.backbones]
 
     def info(self) -> dict:
         """Facts saved beside the weights and reported (e.g. the probe's chosen C)."""

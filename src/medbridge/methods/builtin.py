@@ -5,6 +5,14 @@ from __future__ import annotations
 
 def register_builtin_methods() -> None:
     from .baselines import BASELINES, baseline_method_class, baseline_options_class
+    from .finetune import (
+        FullFineTune,
+        FullFineTuneOptions,
+        LoraFineTune,
+        LoraFineTuneOptions,
+        PartialFineTune,
+        PartialFineTuneOptions,
+    )
     from .linear_probe import LinearProbe, ProbeConfig
     from .medbridge.method import MedBridgeMethod, MedBridgeOptions
     from .registry import register_method
@@ -16,3 +24,9 @@ def register_builtin_methods() -> None:
     for name, feature_class in BASELINES.items():
         register_method(name, baseline_options_class(feature_class), baseline_method_class(feature_class),
                         group="baseline")
+    register_method("full-finetune", FullFineTuneOptions, FullFineTune, group="finetune",
+                    description="fine-tune every tower weight + a linear head (whole image, augmentation)")
+    register_method("partial-finetune", PartialFineTuneOptions, PartialFineTune, group="finetune",
+                    description="fine-tune the last blocks + final norm + a linear head")
+    register_method("lora-finetune", LoraFineTuneOptions, LoraFineTune, group="finetune",
+                    description="LoRA (peft) on the tower's attention projections + a linear head")

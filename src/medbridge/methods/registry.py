@@ -140,7 +140,7 @@ def save_method(method: Method, folder: str | Path, extra: dict | None = None) -
     digest = save_tensors(folder / WEIGHTS, method.state_tensors())
     meta = {"format": FORMAT, "method": method.name, "options": method.saved_options(), "labels": method.labels,
             "prompt_names": method.prompt_names, "focal": method.focal.to_dict(),
-            "backbones": [backbone_fingerprint(b) for b in method.backbones], "trainable_parameters":
+            "backbones": method.backbone_fingerprints(), "trainable_parameters":
             method.num_trainable(), "info": method.info(), "medbridge_version": __version__,
             "weights_sha256": digest, **(extra or {})}
     atomic_write_bytes(folder / CONFIG, json.dumps(meta, indent=1, default=float).encode())
