@@ -294,9 +294,6 @@ class FineTuneMethod(Method):
 
         return CacheSpec(parts, {PIXELS: (n_views, 3, s, s)}, compute, self.focal, self.preprocess)
 
-    def reads(self, spec: CacheSpec, n_views: int) -> bool:
-        return spec.parts == self.cache_spec(n_views).parts
-
     def _pixels(self, cache: Any, rows: np.ndarray, device: str) -> Tensor:
         return cache.read(np.asarray(rows), [PIXELS])[PIXELS][:, 0].to(device).float()
 

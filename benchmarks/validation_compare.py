@@ -1,0 +1,98 @@
+"""Compare cross-validated runs on their VALIDATION parts only (model selection without touching the test folds).
+
+Each argument is a CV run folder (``medbridge train --cv K`` / ``medbridge demo``) with the same folds, or several
+joined by ``+`` (a seed ensemble: their scores averaged). For every fold the saved model of the run's method is
+loaded and scores the fold's validation images (the frozen-activation cache is reused); the table gives the
+mean-over-folds validation macro AUROC with its fold-stratified patient-bootstrap 95% interval and, for every
+entry, the paired difference to the first one with interval and p-value. ``--test`` adds the same on the test
+folds (for reporting a choice made on validation, never for making it).
+
+    python benchmarks/validation_compare.py runs/demo runs/mb-epochs6 runs/demo+runs/mb-seed1+runs/mb-seed2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+BACKBONES: dict[tuple, list] = {}
+
+
+def fold_scores(run: Path, fold: int, part: str, table, cache_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``part`` (val or test) of one fold and the scores of the run's saved method on them."""
+    import yaml
+
+    from medbridge.data import load_split
+    from medbridge.engine.run import method_scores
+    from medbridge.methods.registry import get_method, load_method
+
+    split = load_split(run / "splits" / f"fold-{fold}.json", table)
+    rows = np.asarray(getattr(split, part))
+    method_name = yaml.safe_load((run / "config.yaml").read_text())["method"]
+    folder = run / f"fold-{fold}" / get_method(method_name).method_class.folder()
+    names = tuple(b["name"] for b in json.loads((folder / "adapter.json").read_text())["backbones"])
+    if names not in BACKBONES:  # built once, not for every fold
+        from medbridge.backbones import create_backbone
+
+        BACKBONES[names] = [create_backbone(n) for n in names]
+    method = load_method(folder, BACKBONES[names])
+    done, scores = method_scores(method, table, rows, cache_root, "cpu", workers=0, progress=False)
+    if len(done) != len(rows):
+        raise ValueError(f"{run}: fold {fold}: {len(rows) - len(done)} {part} image(s) could not be scored")
+    return rows, scores
+
+
+def compare(entries: list[str], part: str, n_boot: int, cache_root: Path) -> dict:
+    from medbridge.engine.benchmark import _run_table
+    from medbridge.engine.stats import cv_bootstrap
+
+    first = Path(entries[0].split("+")[0])
+    table = _run_table(first, no_split_file=True)
+    k = json.loads((first / "metrics.json").read_text())["folds"]
+    folds = []
+    for f in range(k):
+        scores, rows0 = {}, None
+        for entry in entries:
+            parts = [fold_scores(Path(r), f, part, table, cache_root) for r in entry.split("+")]
+            rows = parts[0][0]
+            if any(not np.array_equal(p[0], rows) for p in parts) or (rows0 is not None and
+                                                                     not np.array_equal(rows, rows0)):
+                raise ValueError(f"{entry}: fold {f} has other {part} images than {entries[0]}: not the same folds")
+            rows0 = rows
+            scores[entry] = np.mean([p[1] for p in parts], axis=0)
+        folds.append({"targets": table.targets[rows0], "patients": table.patient_ids[rows0], "scores": scores,
+                      "thresholds": dict.fromkeys(entries)})
+    return cv_bootstrap(folds, table.labels, n_boot, 0, entries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medbridge.engine.features import cache_root_from
+    from medbridge.engine.stats import fmt_diff
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="CV run folders (first = reference); a+b+c = seed ensemble")
+    p.add_argument("--test", action="store_true", help="also the test folds (reporting only)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--cache-dir", help="frozen-activation cache root (default: $MEDBRIDGE_CACHE/features)")
+    args = p.parse_args(argv)
+    cache_root = cache_root_from(args.cache_dir)
+    for part in ("val", "test") if args.test else ("val",):
+        res = compare(args.runs, part, args.n_boot, cache_root)
+        print(f"\n{part} parts: mean over {res['folds']} folds of the macro AUROC (%), 95% patient-bootstrap "
+              f"interval ({res['n_boot']} draws, seed 0); difference to {args.runs[0]}\n")
+        print("| run | macro AUROC | difference [95% CI], p |\n|---|---|---|")
+        for i, entry in enumerate(args.runs):
+            value, (low, high) = res["methods"][entry]["macro"]["auroc"], res["methods"][entry]["ci"]["macro"]["auroc"]
+            diff = "-"
+            if i:
+                pair = res["paired"][f"{args.runs[0]} - {entry}"]  # reference minus entry: turned around
+                diff = fmt_diff({"diff": -pair["diff"], "ci": [-pair["ci"][1], -pair["ci"][0]], "p": pair["p"]})
+            print(f"| {entry} | {100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {diff} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
