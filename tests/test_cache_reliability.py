@@ -229,7 +229,8 @@ def test_config_cache_modes_and_old_boolean_files(tmp_path):
     assert config_from_dict({"train": {"cache": True}}).train.cache == "auto"
     assert config_from_dict({"train": {"cache": False}}).train.cache == "none"
     assert load_config(overrides=["train.cache=prefix", "train.cache_budget=20G"]).train.cache_budget == "20G"
-    with pytest.raises(ConfigError, match=r"train.cache: 'fast' is not one of auto, full, prefix, pooled, pixels, none"):
+    modes = "auto, full, prefix, pooled, pixels, none"
+    with pytest.raises(ConfigError, match=rf"train.cache: 'fast' is not one of {modes}"):
         load_config(overrides=["train.cache=fast"])
     with pytest.raises(ConfigError, match=r"train.cache_budget: 'lots' is not a size"):
         load_config(overrides=["train.cache_budget=lots"])
