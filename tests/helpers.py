@@ -63,3 +63,24 @@ def train_medbridge(model, cache, targets, rows, cfg, out, val_rows=None, **kwar
     method = MedBridgeMethod(model, MedBridgeOptions())
     val = np.zeros(0, dtype=int) if val_rows is None else np.asarray(val_rows)
     return fit_method(method, TrainingData(cache, targets, np.asarray(rows), val), cfg, out, **kwargs)
+
+
+class MemoryCache:
+    """The cache's read interface over tensors in memory (fp16 like the real one)."""
+
+    def __init__(self, values: dict) -> None:
+        self.arrays = {k: v.detach().half() for k, v in values.items()}
+
+    def read(self, rows, names=None):
+        return {k: v[np.asarray(rows)] for k, v in self.arrays.items() if names is None or k in names}
+
+
+def cached(method, n: int = 16, seed: int = 0) -> MemoryCache:
+    """What ``method`` caches for ``n`` random single-view images, held in memory."""
+    import torch
+
+    spec = method.cache_spec(1)
+    size = method.preprocess[0].image_size
+    px = torch.randn(n, 1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return MemoryCache(spec.compute([px] * len(method.backbones)))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.helpers import nih_subset_csv, random_targets
+from tests.helpers import cached, nih_subset_csv, random_targets
 
 from medbridge.backbones.registry import tiny_builders
 from medbridge.backbones.tiny import tiny_open_clip
@@ -22,23 +22,9 @@ LABELS = ["Effusion", "Pneumonia", "Cardiomegaly"]
 FINETUNES = ["full-finetune", "partial-finetune", "lora-finetune"]
 
 
-class MemoryCache:
-    def __init__(self, values: dict[str, torch.Tensor]) -> None:
-        self.arrays = {k: v.detach().half() for k, v in values.items()}
-
-    def read(self, rows, names=None):
-        return {k: v[np.asarray(rows)] for k, v in self.arrays.items() if names is None or k in names}
-
-
 @pytest.fixture(scope="module")
 def dinov2():
     return tiny_builders()["tiny-hf-dinov2"]()
-
-
-def pixel_cache(method, n: int = 16, seed: int = 0) -> MemoryCache:
-    size = method.preprocess[0].image_size
-    px = torch.randn(n, 1, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return MemoryCache(method.cache_spec(1).compute([px]))
 
 
 def cfg(**kw) -> TrainConfig:
@@ -61,7 +47,7 @@ def test_at_init_the_tuned_tower_is_the_pretrained_one_and_the_shared_backbone_i
     with torch.no_grad():  # LoRA's B starts at zero: the adapted tower equals the pretrained one
         pretrained = frozen_embeddings([dinov2], [x])[0][:, 0]
         torch.testing.assert_close(v.finalize(v.run_blocks(v.embed(x[:, 0]))), pretrained)
-    fit(method, pixel_cache(method), tmp_path / "r")
+    fit(method, cached(method), tmp_path / "r")
     with torch.no_grad():
         moved = (v.finalize(v.run_blocks(v.embed(x[:, 0]))) - frozen_embeddings([dinov2], [x])[0][:, 0]).abs().max()
     assert moved > 1e-4  # the tower itself was tuned
@@ -113,7 +99,7 @@ def test_a_resumed_fine_tuning_equals_an_uninterrupted_one(name, dinov2, tmp_pat
     def run(out, **kw):
         torch.manual_seed(0)
         m = create_method(name, {"epochs": 3, "batch_size": 4}, backbones=[dinov2], labels=LABELS)
-        fit(m, pixel_cache(m), out, **kw)
+        fit(m, cached(m), out, **kw)
         return m
 
     whole = run(tmp_path / "a")
@@ -132,7 +118,7 @@ def test_the_best_validation_epoch_is_kept_and_patience_stops_early(dinov2, tmp_
         torch.manual_seed(0)
         opts = {"epochs": epochs, "schedule": "constant", "lr": 5e-2, "blocks": 1, "batch_size": 4, **opts}
         m = create_method("partial-finetune", opts, backbones=[dinov2], labels=LABELS)
-        return m, fit(m, pixel_cache(m), out)
+        return m, fit(m, cached(m), out)
 
     m4, hist4 = run(tmp_path / "a", 4)
     chosen = hist4[-1]
@@ -151,7 +137,7 @@ def test_saved_fine_tuned_weights_load_back_with_the_same_scores_and_the_pretrai
     clip = tiny_open_clip("ViT-B-16-quickgelu", layers=4, seed=3)  # nn.MultiheadAttention: LoRA on in_proj
     for name, bb in (("full-finetune", dinov2), ("lora-finetune", clip)):
         m = create_method(name, {"epochs": 1, "batch_size": 4}, backbones=[bb], labels=LABELS)
-        cache = pixel_cache(m)
+        cache = cached(m)
         fit(m, cache, tmp_path / name)
         folder = save_method(m, tmp_path / "saved" / name)
         meta = json.loads((folder / "adapter.json").read_text())

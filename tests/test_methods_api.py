@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.helpers import nih_subset_csv, random_targets
+from tests.helpers import cached, nih_subset_csv, random_targets
 
 from medbridge.backbones.tiny import tiny_open_clip
 from medbridge.engine.config import TrainConfig
@@ -35,27 +35,9 @@ TINY_OPTIONS = {"medbridge": {"num_queries": 2, "t1": 6}, "linear-probe": {"C": 
                 "lp-text": {"epochs": 3}, "mma": {"epochs": 1}, "mmrl": {"epochs": 1}}
 
 
-class MemoryCache:
-    """The cache's read interface over tensors in memory (fp16 like the real one)."""
-
-    def __init__(self, values: dict[str, torch.Tensor]) -> None:
-        self.arrays = {k: v.detach().half() for k, v in values.items()}
-
-    def read(self, rows, names=None):
-        return {k: v[np.asarray(rows)] for k, v in self.arrays.items() if names is None or k in names}
-
-
 @pytest.fixture(scope="module")
 def clip():
     return tiny_open_clip("ViT-B-16-quickgelu", layers=12, seed=3)
-
-
-def cached(method, n: int = 16, seed: int = 0) -> MemoryCache:
-    spec = method.cache_spec(1)
-    size = method.preprocess[0].image_size
-    px = torch.randn(n, 1, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return MemoryCache(spec.compute([px] * len(method.backbones)))
 
 
 def train_cfg(**kw) -> TrainConfig:
