@@ -62,7 +62,8 @@ def run_ablations(study_file: str, data: str, out: str | Path, *, only: list[str
             if not train:
                 return  # summarising only: skip runs that have not finished
             chosen = [*([f"method={method}"] if method else []), "companions=[]"]  # one method per run
-            cfg = load_config(study.get("base"), None, [f"data.path={data}", f"train.seed={seed}",
+            # one model per seed (the study's seeds are its repetitions), unless a setting asks for an ensemble
+            cfg = load_config(study.get("base"), None, [f"data.path={data}", f"train.seed={seed}", "train.ensemble=1",
                                                         f"data.split_seed={seed}", *chosen, *overrides,
                                                         *(extra or [])])
             train_run(cfg, run_dir, overwrite=True, progress=progress)

@@ -49,6 +49,7 @@ class TrainConfig:
     epochs: int = 3  # paper
     schedule: str = "constant"  # constant or cosine learning rate
     seed: int = 0  # model init and batch order
+    ensemble: int = 1  # seed ensemble: train N members (seeds seed..seed+N-1), average their probabilities
     workers: int = 2  # DataLoader workers for decoding / cache building
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1
     amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
@@ -64,6 +65,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.schedule: {self.schedule!r} is not one of constant, cosine")
+        if int(self.ensemble) < 1:
+            raise ConfigError(f"train.ensemble must be >= 1 (members of a seed ensemble), got {self.ensemble}")
         if self.workers < 0 or self.checkpoint_every < 0:
             raise ConfigError("train.workers and train.checkpoint_every must be >= 0")
         from .cache import parse_size

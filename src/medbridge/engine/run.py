@@ -194,7 +194,7 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
     try:
         return _train_run(cfg, out, device, rank, resume, progress, backbones, stop_after)
     except BaseException:
-        if rank == 0 and fresh and not (out / CHECKPOINT).is_file() and not (out / "metrics.json").is_file():
+        if rank == 0 and fresh and not any(out.rglob(CHECKPOINT)) and not (out / "metrics.json").is_file():
             clear_folder(out)  # nothing worth resuming: leave the folder as it was (empty)
         raise
 
@@ -224,7 +224,8 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
         if k:
             torch.manual_seed(cfg.train.seed)
         method = create_method(name, cfg.options_for(name), backbones=backbones, labels=list(table.labels),
-                               prompt_names=list(table.prompt_names), focal=focal)
+                               prompt_names=list(table.prompt_names), focal=focal, ensemble=cfg.train.ensemble,
+                               seed=cfg.train.seed)
         method.to(device)
         n_views = fixed_view_count(table, method.focal)
         if shared is not None and reads_cache(method, shared[0], shared[1], n_views):

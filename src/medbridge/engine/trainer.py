@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 
 from ..io import atomic_write_bytes, load_torch_checkpoint
 from ..methods.api import Method, NonFiniteLoss, Optimization, TrainingData
+from ..methods.ensemble import SeedEnsemble
 from .config import TrainConfig
 from .distributed import average_gradients, broadcast_flag, broadcast_parameters, world
 from .metrics import evaluate_scores
@@ -90,7 +91,11 @@ def fit_method(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Pa
     """Fit ``method`` on ``data``; returns the per-epoch history (one record for a closed-form fit).
 
     The batch order depends only on ``cfg.seed`` and the epoch and the schedule only on the step, so a resumed
-    run reproduces an uninterrupted one exactly. ``stop_after`` (steps) simulates an interruption (tests)."""
+    run reproduces an uninterrupted one exactly. ``stop_after`` (steps) simulates an interruption (tests).
+    A :class:`SeedEnsemble` is fitted member by member (member i with seed ``cfg.seed + i``, checkpoints in
+    ``run_dir/member-i``); its history is the members' records, each tagged with its member."""
+    if isinstance(method, SeedEnsemble):
+        return _fit_members(method, data, cfg, Path(run_dir), device, resume, progress_bar, stop_after)
     rank, _ = world()
     run_dir = Path(run_dir)
     if rank == 0:
@@ -107,6 +112,21 @@ def fit_method(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Pa
                 f.write(json.dumps(record) + "\n")
         return [record]
     return _loop(method, data, cfg, run_dir, device, resume, progress_bar, stop_after)
+
+
+def _fit_members(ensemble: SeedEnsemble, data: TrainingData, cfg: TrainConfig, run_dir: Path, device: str,
+                 resume: bool, progress_bar: bool, stop_after: int | None) -> list[dict]:
+    """Fit the members in turn; ``stop_after`` counts the steps of all members (a finished member resumed from
+    its checkpoint takes no new step)."""
+    history: list[dict] = []
+    for i, member in enumerate(ensemble.members):
+        done = sum(r.get("steps", 0) for r in history if r.get("event") == "epoch")
+        if stop_after is not None and done >= stop_after:
+            raise KeyboardInterrupt
+        records = fit_method(member, data, replace(cfg, seed=cfg.seed + i), run_dir / f"member-{i}", device, resume,
+                             progress_bar, None if stop_after is None else stop_after - done)
+        history += [{"member": i, "seed": cfg.seed + i, **r} for r in records]
+    return history
 
 
 def _jsonable(info: dict) -> dict:
@@ -175,7 +195,7 @@ def _loop(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Path, d
                 if stop_after is not None and progress.global_step >= stop_after:
                     raise KeyboardInterrupt
             record = {"event": "epoch", "epoch": epoch + 1, "seconds": time.perf_counter() - t0,
-                      "loss": None if loss is None else loss.item()}
+                      "loss": None if loss is None else loss.item(), "steps": steps_per_epoch}
             if len(data.val_rows) and rank == 0:
                 method.eval()
                 scores = method.scores_cached(data.cache, np.asarray(data.val_rows), device)

@@ -184,6 +184,8 @@ class Method(nn.Module):
     folder_name: ClassVar[str | None] = None
     #: scores any label names through text prompts (``eval --label-space data``)
     text_prompted: ClassVar[bool] = False
+    #: its fit depends on the training seed (initialisation, batch order): ``train.ensemble`` trains several
+    seed_dependent: ClassVar[bool] = True
 
     def __init__(self, options: Any, backbones: list[Backbone], labels: list[str], prompt_names: list[str],
                  focal: FocalConfig) -> None:

@@ -53,6 +53,7 @@ class LinearProbe(Method):
 
     name = "linear-probe"
     folder_name = "linear_probe"
+    seed_dependent = False  # a deterministic closed-form fit: a seed ensemble would repeat it
 
     def __init__(self, options: ProbeConfig, backbones: list[Backbone], labels: list[str], prompt_names: list[str],
                  focal: FocalConfig) -> None:

@@ -19,6 +19,7 @@ from ..backbones.base import backbone_fingerprint
 from ..data.focal import FocalConfig
 from ..io import CorruptFileError, atomic_write_bytes, load_tensors, read_json, save_tensors
 from .api import Method, OptionsError
+from .ensemble import SeedEnsemble, build_members
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter.json"
@@ -119,8 +120,10 @@ def check_method_options(name: str, options: dict | None, where: str | None = No
 
 def create_method(name: str, options: dict | None = None, *, backbones: list[Backbone | str] | None = None,
                   labels: list[str], prompt_names: list[str] | None = None,
-                  focal: FocalConfig | dict | None = None) -> Method:
-    """A new, untrained method. ``backbones``: Backbone objects or source strings (default: the bundled one)."""
+                  focal: FocalConfig | dict | None = None, ensemble: int = 1, seed: int = 0) -> Method:
+    """A new, untrained method. ``backbones``: Backbone objects or source strings (default: the bundled one).
+    ``ensemble`` > 1: a :class:`SeedEnsemble` of that many members (member i >= 1 initialised with ``seed + i``;
+    a method that is not ``seed_dependent`` stays single)."""
     from ..backbones import DEFAULT_BACKBONE
     from .medbridge.text_head import readable_name
 
@@ -129,6 +132,9 @@ def create_method(name: str, options: dict | None = None, *, backbones: list[Bac
     bbs = [b if isinstance(b, Backbone) else create_backbone(b) for b in (backbones or [DEFAULT_BACKBONE])]
     focal = focal if isinstance(focal, FocalConfig) else FocalConfig(**(focal or {}))
     names = list(prompt_names) if prompt_names else [readable_name(x) for x in labels]
+    if ensemble > 1 and entry.method_class.seed_dependent:
+        return SeedEnsemble(build_members(lambda: entry.method_class.build(opts, bbs, list(labels), names, focal),
+                                          ensemble, seed))
     return entry.method_class.build(opts, bbs, list(labels), names, focal)
 
 
@@ -142,7 +148,8 @@ def save_method(method: Method, folder: str | Path, extra: dict | None = None) -
             "prompt_names": method.prompt_names, "focal": method.focal.to_dict(),
             "backbones": method.backbone_fingerprints(), "trainable_parameters":
             method.num_trainable(), "info": method.info(), "medbridge_version": __version__,
-            "weights_sha256": digest, **(extra or {})}
+            "weights_sha256": digest, **({"ensemble": method.size} if isinstance(method, SeedEnsemble) else {}),
+            **(extra or {})}
     atomic_write_bytes(folder / CONFIG, json.dumps(meta, indent=1, default=float).encode())
     return folder
 
@@ -214,7 +221,12 @@ def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> 
     bbs = backbones or [create_backbone(fp["name"]) for fp in meta["backbones"]]
     check_backbones(folder, meta["backbones"], bbs)
     opts = entry.method_class.check_options(meta["options"], f"{folder / CONFIG}: options")
-    method = entry.method_class.build(opts, bbs, meta["labels"], meta["prompt_names"], FocalConfig(**meta["focal"]))
+    size = meta.get("ensemble", 1)
+    if not isinstance(size, int) or size < 1:
+        raise CorruptFileError(f"{folder / CONFIG}: ensemble {size!r}, expected a number of members >= 1")
+    members = [entry.method_class.build(opts, bbs, meta["labels"], meta["prompt_names"], FocalConfig(**meta["focal"]))
+               for _ in range(size)]
+    method = SeedEnsemble(members) if size > 1 else members[0]
     method.restore_info(meta.get("info", {}))
     method.load_state_tensors(load_tensors(folder / WEIGHTS, meta.get("weights_sha256")), str(folder / WEIGHTS))
     return method.eval()
