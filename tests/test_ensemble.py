@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tests.helpers import cached, nih_subset_csv, random_targets, save_tiny_clip
@@ -133,3 +134,10 @@ def test_an_ensemble_trains_evaluates_and_predicts_through_the_cli(tmp_path, nih
     assert isinstance(trained, SeedEnsemble)
     np.testing.assert_allclose(trained.predict([image])[0], [probs[k] for k in trained.labels], atol=1e-6)
     assert any((tmp_path / "maps").iterdir())
+    from medbridge.engine.report import collect_runs, paper_table
+
+    frame = collect_runs([out])
+    assert dict(zip(frame["method"], frame["ensemble"])) == {"medbridge": 2, "linear-probe": 1}
+    single = frame[frame["method"] == "medbridge"].assign(ensemble=1, run="other", auroc=0.5)
+    table = paper_table(pd.concat([frame, single]))  # an ensemble and a single model: two lines, never averaged
+    assert "| medbridge (ensemble of 2) | 1 |" in table and "| medbridge | 1 |" in table

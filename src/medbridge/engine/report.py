@@ -192,6 +192,7 @@ def collect_runs(folders: list[Path]) -> pd.DataFrame:
                    "backbones": "+".join(cfg.get("backbones") or cfg.get("model", {}).get("backbones", []) or []),
                    "label_fraction": cfg.get("data", {}).get("label_fraction", 1.0),
                    "seed": cfg.get("train", {}).get("seed"), "classes": res["classes"],
+                   "ensemble": _ensemble_size(Path(folder), method),
                    "trainable_parameters": m.get("trainable_parameters", {}).get(method),
                    "train_s": m.get("timings", {}).get("train_s")}
             for k in ("auroc", "f1", "acc", "f1_oracle", "acc_oracle"):
@@ -201,6 +202,22 @@ def collect_runs(folders: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _members(size) -> str:
+    return f" (ensemble of {int(size)})" if pd.notna(size) and int(size) > 1 else ""
+
+
+def _ensemble_size(folder: Path, method: str) -> int:
+    """Members of ``method``'s saved model in a run folder (a CV folder: its first fold); 1 for a single model."""
+    for meta in [*folder.glob("*/adapter.json"), *folder.glob("fold-0/*/adapter.json")]:
+        try:
+            saved = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("method") == method:
+            return int(saved.get("ensemble", 1))
+    return 1
+
+
 def paper_table(frame: pd.DataFrame) -> str:
     """Markdown per method, dataset, label fraction and protocol: one run -> the metric with its 95%
     patient-bootstrap interval (``78.4 [72.1, 84.0]``); several runs (seeds) -> mean ± std over them."""
@@ -208,6 +225,8 @@ def paper_table(frame: pd.DataFrame) -> str:
 
     keys = ["dataset", "label_fraction", "protocol", "method"] if "protocol" in frame else \
         ["dataset", "label_fraction", "method"]
+    if "ensemble" in frame:  # an ensemble is another model than one member: never averaged with single runs
+        keys.append("ensemble")
     lines = ["| dataset | labels | protocol | method | runs | AUROC | F1 (val thr.) | ACC (val thr.) | F1 (oracle) |",
              "|---|---|---|---|---|---|---|---|---|"]
 
@@ -221,7 +240,8 @@ def paper_table(frame: pd.DataFrame) -> str:
 
     for key, g in frame.groupby(keys, sort=False):
         key = dict(zip(keys, key))
+        method = f"{key['method']}{_members(key.get('ensemble', 1))}"
         lines.append(f"| {key['dataset']} | {100 * float(key['label_fraction']):g}% | {key.get('protocol', 'split')} "
-                     f"| {key['method']} | {len(g)} | {cell(g, 'auroc')} | {cell(g, 'f1')} | {cell(g, 'acc')} | "
+                     f"| {method} | {len(g)} | {cell(g, 'auroc')} | {cell(g, 'f1')} | {cell(g, 'acc')} | "
                      f"{cell(g, 'f1_oracle')} |")
     return "\n".join(lines)
