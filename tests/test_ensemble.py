@@ -103,8 +103,19 @@ def test_seed_independent_fits_stay_single_and_the_size_is_checked(clip):
     probe = create_method("linear-probe", {"C": [0.1]}, backbones=[clip], labels=LABELS, prompt_names=NAMES,
                           ensemble=3)
     assert not isinstance(probe, SeedEnsemble)
-    with pytest.raises(ConfigError, match=r"train.ensemble must be >= 1"):
+    for name, seeded in (("zero-shot", False), ("lp-text", False), ("coop", True)):
+        method = create_method(name, None, backbones=[clip], labels=LABELS, prompt_names=NAMES, ensemble=2)
+        assert isinstance(method, SeedEnsemble) is seeded, name
+    with pytest.raises(ConfigError, match=r"train.ensemble must be a whole number >= 1"):
         load_config(overrides=["train.ensemble=0"])
+    with pytest.raises(ConfigError, match=r"train.ensemble.medbridge must be a whole number >= 1 .*, got 'x'"):
+        load_config(overrides=["train.ensemble={medbridge: x}"])
+    with pytest.raises(ConfigError, match=r"train.ensemble.medbrige: not a registered method"):
+        load_config(overrides=["train.ensemble={medbrige: 3}"])
+    demo = load_config("demo")  # the demo ensembles MedBridge only; other methods run with its preset stay single
+    assert demo.train.ensemble_for("medbridge") == 3 and demo.train.ensemble_for("full-finetune") == 1
+    assert load_config("demo", overrides=["train.ensemble=1"]).train.ensemble_for("medbridge") == 1
+    assert load_config(overrides=["train.ensemble=2"]).train.ensemble_for("coop") == 2
     with pytest.raises(ValueError, match="at least 2 members"):
         SeedEnsemble([probe])
 
@@ -141,3 +152,14 @@ def test_an_ensemble_trains_evaluates_and_predicts_through_the_cli(tmp_path, nih
     single = frame[frame["method"] == "medbridge"].assign(ensemble=1, run="other", auroc=0.5)
     table = paper_table(pd.concat([frame, single]))  # an ensemble and a single model: two lines, never averaged
     assert "| medbridge (ensemble of 2) | 1 |" in table and "| medbridge | 1 |" in table
+
+
+def test_an_ensemble_of_tuned_towers_refuses_explanations_it_cannot_give(clip):
+    """Fine-tuning members run their own towers: member 0's tokens would silently mix the members."""
+    from medbridge.methods import NotApplicableError
+
+    ens = create_method("partial-finetune", {"blocks": 1}, backbones=[clip], labels=LABELS, prompt_names=NAMES,
+                        ensemble=2)
+    assert ens.members[0].backbones[0] is not ens.members[1].backbones[0]
+    with pytest.raises(NotApplicableError, match="members run their own tuned towers"):
+        ens.logits_from_tokens([torch.zeros(1, 5, 48)], [0], 1, 1)

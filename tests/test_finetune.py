@@ -114,11 +114,11 @@ def test_the_best_validation_epoch_is_kept_and_patience_stops_early(dinov2, tmp_
     history = [{"event": "epoch", "val_macro_auroc": v} for v in (0.6, 0.7, float("nan"), 0.65)]
     assert _best_epoch(history) == 2 and _stale_epochs(history) == 2
 
-    def run(out, epochs, **opts):
+    def run(out, epochs, fit_kw=None, **opts):
         torch.manual_seed(0)
         opts = {"epochs": epochs, "schedule": "constant", "lr": 5e-2, "blocks": 1, "batch_size": 4, **opts}
         m = create_method("partial-finetune", opts, backbones=[dinov2], labels=LABELS)
-        return m, fit(m, cached(m), out)
+        return m, fit(m, cached(m), out, **(fit_kw or {}))
 
     m4, hist4 = run(tmp_path / "a", 4)
     chosen = hist4[-1]
@@ -127,10 +127,13 @@ def test_the_best_validation_epoch_is_kept_and_patience_stops_early(dinov2, tmp_
     m_short, _ = run(tmp_path / "b", chosen["epoch"])  # training only up to the chosen epoch: the same weights
     for n, p in m4.state_tensors().items():
         torch.testing.assert_close(m_short.state_tensors()[n], p, atol=0, rtol=0, msg=n)
-    _, hist_p = run(tmp_path / "c", 6, patience=1)
+    m_p, hist_p = run(tmp_path / "c", 6, patience=1)
     epochs_run = [r for r in hist_p if r["event"] == "epoch"]
-    stale = _stale_epochs(epochs_run)
-    assert len(epochs_run) == 6 or stale == 1  # stopped right after the first epoch without improvement
+    assert len(epochs_run) < 6 and _stale_epochs(epochs_run) == 1  # stopped after the first epoch without gain
+    m_r, hist_r = run(tmp_path / "c", 6, {"resume": True}, patience=1)  # resuming a stopped run trains no more
+    assert [r for r in hist_r if r["event"] == "epoch"] == epochs_run
+    for n, p in m_p.state_tensors().items():
+        torch.testing.assert_close(m_r.state_tensors()[n], p, atol=0, rtol=0, msg=n)
 
 
 def test_saved_fine_tuned_weights_load_back_with_the_same_scores_and_the_pretrained_fingerprint(dinov2, tmp_path):

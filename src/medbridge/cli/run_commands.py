@@ -264,7 +264,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = [f"data.path={data}", f"train.seed={args.seed}", f"data.split_seed={args.seed}",
                  f"train.epochs={args.epochs}"] + list(args.set or [])
     cfg = load_config("demo", None, overrides)
-    method = cfg.method + (f" (seed ensemble of {cfg.train.ensemble})" if cfg.train.ensemble > 1 else "")
+    size = cfg.train.ensemble_for(cfg.method)
+    method = cfg.method + (f" (seed ensemble of {size})" if size > 1 else "")
     print(f"medbridge demo: {' vs '.join([method, *cfg.companions])} on {data} with {cfg.backbones[0]}, "
           f"{args.cv}-fold "
           f"patient cross-validation (seed {args.seed}) -> {out}", flush=True)

@@ -49,7 +49,9 @@ class TrainConfig:
     epochs: int = 3  # paper
     schedule: str = "constant"  # constant or cosine learning rate
     seed: int = 0  # model init and batch order
-    ensemble: int = 1  # seed ensemble: train N members (seeds seed..seed+N-1), average their probabilities
+    # seed ensemble: N members (seeds seed..seed+N-1), probabilities averaged; a number for every seed-dependent
+    # method of the run, or {method: N} for some (the demo preset: {medbridge: 3})
+    ensemble: int | dict = 1
     workers: int = 2  # DataLoader workers for decoding / cache building
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1
     amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
@@ -65,8 +67,15 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.schedule: {self.schedule!r} is not one of constant, cosine")
-        if int(self.ensemble) < 1:
-            raise ConfigError(f"train.ensemble must be >= 1 (members of a seed ensemble), got {self.ensemble}")
+        sizes = self.ensemble.items() if isinstance(self.ensemble, dict) else [("", self.ensemble)]
+        for name, size in sizes:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                key = f"train.ensemble.{name}" if name else "train.ensemble"
+                raise ConfigError(f"{key} must be a whole number >= 1 (members of a seed ensemble), got {size!r}")
+
+    def ensemble_for(self, method: str) -> int:
+        """Members of the seed ensemble ``method`` trains as (1: a single model)."""
+        return self.ensemble.get(method, 1) if isinstance(self.ensemble, dict) else self.ensemble
         if self.workers < 0 or self.checkpoint_every < 0:
             raise ConfigError("train.workers and train.checkpoint_every must be >= 0")
         from .cache import parse_size
@@ -120,6 +129,9 @@ class RunConfig:
                                   f"{self.method_options[key]!r}")
         self.data.validate()
         self.train.validate()
+        for key in self.train.ensemble if isinstance(self.train.ensemble, dict) else []:
+            if key not in names:
+                raise ConfigError(f"train.ensemble.{key}: not a registered method; methods: {', '.join(names)}")
         if not self.backbones or not all(isinstance(b, str) and b for b in self.backbones):
             raise ConfigError(f"backbones: expected a non-empty list of backbone sources, got {self.backbones!r}")
         try:

@@ -224,8 +224,8 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
         if k:
             torch.manual_seed(cfg.train.seed)
         method = create_method(name, cfg.options_for(name), backbones=backbones, labels=list(table.labels),
-                               prompt_names=list(table.prompt_names), focal=focal, ensemble=cfg.train.ensemble,
-                               seed=cfg.train.seed)
+                               prompt_names=list(table.prompt_names), focal=focal,
+                               ensemble=cfg.train.ensemble_for(name), seed=cfg.train.seed)
         method.to(device)
         n_views = fixed_view_count(table, method.focal)
         if shared is not None and reads_cache(method, shared[0], shared[1], n_views):

@@ -160,8 +160,10 @@ def _loop(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Path, d
 
     bar = tqdm(total=total, initial=progress.global_step, desc=f"training {method.name}", unit="step",
                disable=not progress_bar or rank != 0, dynamic_ncols=True)
+    # a run that stopped early (patience) and is resumed stays stopped
+    last = progress.epoch if opt_cfg.patience and _stale_epochs(history) >= opt_cfg.patience else opt_cfg.epochs
     try:
-        for epoch in range(progress.epoch, opt_cfg.epochs):
+        for epoch in range(progress.epoch, last):
             perm = np.random.default_rng([cfg.seed, epoch]).permutation(train_rows)
             method.train()
             t0, seen, loss = time.perf_counter(), 0, None

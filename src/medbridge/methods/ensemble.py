@@ -1,7 +1,8 @@
 """Seed ensembles of any method: N members of one method, built and trained with N training seeds, scored by
 averaging their probabilities, saved as one file.
 
-``train.ensemble: N`` in a run's config wraps each of its seed-dependent methods (``Method.seed_dependent``).
+``train.ensemble: N`` in a run's config wraps each of its seed-dependent methods (``Method.seed_dependent``);
+``train.ensemble: {method: N}`` only the methods named.
 Member 0 is built and trained exactly like a single run with ``train.seed``; member i >= 1 draws its
 initialisation after ``torch.manual_seed(seed + i)`` and trains with seed + i (its own batch order). The engine
 fits the members one after another (each in its own checkpoint folder, so an interrupted ensemble resumes); the
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .api import CacheSpec, Method, TrainingData
+from .api import CacheSpec, Method, NotApplicableError, TrainingData
 
 
 class SeedEnsemble(Method):
@@ -68,7 +69,11 @@ class SeedEnsemble(Method):
         return min(m.explain_top_block(expert) for m in self.members)
 
     def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
-        """The members' mean logits (the explained quantity of an ensemble)."""
+        """The members' mean logits (the explained quantity of an ensemble), from tokens of the shared towers."""
+        shared = all(x is y for m in self.members for x, y in zip(m.backbones, self.backbones))
+        if not shared:  # e.g. fine-tuned towers: member 0's tokens are not the other members' tokens
+            raise NotApplicableError(f"explanations of a {self.name} ensemble: its members run their own tuned towers"
+                                     "; explain one member's saved model instead (train with train.ensemble=1)")
         return torch.stack([m.logits_from_tokens(tokens, layers, b, n) for m in self.members]).mean(0)
 
     # -- saved

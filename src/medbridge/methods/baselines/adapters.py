@@ -48,6 +48,7 @@ class LPText(FeatureMethod):
     alpha by a gradient step every 10 epochs (lr N / (4 max_k sum_i (f_i.t_k)^2)); best validation epoch."""
 
     name = "lp-text"
+    seed_dependent = False  # full-batch from a data-derived initialisation
     default_hparams = Hparams(optimizer="sgd", epochs=200, extra={"alpha_every": 10, "accumulate_alpha_grad": False})
 
     def __init__(self, backbone: Backbone, labels, names, template: str = DEFAULT_TEMPLATE) -> None:

@@ -84,6 +84,7 @@ class FeatureMethod(nn.Module):
 
     name = "feature-method"
     default_hparams = Hparams()
+    seed_dependent = True  # False: a deterministic fit (nothing trained, or full-batch from a data-derived init)
 
     def __init__(self, backbone: Backbone, labels: list[str], names: list[str],
                  template: str = DEFAULT_TEMPLATE) -> None:

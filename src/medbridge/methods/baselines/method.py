@@ -201,5 +201,6 @@ class BaselineMethod(Method):
 def baseline_method_class(feature_class: type[FeatureMethod]) -> type[BaselineMethod]:
     """The method class registered for one baseline."""
     doc = (feature_class.__doc__ or feature_class.__name__).strip().splitlines()[0]
-    return type(f"{feature_class.__name__}Method", (BaselineMethod,), {"feature_class": feature_class,
-                                                                        "name": feature_class.name, "__doc__": doc})
+    return type(f"{feature_class.__name__}Method", (BaselineMethod,), {
+        "feature_class": feature_class, "name": feature_class.name, "__doc__": doc,
+        "seed_dependent": feature_class.seed_dependent})

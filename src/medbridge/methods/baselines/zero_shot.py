@@ -11,6 +11,7 @@ from .base import ClipHead, FeatureMethod, backbone_scale, require_aligned_text,
 
 class ZeroShot(FeatureMethod):
     name = "zero-shot"
+    seed_dependent = False  # nothing trained
 
     def __init__(self, backbone: Backbone, labels, names, template: str = DEFAULT_TEMPLATE) -> None:
         super().__init__(backbone, labels, names, template)
