@@ -72,10 +72,6 @@ class TrainConfig:
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 key = f"train.ensemble.{name}" if name else "train.ensemble"
                 raise ConfigError(f"{key} must be a whole number >= 1 (members of a seed ensemble), got {size!r}")
-
-    def ensemble_for(self, method: str) -> int:
-        """Members of the seed ensemble ``method`` trains as (1: a single model)."""
-        return self.ensemble.get(method, 1) if isinstance(self.ensemble, dict) else self.ensemble
         if self.workers < 0 or self.checkpoint_every < 0:
             raise ConfigError("train.workers and train.checkpoint_every must be >= 0")
         from .cache import parse_size
@@ -91,6 +87,10 @@ class TrainConfig:
                 float(budget[:-1]) if budget.endswith("%") else parse_size(budget)
             except ValueError as exc:
                 raise ConfigError(f"train.cache_budget: {exc}") from exc
+
+    def ensemble_for(self, method: str) -> int:
+        """Members of the seed ensemble ``method`` trains as (1: a single model)."""
+        return self.ensemble.get(method, 1) if isinstance(self.ensemble, dict) else self.ensemble
 
 
 @dataclass
