@@ -41,6 +41,7 @@ def data_for(method) -> TrainingData:
     return TrainingData(cached(method), random_targets(16, 3), np.arange(12), np.arange(12, 16))
 
 
+@pytest.mark.slow
 def test_each_member_is_exactly_a_single_run_with_its_seed_and_scores_are_their_mean(clip, tmp_path):
     ens = build(clip, 7, ensemble=3, seed=7)
     assert isinstance(ens, SeedEnsemble) and ens.size == 3 and ens.name == "medbridge"
@@ -84,6 +85,7 @@ def test_an_ensemble_saves_as_one_file_and_loads_back_to_the_same_scores(clip, t
         load_method(folder, [clip])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [2, 7])  # inside member 0; inside member 1 (member 0 takes 2 x 3 = 6 steps)
 def test_an_interrupted_ensemble_resumes_to_the_uninterrupted_result(clip, tmp_path, stop):
     ens = build(clip, 1, ensemble=2, seed=1)
@@ -120,6 +122,7 @@ def test_seed_independent_fits_stay_single_and_the_size_is_checked(clip):
         SeedEnsemble([probe])
 
 
+@pytest.mark.slow
 def test_an_ensemble_trains_evaluates_and_predicts_through_the_cli(tmp_path, nih_sample, capsys):
     from medbridge.cli.main import main
 
