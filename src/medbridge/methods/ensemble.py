@@ -90,7 +90,7 @@ class SeedEnsemble(Method):
         return self.members[0].backbone_fingerprints()
 
     def info(self) -> dict:
-        return {"ensemble": self.size, "members": [m.info() for m in self.members]}
+        return {"members": [m.info() for m in self.members]}  # the size is adapter.json's "ensemble"
 
     def restore_info(self, info: dict) -> None:
         for m, i in zip(self.members, info.get("members", [])):

@@ -224,8 +224,8 @@ def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> 
     size = meta.get("ensemble", 1)
     if not isinstance(size, int) or size < 1:
         raise CorruptFileError(f"{folder / CONFIG}: ensemble {size!r}, expected a number of members >= 1")
-    members = [entry.method_class.build(opts, bbs, meta["labels"], meta["prompt_names"], FocalConfig(**meta["focal"]))
-               for _ in range(size)]
+    focal = FocalConfig(**meta["focal"])
+    members = [entry.method_class.build(opts, bbs, meta["labels"], meta["prompt_names"], focal) for _ in range(size)]
     method = SeedEnsemble(members) if size > 1 else members[0]
     method.restore_info(meta.get("info", {}))
     method.load_state_tensors(load_tensors(folder / WEIGHTS, meta.get("weights_sha256")), str(folder / WEIGHTS))
