@@ -84,3 +84,22 @@ def cached(method, n: int = 16, seed: int = 0) -> MemoryCache:
     px = torch.randn(n, 1, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return MemoryCache(spec.compute([px] * len(method.backbones)))
+
+
+def odir_subset(odir_sample: Path, out: Path, n: int = 40, drop: tuple[str, ...] = ()) -> Path:
+    """The first ``n`` patients of the real ODIR-5K sample in the official layout under ``out`` (the sheet rewritten
+    with openpyxl, the photographs symlinked); images named in ``drop`` are left out (a missing eye)."""
+    import openpyxl
+
+    src = Path(odir_sample).resolve() / "ODIR-5K"
+    book = openpyxl.load_workbook(next(src.glob("*.xlsx")))
+    sheet = book.active
+    sheet.delete_rows(n + 2, sheet.max_row)
+    folder = out / "ODIR-5K" / "Training Images"
+    folder.mkdir(parents=True, exist_ok=True)
+    book.save(out / "ODIR-5K" / "ODIR-5K_Training_Annotations(Updated)_V2.xlsx")
+    for row in sheet.iter_rows(min_row=2, values_only=True):
+        for name in row[3:5]:
+            if name not in drop and not (folder / name).exists():
+                (folder / name).symlink_to(src / "Training Images" / name)
+    return out

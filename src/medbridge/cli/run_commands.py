@@ -165,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     res = evaluate_on(args.run, args.data, format=args.format, split=args.split, split_file=args.split_file,
                       approximate=args.approximate, label_space=args.label_space, device=args.device,
-                      cache_dir=args.cache_dir, workers=args.workers, progress=not args.json)
+                      cache_dir=args.cache_dir, workers=args.workers, progress=not args.json, unit=args.unit)
     if args.json:
         print(json.dumps(res, default=float))
         return 0
@@ -219,7 +219,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run = model_run_folder(args.run)  # a cross-validation folder predicts with its first fold's model
     method = load_method(run)
     thresholds = run_thresholds(run, method.name)
-    rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable)
+    if args.case:  # all inputs are the images of ONE case (a patient's eyes, a study's views)
+        if args.explain:
+            raise ValueError("--explain works per image: leave out --case to get each image's heat maps")
+        probs = method.predict_case(images)
+        rows = [{"image": " + ".join(str(p) for p in images), "case": True,
+                 "probabilities": {lab: float(probs[c]) for c, lab in enumerate(method.labels)}}]
+        rows[0]["labels"] = [lab for lab, p in rows[0]["probabilities"].items() if p >= thresholds.get(lab, 0.5)]
+    else:
+        rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable)
     if args.explain:  # per-label heat-map overlays (medbridge serve's explanations) as PNGs
         from ..serve.explain import write_explanations
 
@@ -368,6 +376,8 @@ def add_run_commands(sub, presets: list[str]) -> None:
     add_common_data(p)
     p.add_argument("--split", choices=["test", "val", "train", "all"], help="which images (default: see above)")
     p.add_argument("--split-file", help="a split.json to take the split from")
+    p.add_argument("--unit", choices=["auto", "image", "case"],
+                   help="score images or cases of several images (default: the run's data.unit)")
     p.add_argument("--approximate", action="store_true",
                    help="also map approximate label counterparts (Nodule/Mass->Lung Lesion, ...)")
     p.add_argument("--label-space", choices=["model", "data"], default="model",
@@ -383,7 +393,8 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p = sub.add_parser("predict", help="probabilities and labels for images (PNG/JPEG/DICOM, files or folders)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  medbridge predict runs/demo-x image.dcm folder/ --out predictions.csv\n"
-                              "  medbridge predict runs/demo-x/linear_probe image.png --json")
+                              "  medbridge predict runs/demo-x/linear_probe image.png --json\n"
+                              "  medbridge predict runs/odir 0_left.jpg 0_right.jpg --case   (one patient)")
     p.add_argument("run", help="run folder, adapter folder or linear-probe folder")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--out", help="write a new .csv or .json file (atomic; never one of the inputs)")
@@ -391,6 +402,9 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--json", action="store_true", help="print full JSON (probabilities, gate, per-view votes)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-unreadable", action="store_true", help="report unreadable images instead of failing")
+    p.add_argument("--case", action="store_true", help="the inputs are the images of ONE case (e.g. a patient's "
+                                                       "left and right fundus photographs, a study's PA and "
+                                                       "lateral): one prediction for them together")
     p.add_argument("--explain", metavar="DIR", help="also write heat-map overlays (PNG) of each image's positive "
                                                     "and 3 most probable labels into DIR")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -30,6 +30,9 @@ class FocalConfig:
     num_crops: int | None = None  # regions per image; None = every sliding window (random mode: required)
     mode: str = "sliding"  # "sliding" windows or "random" positions
     include_whole: bool = True  # view 0 = the whole image resized
+    # crop to the bounding box of the content before cutting views: the black border around a fundus photograph's
+    # circle (what fundus papers do); off by default (radiographs have none)
+    crop_border: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("sliding", "random"):
@@ -46,7 +49,10 @@ class FocalConfig:
             raise ValueError("focal views: no whole image and no crops leaves no view")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["crop_border"]:  # off: the same dict (and cache keys, saved files) as before the option existed
+            del d["crop_border"]
+        return d
 
     def region_pixels(self, height: int, width: int) -> int:
         short = min(height, width)
@@ -119,6 +125,8 @@ def focal_views(image: np.ndarray, cfg: FocalConfig, preprocess: PreprocessConfi
     boxes are used for each. ``full_size``: the original (W, H) when ``image`` is a reduced decode
     (:func:`read_view_image`): boxes are placed and reported in original pixels, cut at the decoded scale."""
     image = check_image_array(image)
+    if cfg.crop_border:
+        image, full_size = crop_to_content(image, full_size)
     h, w = image.shape[:2]
     fw, fh = full_size or (w, h)
     if cfg.mode == "random" and not train and rng is None:  # fixed per image, different between images
@@ -130,6 +138,25 @@ def focal_views(image: np.ndarray, cfg: FocalConfig, preprocess: PreprocessConfi
     cfgs = preprocess if isinstance(preprocess, list) else [preprocess]
     out = [FocalViews(torch.stack([to_model_input(c, pc) for c in crops]), box_t) for pc in cfgs]
     return out if isinstance(preprocess, list) else out[0]
+
+
+BORDER_LEVEL = 10 / 255  # pixels at or below this (mean over channels) are border
+
+
+def crop_to_content(image: np.ndarray, full_size: tuple[int, int] | None = None
+                    ) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """The bounding box of pixels brighter than :data:`BORDER_LEVEL` (the fundus circle inside its black frame);
+    the whole image when nothing is brighter. ``full_size`` (a reduced decode's original W, H) is scaled along."""
+    level = image.mean(axis=-1) if image.ndim == 3 else image
+    rows, cols = np.flatnonzero((level > BORDER_LEVEL).any(axis=1)), np.flatnonzero((level > BORDER_LEVEL).any(axis=0))
+    if len(rows) == 0 or len(cols) == 0:
+        return image, full_size
+    h, w = image.shape[:2]
+    cropped = image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    if full_size is not None:
+        full_size = (max(1, round(cropped.shape[1] * full_size[0] / w)),
+                     max(1, round(cropped.shape[0] * full_size[1] / h)))
+    return cropped, full_size
 
 
 REDUCED_DECODE_MARGIN = 2  # a reduced decode keeps >= this many decoded pixels per input pixel in every view

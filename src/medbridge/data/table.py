@@ -38,6 +38,9 @@ class ImageTable:
     prompt_names: tuple[str, ...] = ()
     citation: str = ""
     notes: dict = field(default_factory=dict)
+    #: labels of whole cases when they are not those of the images (ODIR: the official patient labels), as
+    #: (case ids, float32 [C, L]); None: a case's labels are the maximum over its images (see ``data/cases.py``)
+    case_targets: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.targets.shape != (len(self.meta), len(self.labels)):
@@ -105,7 +108,9 @@ class ImageTable:
         alignment = align_label_names(self.labels, labels, approximate)
         targets = align_targets(self.targets, self.labels, alignment)
         names = tuple(prompt_names) if prompt_names else tuple(prompt_name(x) for x in labels)
-        return replace(self, labels=tuple(labels), targets=targets, prompt_names=names), alignment
+        cases = None if self.case_targets is None else (
+            self.case_targets[0], align_targets(self.case_targets[1], self.labels, alignment))
+        return replace(self, labels=tuple(labels), targets=targets, prompt_names=names, case_targets=cases), alignment
 
     def label_counts(self) -> pd.DataFrame:
         t = self.targets
@@ -161,9 +166,11 @@ def resolve_inside(root: Path, base: Path, names, origins: list[Origin], column:
 
 def build_table(name: str, root: Path, labels, meta: pd.DataFrame, targets: np.ndarray, *, citation: str = "",
                 prompt_names=(), notes: dict | None = None, check_files: bool = True,
-                source: str = "", origins: list[Origin] | None = None) -> ImageTable:
+                source: str = "", origins: list[Origin] | None = None,
+                case_targets: tuple[list[str], np.ndarray] | None = None) -> ImageTable:
     """Fill optional metadata columns, check duplicates / missing files / emptiness, and build the table.
 
+    ``case_targets``: (case ids, [C, L]) labels of whole cases (rows group into cases by a ``case_id`` column).
     ``origins`` (one per row: file and line) lets messages name the rows of the input files; by default row i
     is line i + 2 of ``source``."""
     meta = meta.reset_index(drop=True).copy()
@@ -193,8 +200,11 @@ def build_table(name: str, root: Path, labels, meta: pd.DataFrame, targets: np.n
             raise DatasetError(f"{name}: {len(missing)} image file(s) listed in {source or root} not found, e.g. "
                                f"{meta['path'][missing[0]]}{row}"
                                + (f" (and {meta['path'][missing[1]]})" if len(missing) > 1 else ""))
+    if case_targets is not None:
+        ids = tuple(str(c) for c in case_targets[0])
+        case_targets = (ids, np.asarray(case_targets[1], dtype=np.float32).reshape(len(ids), len(labels)))
     return ImageTable(name, Path(root), tuple(labels), meta, np.asarray(targets, dtype=np.float32),
-                      tuple(prompt_names), citation, dict(notes or {}))
+                      tuple(prompt_names), citation, dict(notes or {}), case_targets)
 
 
 def read_csv(path: Path, what: str, **kwargs) -> pd.DataFrame:

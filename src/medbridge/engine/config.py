@@ -33,10 +33,15 @@ class DataConfig:
     split_file: str | None = None  # reuse a saved split (overrides split/fractions/split_seed)
     views: str | None = None  # keep only these views: frontal, lateral, PA, AP (None: all)
     skip_unreadable: bool = False  # skip corrupt/missing images (counted in the log) instead of failing
+    # what a sample is: image, case (several images: an ODIR patient's two eyes, a MIMIC study), or auto (the
+    # dataset's default: case for ODIR-5K, image otherwise); labels, splits, metrics and predictions follow it
+    unit: str = "auto"
 
     def validate(self) -> None:
         if self.split not in ("auto", "official", "patient"):
             raise ConfigError(f"data.split: {self.split!r} is not one of auto, official, patient")
+        if self.unit not in ("auto", "image", "case"):
+            raise ConfigError(f"data.unit: {self.unit!r} is not one of auto, image, case")
         if not 0 < float(self.label_fraction) <= 1:
             raise ConfigError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
 

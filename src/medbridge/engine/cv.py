@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data.cases import CaseTable
 from ..data.splits import Split, label_fraction, patient_split, save_split
 from ..data.table import DatasetError, ImageTable
 from ..io import atomic_write_bytes
@@ -103,11 +104,12 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
         split_file = save_split(split, table, out / "splits" / f"fold-{f}.json")
         d = cfg.to_dict()
         d["data"]["split_file"] = str(split_file.resolve())
-        log.info("fold %d/%d: %d train, %d val, %d test images", f + 1, k, len(split.train), len(split.val),
-                 len(split.test))
+        unit = "cases" if isinstance(table, CaseTable) else "images"
+        log.info("fold %d/%d: %d train, %d val, %d test %s", f + 1, k, len(split.train), len(split.val),
+                 len(split.test), unit)
         if progress:
             print(f"fold {f + 1}/{k}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test "
-                  "images", flush=True)
+                  f"{unit}", flush=True)
         train_run(config_from_dict(d), fold_dir, overwrite=True, progress=progress, backbones=backbones)
     summary = summarise_cv(out, table, k, n_boot=n_boot, seed=cfg.data.split_seed)
     summary["timings"]["total_s"] = time.perf_counter() - t0
@@ -185,6 +187,7 @@ def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None
                                  ("auroc", "f1", "acc", "f1_oracle", "acc_oracle")}})
     atomic_write_bytes(out / "folds.csv", pd.DataFrame(fold_rows).to_csv(index=False).encode())
     summary = {"protocol": "cv", "folds": k, "dataset": table.name, "n_images": len(table),
+               "unit": "case" if isinstance(table, CaseTable) else "image",
                "n_patients": int(len(np.unique(table.patient_ids))), "scored_images": int(len(scored)),
                "unscored_images": int(len(table) - len(scored)), "labels": labels, "methods": results,
                "paired": cv["paired"], "pooled_paired": pooled_paired,
@@ -193,6 +196,12 @@ def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None
                            "cache_s": float(sum(fm["timings"].get("cache_s", 0) for fm in fold_metrics))},
                "bootstrap": {"n_boot": n_boot, "seed": BOOT_SEED, "unit": "patient, stratified by fold"},
                "split_seed": seed}
+    from .challenge import challenge_scores
+
+    challenge = challenge_scores(table.notes.get("challenge"), {m: oof[m][scored] for m in methods}, targets,
+                                 patients, n_boot, BOOT_SEED)
+    if challenge:
+        summary["challenge"] = {**challenge, "note": "pooled out-of-fold scores"}
     write_json(out / "metrics.json", summary)
     _write_per_class(out / "per_class.csv", results)
     plot_roc(out / "roc_curves.png", {m: (oof[m][scored], targets, labels) for m in methods}, labels,
@@ -222,7 +231,8 @@ def cv_headline(summary: dict) -> list[str]:
     """The lines a user reads first: mean-over-folds macro AUROC of each method with its interval, each paired
     difference with interval, p-value and verdict, and what the interval means."""
     k, boot = summary["folds"], summary["bootstrap"]
-    lines = [f"{k}-fold patient cross-validation on {summary['dataset']}: {summary['scored_images']} images of "
+    lines = [f"{k}-fold patient cross-validation on {summary['dataset']}: {summary['scored_images']} "
+             f"{'cases' if summary.get('unit') == 'case' else 'images'} of "
              f"{summary['n_patients']} patients, each tested exactly once (by a model that never saw its patient).",
              "", "Mean over folds of the macro AUROC (%), 95% interval:"]
     for m, r in summary["methods"].items():
@@ -278,6 +288,10 @@ def cv_report(summary: dict, table: ImageTable) -> str:
     for m, r in methods.items():
         p = r["pooled"]
         lines.append(f"| {m} | {fmt_ci(p['macro']['auroc'], p.get('ci', {}).get('macro', {}).get('auroc'))} |")
+    if summary.get("challenge"):
+        from .challenge import challenge_lines
+
+        lines += ["", *challenge_lines({m: r for m, r in summary["challenge"].items() if m != "note"})]
     for name, pair in summary["pooled_paired"].items():
         lines += ["", f"Pooled paired difference {name}: {fmt_diff(pair)}.", "",
                   "Per class, pooled, DeLong's test for correlated ROC curves:", "",

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..data import load_dataset, load_split, make_split
+from ..data.cases import case_or_image_table
 from ..data.datasets.generic import describe_broken_links, image_files
 from ..data.focal import focal_views, read_view_image
 from ..data.images import IMAGE_SUFFIXES
@@ -39,8 +40,9 @@ def run_thresholds(folder: Path, method: str) -> dict | None:
 def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto", split: str | None = None,
                 split_file: str | None = None, options: dict | None = None, approximate: bool = False,
                 label_space: str = "model", device: str = "auto", cache_dir: str | None = None,
-                workers: int = 2, progress: bool = True) -> dict:
-    """Metrics of a trained method on a dataset. ``split``: test/val/train/all (default: the run's own test
+                workers: int = 2, progress: bool = True, unit: str | None = None) -> dict:
+    """Metrics of a trained method on a dataset (per image or per case: ``unit``, default the run's
+    ``data.unit``). ``split``: test/val/train/all (default: the run's own test
     split when ``data`` is the dataset it was trained on, else all images: cross-dataset zero-shot).
     ``label_space``: "model" (the method's labels; the dataset is aligned onto them, NaN where it has no
     counterpart) or "data" (MedBridge only: the dataset's own label names become prompts)."""
@@ -50,12 +52,14 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
     # a method folder inside a run folder (RUN/linear_probe, RUN/coop) belongs to the run's config and split
     run_dir = next((c for c in (folder, folder.parent) if (c / "config.yaml").is_file()), folder)
     run_cfg = run_dir / "config.yaml"
-    same = False
+    same, run_unit = False, "auto"
     if run_cfg.is_file():
         import yaml
 
-        trained_on = (yaml.safe_load(run_cfg.read_text()) or {}).get("data", {}).get("path")
+        run_data = (yaml.safe_load(run_cfg.read_text()) or {}).get("data", {})
+        trained_on, run_unit = run_data.get("path"), run_data.get("unit", "auto")
         same = bool(trained_on) and Path(trained_on).resolve() == Path(data).resolve()
+    table = case_or_image_table(table, unit or run_unit)
     split = split or ("test" if same else "all")
     if split_file or (same and split != "all" and (run_dir / "split.json").is_file()):
         parts = load_split(split_file or run_dir / "split.json", table)

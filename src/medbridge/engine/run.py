@@ -11,11 +11,13 @@ import numpy as np
 import torch
 
 from ..data import load_dataset, load_split, make_split, save_split
+from ..data.cases import CaseTable, case_or_image_table
 from ..data.splits import Split
 from ..data.table import DatasetError, ImageTable
 from ..io import atomic_write_bytes, check_finite
-from ..methods.api import Method, TrainingData
+from ..methods.api import Method
 from ..methods.registry import create_method, load_method, save_method
+from .cases import case_scores, image_rows_for, image_table, training_data, usable_rows
 from .config import ConfigError, DataConfig, RunConfig, save_config
 from .distributed import barrier, init_from_env, world
 from .features import build_cache, cache_root_from, fixed_view_count
@@ -34,12 +36,14 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def prepare_data(dc: DataConfig) -> tuple[ImageTable, Split]:
+def prepare_data(dc: DataConfig) -> tuple[ImageTable | CaseTable, Split]:
+    """The run's table (images, or cases of several images by ``data.unit``) and its split."""
     if not dc.path:
         raise ConfigError("data.path: no dataset given (--data PATH)")
     table = load_dataset(dc.format, dc.path, **dc.options)
     if dc.views:
         table = table.filter_views(dc.views)
+    table = case_or_image_table(table, dc.unit)
     if dc.split_file:
         split = load_split(dc.split_file, table)
     else:
@@ -141,28 +145,28 @@ def method_scores(method: Method, table: ImageTable, rows: np.ndarray, cache_roo
     """Scores of ``method`` for ``rows`` of ``table`` through the cache (built as needed); returns the rows
     actually scored (unreadable images skipped) and their scores."""
     method.to(device)
-    spec = method.cache_spec(fixed_view_count(table, method.focal))
-    cache = build_cache(spec, table, rows, root=cache_root, batch_size=batch_size, workers=workers, device=device,
-                        skip_unreadable=skip_unreadable, progress=progress)
-    done = cache.done()
-    rows = np.asarray(rows)[done[np.asarray(rows)]]
-    return rows, check_finite(method.scores_cached(cache, rows, device), f"{method.name} scores")
+    images = image_table(table)
+    spec = method.cache_spec(fixed_view_count(images, method.focal))
+    cache = build_cache(spec, images, image_rows_for(table, rows), root=cache_root, batch_size=batch_size,
+                        workers=workers, device=device, skip_unreadable=skip_unreadable, progress=progress)
+    rows = usable_rows(table, cache, rows)
+    return rows, check_finite(case_scores(method, table, cache, rows, device), f"{method.name} scores")
 
 
 def cache_for_split(spec, table: ImageTable, split: Split, cfg: RunConfig, device: str, cache_root: Path,
                     progress: bool, timings: dict, timing_key: str = "cache_s"):
     """Build (or reuse) the cache of every image of the split; returns it and the readable train/val/test rows."""
-    rows = np.concatenate([split.train, split.val, split.test])
+    rows = image_rows_for(table, np.concatenate([split.train, split.val, split.test]))
     t0 = time.perf_counter()
-    cache = build_cache(spec, table, rows, root=cache_root, batch_size=cfg.train.batch_size,
+    cache = build_cache(spec, image_table(table), rows, root=cache_root, batch_size=cfg.train.batch_size,
                         workers=cfg.train.workers, device=device, amp=cfg.train.amp,
                         skip_unreadable=cfg.data.skip_unreadable, progress=progress, mode=cfg.train.cache,
                         budget=cfg.train.cache_budget)
     timings[timing_key] = time.perf_counter() - t0
-    done = cache.done()
-    parts = [r[done[r]] for r in (split.train, split.val, split.test)]
+    parts = [usable_rows(table, cache, r) for r in (split.train, split.val, split.test)]
     if len(parts[0]) < len(split.train):
-        log.warning("%d training image(s) unreadable and skipped", len(split.train) - len(parts[0]))
+        log.warning("%d training %s unreadable and skipped", len(split.train) - len(parts[0]),
+                    "case(s) with no readable image" if isinstance(table, CaseTable) else "image(s)")
     return (cache, *parts)
 
 
@@ -227,7 +231,7 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
                                prompt_names=list(table.prompt_names), focal=focal,
                                ensemble=cfg.train.ensemble_for(name), seed=cfg.train.seed)
         method.to(device)
-        n_views = fixed_view_count(table, method.focal)
+        n_views = fixed_view_count(image_table(table), method.focal)
         if shared is not None and reads_cache(method, shared[0], shared[1], n_views):
             cache, rows = shared[1], shared[2]
         else:
@@ -236,7 +240,7 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
                                            "cache_s" if k == 0 else f"cache_s.{name}")
             shared = shared or (spec, cache, rows)
         train_rows, val_rows, test_rows = rows
-        data = TrainingData(cache, table.targets, train_rows, val_rows, table.reports)
+        data = training_data(method, table, cache, train_rows, val_rows)
         t0 = time.perf_counter()
         history = fit_method(method, data, cfg.train, out if k == 0 else out / method.folder(), device=device,
                              resume=resume, progress_bar=progress, stop_after=stop_after if k == 0 else None)
@@ -251,9 +255,9 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
     for name, (folder, cache) in saved.items():  # scored from the saved files, exactly as `medbridge eval` does
         trained = load_method(folder, backbones)
         trained.to(device)
-        sv = check_finite(trained.scores_cached(cache, val_rows, device), f"{folder}: validation scores") \
+        sv = check_finite(case_scores(trained, table, cache, val_rows, device), f"{folder}: validation scores") \
             if len(val_rows) else None
-        scores[name] = check_finite(trained.scores_cached(cache, test_rows, device), f"{folder}: test scores")
+        scores[name] = check_finite(case_scores(trained, table, cache, test_rows, device), f"{folder}: test scores")
         results[name] = evaluate_split(sv, table.targets[val_rows], scores[name], table.targets[test_rows],
                                        table.labels)
     timings["total_s"] = time.perf_counter() - t_start
@@ -263,16 +267,36 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
 def run_focal(cfg: RunConfig, table: ImageTable):
     """The run's focal views. Left at the defaults (no ``focal`` given) on images of different sizes, which would
     give different numbers of crops per image (the cache needs one count), the whole image is used, with a
-    warning; an explicit ``focal`` is kept as given (and refused with the reason when it cannot be cached)."""
+    warning; so are images no larger than one region (ODIR's 256 px copies: the only crop would repeat the whole
+    image). An explicit ``focal`` is kept as given (and refused with the reason when it cannot be cached)."""
     focal = cfg.focal_config()
     if cfg.focal:
         return focal
+    whole_only = type(focal)(**{**focal.to_dict(), "num_crops": 0})
     try:
-        fixed_view_count(table, focal)
+        n_views = fixed_view_count(image_table(table), focal)
     except DatasetError as exc:
         log.warning("%s; until then the whole image is used", exc)
-        return type(focal)(**{**focal.to_dict(), "num_crops": 0})
+        return whole_only
+    if n_views == 2 and focal.include_whole and crops_repeat_whole(image_table(table), focal):
+        log.info("images no larger than one focal region (%s px): the whole image is the only view",
+                 focal.region_size)
+        return whole_only
     return focal
+
+
+def crops_repeat_whole(table: ImageTable, focal) -> bool:
+    """Whether the first readable image's single focal crop covers the whole image (region >= its size)."""
+    from PIL import Image
+
+    for p in table.paths[:8]:
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+        except Exception:
+            continue
+        return focal.region_pixels(h, w) >= max(h, w)
+    return False
 
 
 def reads_cache(method: Method, spec, cache, n_views: int) -> bool:
@@ -300,13 +324,21 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
             pair = paired_bootstrap(scores[names[0]], scores[other], targets, labels, patients, n_boot, boot_seed)
             pair["delong"] = delong_per_class(scores[names[0]], scores[other], targets, labels)
             paired[f"{names[0]} - {other}"] = pair
-    summary = {"dataset": table.name, "n_images": len(table),
+    cases = isinstance(table, CaseTable)
+    unit = "cases" if cases else "images"
+    summary = {"dataset": table.name, "unit": "case" if cases else "image", "n_images": len(image_table(table)),
+               **({"n_cases": len(table)} if cases else {}),
                "split": {k: int(len(getattr(split, k))) for k in ("train", "val", "test")}, "split_info": split.info,
                "labels": labels, "methods": results, "paired": paired, "trainable_parameters": params,
                "timings": timings, "device": resolve_device(cfg.train.device),
                "torch_threads": torch.get_num_threads(),
                "bootstrap": {"n_boot": n_boot, "seed": boot_seed, "unit": "patient",
                              "test_patients": int(len(set(patients)))}}
+    from .challenge import challenge_lines, challenge_scores
+
+    challenge = challenge_scores(table.notes.get("challenge"), scores, targets, patients, n_boot, boot_seed)
+    if challenge:
+        summary["challenge"] = challenge
     write_json(out / "metrics.json", summary)
     per_class = per_class_table(results)
     atomic_write_bytes(out / "per_class.csv", per_class.to_csv(index=False).encode())
@@ -321,11 +353,12 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
     extra = {m: {"trainable params": f"{params.get(m, 0):,}"} for m in results}
     first = results[next(iter(results))]
     lines = [f"# medbridge run: {cfg.method} on {table.name}", "",
-             f"Data: {cfg.data.path} ({len(table)} images, {table.meta['patient_id'].nunique()} patients); split "
-             f"{summary['split']} ({split.info}); test metrics ({len(test_rows)} images, "
+             f"Data: {cfg.data.path} ({len(table)} {unit}, {table.meta['patient_id'].nunique()} patients); split "
+             f"{summary['split']} ({split.info}); test metrics ({len(test_rows)} {unit}, "
              f"{summary['bootstrap']['test_patients']} patients), thresholds picked on validation (honest) and on "
              "the test set itself (oracle, the paper's protocol).", "", summary_table(results, extra), "",
-             ci_sentence(n_boot, boot_seed) if n_boot else "No intervals (n_boot = 0).", ""]
+             ci_sentence(n_boot, boot_seed) if n_boot else "No intervals (n_boot = 0).", "",
+             *challenge_lines(challenge)]
     if paired:
         lines += ["Paired comparison on the same test images (patient bootstrap of the macro AUROC difference):",
                   "", paired_table(paired), ""]

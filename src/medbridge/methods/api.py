@@ -186,6 +186,10 @@ class Method(nn.Module):
     text_prompted: ClassVar[bool] = False
     #: its fit depends on the training seed (initialisation, batch order): ``train.ensemble`` trains several
     seed_dependent: ClassVar[bool] = True
+    #: under ``data.unit: case`` the method reads a case as ONE input whose views are those of all its images (its
+    #: own view pooling combines them: MedBridge). False (default rule): each image is scored alone, trained with
+    #: its case's labels, and a case's score is the sigmoid of the mean of its images' logits (engine/cases.py)
+    case_views: ClassVar[bool] = False
 
     def __init__(self, options: Any, backbones: list[Backbone], labels: list[str], prompt_names: list[str],
                  focal: FocalConfig) -> None:
@@ -257,6 +261,26 @@ class Method(nn.Module):
                     pixels = [e.pixels.unsqueeze(0) for e in v]
                     out.append(self.scores_views(pixels)[0][0])
         return np.stack(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def predict_case(self, images: list) -> np.ndarray:
+        """Probabilities [L] of ONE case made of several image files (a patient's two fundus photographs, a study's
+        PA and lateral): with ``case_views`` the views of all images are scored together, else the mean of the
+        images' logits (the rule training used under ``data.unit: case``)."""
+        from ..data.cases import mean_logit
+        from ..data.focal import focal_views, read_view_image
+
+        if not images:
+            raise ValueError("a case needs at least one image")
+        views = []
+        for x in images:
+            image, full = (x, None) if isinstance(x, np.ndarray) else read_view_image(x, self.focal, self.preprocess)
+            views.append(focal_views(image, self.focal, self.preprocess, full_size=full))
+        with torch.no_grad():
+            if self.case_views:
+                pixels = [torch.cat([v[k].pixels for v in views]).unsqueeze(0) for k in range(len(self.preprocess))]
+                return self.scores_views(pixels)[0][0]
+            per_image = [self.scores_views([e.pixels.unsqueeze(0) for e in v])[0][0] for v in views]
+        return mean_logit(np.stack(per_image))
 
     def with_label_names(self, labels: list[str], prompt_names: list[str]) -> Method:
         """The same trained method scoring other label names (text-prompted methods only)."""

@@ -33,6 +33,7 @@ class SeedEnsemble(Method):
         self.members = nn.ModuleList(members)
         self.name = first.name  # the member method: what configs, run folders and saved files name
         self.text_prompted = first.text_prompted
+        self.case_views = first.case_views
 
     @property
     def size(self) -> int:

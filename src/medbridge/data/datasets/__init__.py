@@ -12,6 +12,7 @@ from .covidx import load_covidx
 from .generic import load_csv, load_folder
 from .mimic import load_mimic
 from .nih import load_nih
+from .odir import is_odir, load_odir
 from .rsna import load_rsna
 
 DATASET_FORMATS: dict[str, Callable[..., ImageTable]] = {
@@ -22,6 +23,7 @@ DATASET_FORMATS: dict[str, Callable[..., ImageTable]] = {
     "rsna": load_rsna,
     "covidx": load_covidx,
     "covid-chestxray": load_covid_chestxray,
+    "odir": load_odir,
     "csv": load_csv,
     "folder": load_folder,
 }
@@ -41,6 +43,8 @@ def detect_format(path: str | Path) -> str:
             return fmt
     if is_covid_chestxray(p):
         return "covid-chestxray"
+    if is_odir(p):
+        return "odir"
     if p.is_dir() and any(d.is_dir() for d in p.iterdir()):
         return "folder"
     raise DatasetError(f"cannot tell the dataset layout of {p}: pass a format ({', '.join(DATASET_FORMATS)})")
@@ -62,4 +66,5 @@ def load_dataset(format: str | None, path: str | Path, **options) -> ImageTable:
 
 
 __all__ = ["DATASET_FORMATS", "detect_format", "load_dataset", "load_nih", "load_mimic", "load_chexpert",
-           "load_chexpert_plus", "load_rsna", "load_covidx", "load_covid_chestxray", "load_csv", "load_folder"]
+           "load_chexpert_plus", "load_rsna", "load_covidx", "load_covid_chestxray", "load_odir", "load_csv",
+           "load_folder"]

@@ -81,9 +81,10 @@ def load_chexpert(root: str | Path, *, uncertain: str = "ignore", blank: str = "
         i = int(patient.isna().to_numpy().nonzero()[0][0])
         raise DatasetError(f"{origins[i][0]}: row {origins[i][1]} column 'Path': {frame['Path'].iloc[i]!r} has no "
                            "patientNNNNN part")
+    study = pd.Series(rel, dtype=object).str.extract(r"(patient\d+/study\d+)")[0]  # a case: the study's images
     meta = pd.DataFrame({"path": paths, "patient_id": patient,
                          "view": _view(frame["Frontal/Lateral"], frame["AP/PA"]), "split": split, "report": None,
-                         "sex": frame.get("Sex"), "age": frame.get("Age")})
+                         "sex": frame.get("Sex"), "age": frame.get("Age"), "case_id": study})
     return build_table("chexpert", root, CHEXPERT_LABELS, meta, apply_uncertainty(raw, uncertain, blank),
                        citation=CITATION, check_files=check_files, source=str(root / "train.csv"), origins=origins,
                        notes={"uncertain": uncertain, "blank": blank})

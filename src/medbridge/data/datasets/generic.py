@@ -24,7 +24,8 @@ from ..table import (
 )
 
 IMAGE_COLUMNS = ("path", "image", "image_path", "filename", "file", "Path", "Image Index")
-KNOWN_COLUMNS = {"patient_id", "patient", "report", "view", "split", "study_id", "age", "sex"}
+KNOWN_COLUMNS = {"patient_id", "patient", "report", "view", "split", "study_id", "case_id", "age", "sex"}
+CASE_COLUMNS = ("case_id", "study_id")  # images of one case (data.unit: case): the first of these present
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ def load_csv(path: str | Path, *, image_column: str | None = None, label_columns
                          "patient_id": frame[patient_column] if patient_column else images.str.strip(),
                          "view": frame[view_column].str.upper() if view_column else None,
                          "split": split, "report": frame[report_column] if report_column else None})
+    case_column = next((c for c in CASE_COLUMNS if c in frame.columns), None)
+    if case_column:
+        meta["case_id"] = frame[case_column].str.strip()
     return build_table(name or path.stem, base, labels, meta, targets, check_files=check_files, source=str(path),
                        origins=origins, notes=notes)
 

@@ -52,7 +52,8 @@ def load_mimic(root: str | Path, *, labeler: str = "chexpert", uncertain: str = 
     values 1/0/-1/blank mapped by ``uncertain`` / ``blank`` (see :func:`apply_uncertainty`). Studies without a
     label row are dropped (``drop_unlabeled``) or kept all-NaN. The official split column's "validate" becomes
     "val". Reports (``sXXXXXXXX.txt`` beside the study folders, from mimic-cxr-reports.zip, under ``reports_root``
-    or ``root``) give FINDINGS + IMPRESSION text where present."""
+    or ``root``) give FINDINGS + IMPRESSION text where present. Images of one study form a case (``case_id``:
+    ``data.unit: case`` classifies a study from all its images, as the labels are given)."""
     root = Path(root)
     if labeler not in LABELERS:
         raise DatasetError(f"MIMIC-CXR labeler must be one of {LABELERS}, got {labeler!r}")
@@ -105,7 +106,7 @@ def load_mimic(root: str | Path, *, labeler: str = "chexpert", uncertain: str = 
                 f = rfolder / f"p{s[:2]}" / f"p{s}" / f"s{t}.txt"
                 cache[t] = findings_impression(f.read_text(errors="replace")) if f.is_file() else None
             texts[i] = cache[t]
-    out = pd.DataFrame({"path": paths, "patient_id": sid, "study_id": study,
+    out = pd.DataFrame({"path": paths, "patient_id": sid, "study_id": study, "case_id": sid + "/" + study,
                         "view": frame["ViewPosition"].astype(str).str.strip().str.upper().replace({"NAN": None}),
                         "split": frame["split"].map(SPLIT_NAMES), "report": texts,
                         "study_date": frame.get("StudyDate"), "study_time": frame.get("StudyTime")})

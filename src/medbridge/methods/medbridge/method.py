@@ -99,6 +99,7 @@ class MedBridgeMethod(Method):
 
     name = "medbridge"
     text_prompted = True
+    case_views = True  # a case's views (all its images') pool through the view attention (paper Sec. 3.2)
 
     def __init__(self, model: MedBridgeModel, options: MedBridgeOptions | None = None,
                  labels: list[str] | None = None, prompt_names: list[str] | None = None) -> None:
