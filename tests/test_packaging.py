@@ -124,3 +124,20 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
         require("peft")
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert main(["serve", str(REPO)]) == 2
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_with_every_extra_in_a_clean_venv_and_runs_the_demo(tmp_path, nih_sample):
+    """scripts/wheel_check.sh: wheel -> clean venv -> medbridge[all] -> pip check -> resolver -> demo (reduced)."""
+    if not os.environ.get("MEDBRIDGE_WHEEL_CHECK"):
+        pytest.skip("builds a wheel and a clean venv from the package index (about 20 min): set "
+                    "MEDBRIDGE_WHEEL_CHECK=1, or run bash scripts/wheel_check.sh")
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+    except OSError:
+        pytest.skip("offline: the package index (pypi.org) is not reachable")
+    done = subprocess.run(["bash", str(REPO / "scripts" / "wheel_check.sh"), str(nih_sample)], capture_output=True,
+                          text=True, env={**os.environ, "WHEEL_CHECK_DIR": str(tmp_path / "wheel")}, timeout=3600)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("wheel check: ok"), done.stdout[-3000:] + done.stderr
