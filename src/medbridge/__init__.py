@@ -1,28 +1,50 @@
-"""medbridge: adapt frozen foundation vision(-language) models to multi-label medical image classification."""
+"""medbridge: adapt frozen foundation vision(-language) models to multi-label medical image classification.
 
-from .backbones import (
-    DEFAULT_BACKBONE,
-    Backbone,
-    BackboneError,
-    PreprocessConfig,
-    TextTower,
-    VisionTower,
-    create_backbone,
-    create_text_tower,
-    list_backbones,
-    register_backbone,
-)
+The public names below are imported on first use (``import medbridge`` itself does not import torch), so that the
+command line starts quickly."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .methods import (  # noqa: E402  (after __version__, which saved methods record)
-    Method,
-    create_method,
-    list_methods,
-    load_method,
-    register_method,
-    save_method,
-)
+_LAZY = {
+    **dict.fromkeys(["Backbone", "BackboneError", "PreprocessConfig", "TextTower", "VisionTower", "create_backbone",
+                     "create_text_tower", "list_backbones", "register_backbone"], "medbridge.backbones"),
+    **dict.fromkeys(["Method", "create_method", "list_methods", "load_method", "register_method", "save_method"],
+                    "medbridge.methods"),
+    "DEFAULT_BACKBONE": "medbridge.defaults",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backbones import (
+        Backbone,
+        BackboneError,
+        PreprocessConfig,
+        TextTower,
+        VisionTower,
+        create_backbone,
+        create_text_tower,
+        list_backbones,
+        register_backbone,
+    )
+    from .defaults import DEFAULT_BACKBONE
+    from .methods import Method, create_method, list_methods, load_method, register_method, save_method
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'medbridge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "DEFAULT_BACKBONE", "Backbone", "BackboneError", "PreprocessConfig", "TextTower", "VisionTower",

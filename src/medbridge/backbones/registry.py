@@ -21,11 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..defaults import DEFAULT_BACKBONE  # defined without torch, for the command line
 from .base import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backbone, TextTower
 from .loading import BackboneError, hub_unreachable, is_hub_error
 from .vlm import VLM_BACKBONE_SPECS, VLM_MODEL_TYPES
-
-DEFAULT_BACKBONE = "dinov2-small+minilm-l6"
 
 
 @dataclass(frozen=True)

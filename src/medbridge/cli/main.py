@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
 
-from ..backbones import DEFAULT_BACKBONE, availability, list_backbones
+from .. import __version__
+from ..defaults import DEFAULT_BACKBONE, list_presets
 from .run_commands import SHARED_SAMPLE, add_run_commands
 
 
@@ -20,6 +22,8 @@ def _fmt(values) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         return list_methods_table(args.json)
+    from ..backbones import availability, list_backbones
+
     rows = []
     for s in list_backbones():
         rows.append({
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  medbridge eval runs/nih --data /data/nih --json\n  medbridge predict runs/nih image.dcm\n"
                "  medbridge list backbones",
     )
+    parser.add_argument("--version", action="version", version=f"medbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered components",
@@ -100,8 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=SHARED_SAMPLE, help="folder with NIH-style images/ (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=cmd_check_backbone)
-
-    from ..engine.config import list_presets
 
     add_run_commands(sub, list_presets())
     from .cache_commands import add_cache_command
@@ -132,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if os.environ.get("MEDBRIDGE_PLUGINS", "").strip():  # after parsing: --help/--version never run plugins
+            from ..methods.registry import list_methods
+
+            list_methods()  # loads the built-in methods, then the plugins (errors: one line, exit 2)
         return int(args.func(args) or 0)
     except (OSError, ValueError, RuntimeError) as exc:  # user errors: bad input, files, configs, backbones
         if getattr(args, "verbose", False):

@@ -9,14 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+from .outputs import removed_on_failure
+
 SHARED_SAMPLE = "../shared/data/nih-cxr14-sample"
+NIH_DOWNLOAD = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 
-
-def method_choices() -> list[str]:
-    """The registered methods (``medbridge list methods``)."""
-    from ..methods.registry import list_methods
-
-    return list_methods()
 
 TRAIN_EXAMPLES = """examples:
   medbridge train --data /data/nih --format nih --out runs/nih-medbridge
@@ -52,7 +49,7 @@ def add_config_args(p: argparse.ArgumentParser, presets: list[str]) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override, e.g. train.lr=1e-3, model.num_queries=16, data.label_fraction=0.1")
     p.add_argument("--backbone", action="append", help="backbone source(s); several = mixture of experts")
-    from ..engine.features import CACHE_MODES
+    from ..defaults import CACHE_MODES
 
     p.add_argument("--cache", choices=list(CACHE_MODES),
                    help="what to cache of the frozen path (train.cache; default auto: the fastest that fits)")
@@ -92,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     cfg = build_run_config(args)
     try:
-        summary = train_run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+        with removed_on_failure(args.out):
+            summary = train_run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint is in {args.out}; continue with the same command plus --resume",
               file=sys.stderr)
@@ -262,11 +260,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..engine.cv import cv_headline, run_cv
 
     _setup_logging(args.verbose)
-    data = Path(args.data)
+    data = Path(args.data or SHARED_SAMPLE)
     if not any((data / f).is_file() for f in ENTRY_FILES):
-        print(f"medbridge demo: no NIH ChestX-ray14 data at {data} (expected {ENTRY_FILES[1]} and images/). Point "
-              "--data at the NIH sample (../shared/data/nih-cxr14-sample in the repository's workspace) or at an "
-              "NIH ChestX-ray14 download.", file=sys.stderr)
+        where = f"no NIH ChestX-ray14 data at {data}" if args.data else "no --data given and no NIH sample here"
+        print(f"medbridge demo: {where}; the demo needs an NIH ChestX-ray14 folder ({ENTRY_FILES[1]} and images/, "
+              f"from {NIH_DOWNLOAD}; a few hundred images are enough): medbridge demo --data FOLDER", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = [f"data.path={data}", f"train.seed={args.seed}", f"data.split_seed={args.seed}",
@@ -279,7 +277,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"patient cross-validation (seed {args.seed}) -> {out}", flush=True)
     t0 = time.perf_counter()
     try:
-        summary = run_cv(cfg, args.cv, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+        with removed_on_failure(out):
+            summary = run_cv(cfg, args.cv, out, overwrite=args.overwrite, resume=args.resume,
+                             progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished folds are kept; continue with: medbridge demo --out {out} --resume",
               file=sys.stderr)
@@ -352,7 +352,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     add_common_data(p)
     p.add_argument("--out", required=True, help="run folder (must be new or empty unless --resume/--overwrite)")
     add_config_args(p, presets)
-    p.add_argument("--method", choices=method_choices(), metavar="METHOD",
+    p.add_argument("--method", metavar="METHOD",  # checked with the config (close-match hints), after plugins
                    help="a registered method (medbridge list methods; default: the preset's, else medbridge)")
     p.add_argument("--split-file", help="reuse a split.json from another run")
     p.add_argument("--also", metavar="METHODS", help="comma-separated methods fitted beside --method on the same "
@@ -460,7 +460,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
                                    "writes a run folder (fold-<f>/ usable by eval/predict).",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  medbridge demo\n  medbridge demo --data /data/nih --seed 1 --out runs/d1")
-    p.add_argument("--data", default=SHARED_SAMPLE, help="NIH-layout folder (default: %(default)s)")
+    p.add_argument("--data", help=f"NIH-layout folder (default: {SHARED_SAMPLE}, the sample beside a checkout)")
     p.add_argument("--out", help="run folder (default: runs/demo-<time>)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
     p.add_argument("--epochs", type=int, default=3)

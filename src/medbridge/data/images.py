@@ -104,7 +104,10 @@ def _dicom_decoder_hint(ds, tsyntax: str) -> str:
         return ""
     if any(_installed(module) for module, _ in decoders):
         return ""
-    return "needs package " + " or ".join(package for _, package in decoders)
+    hint = "needs package " + " or ".join(package for _, package in decoders)
+    if any(module in ("gdcm", "jpeg_ls", "openjpeg") for module, _ in decoders):
+        hint += " (all in the medbridge[dicom] extra: pip install 'medbridge[dicom]')"
+    return hint
 
 
 def _installed(module: str) -> bool:

@@ -116,15 +116,13 @@ def summarise(frame: pd.DataFrame, out: Path) -> str:
 
 
 def plot_study(g: pd.DataFrame, lp: pd.DataFrame, path: Path, title: str, ref: str = "reference") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     agg = g.groupby("setting", sort=False).agg(val=("val_auroc", "mean"), val_sd=("val_auroc", "std"),
                                                test=("test_auroc", "mean"), test_sd=("test_auroc", "std"))
     x = np.arange(len(agg))
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(agg), 3.2))
+    fig = Figure(figsize=(1.5 + 1.1 * len(agg), 3.2))
+    ax = fig.subplots()
     ax.errorbar(x - 0.05, 100 * agg["val"], 100 * agg["val_sd"].fillna(0), fmt="o-", capsize=3, label="validation")
     ax.errorbar(x + 0.05, 100 * agg["test"], 100 * agg["test_sd"].fillna(0), fmt="s--", capsize=3, label="test")
     if len(lp):

@@ -20,14 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def bar_chart(frame: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     g = frame.groupby("method", sort=False)["auroc"]
     mean, std = 100 * g.mean(), 100 * g.std(ddof=1).fillna(0)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(mean), 3.4))
+    fig = Figure(figsize=(1.2 + 0.9 * len(mean), 3.4))
+    ax = fig.subplots()
     ax.bar(range(len(mean)), mean.values, yerr=std.values, capsize=4, color="#4C72B0")
     ax.set_xticks(range(len(mean)), mean.index, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("macro AUROC (%)")

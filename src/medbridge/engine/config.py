@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -10,11 +11,11 @@ import yaml
 
 from ..backbones import DEFAULT_BACKBONE
 from ..data.focal import FocalConfig
+from ..defaults import PRESET_DIR, list_presets
+from ..fieldcheck import FieldTypeError, check_fields
 from ..methods.api import OptionsError
-from ..methods.legacy import migrate_legacy_config, migrate_legacy_key
+from ..methods.legacy import LEGACY_SECTIONS, migrate_legacy_config, migrate_legacy_key
 from ..methods.registry import check_method_options, default_method, get_method, list_methods, method_groups
-
-PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,9 @@ class DataConfig:
             raise ConfigError(f"data.unit: {self.unit!r} is not one of auto, image, case")
         if not 0 < float(self.label_fraction) <= 1:
             raise ConfigError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
+        if len(self.fractions) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
+                                               for x in self.fractions):
+            raise ConfigError(f"data.fractions: {self.fractions!r} is not three numbers in [0, 1] (train, val, test)")
 
 
 @dataclass
@@ -68,8 +72,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("lr", "batch_size", "epochs", "eval_batch_size"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.schedule: {self.schedule!r} is not one of constant, cosine")
         sizes = self.ensemble.items() if isinstance(self.ensemble, dict) else [("", self.ensemble)]
@@ -139,6 +147,7 @@ class RunConfig:
                 raise ConfigError(f"train.ensemble.{key}: not a registered method; methods: {', '.join(names)}")
         if not self.backbones or not all(isinstance(b, str) and b for b in self.backbones):
             raise ConfigError(f"backbones: expected a non-empty list of backbone sources, got {self.backbones!r}")
+        self.focal = _coerce("focal", FocalConfig, self.focal)
         try:
             FocalConfig(**self.focal)
         except (TypeError, ValueError) as exc:
@@ -187,25 +196,49 @@ def _parse_value(text: str):
 
 
 def _coerce(section: str, cls, values: dict) -> dict:
-    """Cast strings of numeric fields (YAML reads ``1e-3`` as a string) and name the key when impossible."""
-    out = dict(values)
-    types = {f.name: f.type for f in fields(cls)}
-    for k, v in values.items():
-        t = types.get(k)
-        if isinstance(v, str) and t in ("float", "int"):
-            try:
-                out[k] = float(v) if t == "float" else int(v)
-            except ValueError as exc:
-                raise ConfigError(f"{section}.{k}: expected a number ({t}), got {v!r}") from exc
-    return out
+    """Values of one section checked against the field types (numbers given as text cast); errors name the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: expected a mapping of {section} settings, got {values!r}")
+    try:
+        return check_fields(cls, values, section)
+    except FieldTypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_sections(d: dict) -> dict:
+    """The sections (current and medbridge 0.1's) are mappings, before anything reads into them."""
+    for key in ("data", "train", "focal", "method_options", *LEGACY_SECTIONS):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ConfigError(f"{key}: expected a mapping of {key} settings, got {d[key]!r}")
+    for key, value in {**(d.get("method_options") or {}), **{f"model.{k}": v for k, v in (d.get("model") or {})
+                                                               .items() if k == "focal"}}.items():
+        if not isinstance(value, dict):
+            where = key if key.startswith("model.") else f"method_options.{key}"
+            raise ConfigError(f"{where}: expected a mapping of options, got {value!r}")
+    return d
+
+
+def _check_top_level(d: dict) -> None:
+    """The top-level keys that are not sections: their types (``method: 3`` or ``companions: x`` fail here)."""
+    try:
+        check_fields(RunConfig, {k: v for k, v in d.items() if v is not None}, "", skip=("data", "train"))
+    except FieldTypeError as exc:
+        raise ConfigError(str(exc)) from exc
+    for key in ("backbones", "companions"):
+        for i, item in enumerate(d.get(key) or []):
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"{key}[{i}]: {item!r} is not a name (expected text)")
 
 
 def config_from_dict(d: dict) -> RunConfig:
-    d = migrate_legacy_config(d)
+    if not isinstance(d, dict):
+        raise ConfigError(f"expected a mapping of config sections, got {type(d).__name__}")
+    d = migrate_legacy_config(_check_sections(d))
     known = {f.name for f in fields(RunConfig)}
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {sorted(known)}")
+    _check_top_level(d)
     try:
         cfg = RunConfig(method=d.get("method") or default_method(),
                         data=DataConfig(**_coerce("data", DataConfig, d.get("data", {}))),
@@ -223,8 +256,25 @@ def config_from_dict(d: dict) -> RunConfig:
     return cfg
 
 
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+def read_config_file(path: Path) -> dict:
+    """A YAML config file as a mapping (safe loader: no Python tags); errors name the file and line, one line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from exc
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not a valid YAML config{where}: {' '.join(str(problem).split())}") from exc
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections (method:, data:, train:, ...) at the top "
+                          f"level, got a {type(d).__name__}")
+    return d
 
 
 def load_config(preset: str | None = None, files: list[str] | None = None,
@@ -241,7 +291,7 @@ def load_config(preset: str | None = None, files: list[str] | None = None,
     for p in sources:
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
-        d = _merge(d, migrate_legacy_config(yaml.safe_load(p.read_text()) or {}))
+        d = _merge(d, migrate_legacy_config(_check_sections(read_config_file(p))))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-3")

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from ..data.focal import FocalConfig
 from ..data.loader import ViewDataset, collate_views
 from ..data.table import DatasetError, ImageTable
+from ..defaults import CACHE_MODES
 from ..io import cache_dir
 from ..methods.api import CacheSpec
 from .cache import (
@@ -37,7 +38,6 @@ from .distributed import barrier, world
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("auto", "full", "prefix", "pooled", "pixels", "none")
 MODE_NOTES = {
     "full": "every frozen activation the adapter reads (isolated attention: the inputs of blocks T1+1..T and the "
             "pooled output); fastest to train from",

@@ -18,15 +18,13 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_figure(fig, path: Path, dpi: int = 100) -> None:
-    """Tight layout, PNG, written atomically, figure closed."""
+    """Tight layout, PNG, written atomically. Figures are ``matplotlib.figure.Figure`` objects (no pyplot: the
+    caller's backend is never switched)."""
     import io
-
-    import matplotlib.pyplot as plt
 
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -77,10 +75,7 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
     """One panel per class plus a macro panel (TPR averaged over classes at each FPR), one line per method;
     ``curves[method] = (scores, targets, label list)``. With ``patient_ids``, each curve gets its 95%
     patient-bootstrap band (pointwise percentiles of the resampled curves' TPR at each FPR)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from .metrics import auroc
     from .stats import image_counts_for
@@ -92,7 +87,8 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
     grid = np.linspace(0, 1, 101)
     cols = 4
     n_rows = max(1, int(np.ceil((len(present) + 1) / cols)))
-    fig, axes = plt.subplots(n_rows, cols, figsize=(3.2 * cols, 3.0 * n_rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 3.0 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     macro_ax = axes.flat[0]

@@ -113,20 +113,13 @@ def option_fields(config_class: type) -> list[dataclasses.Field]:
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
-    """YAML/command-line strings of numeric/bool fields cast to the field's type."""
-    if not isinstance(value, str):
-        return value
-    kind = kind.replace(" ", "")
+    """A value checked against its field's type (numbers/booleans given as text cast); errors name the option."""
+    from ..fieldcheck import FieldTypeError, check_value
+
     try:
-        if kind == "float":
-            return float(value)
-        if kind == "int":
-            return int(value)
-    except ValueError:
-        raise OptionsError(f"{name}: expected a number ({kind}), got {value!r}") from None
-    if kind == "bool" and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    return value
+        return check_value(name, value, kind)
+    except FieldTypeError as exc:
+        raise OptionsError(str(exc)) from None
 
 
 def parse_options(config_class: type, options: dict | None, where: str = "options", **internal) -> Any:

@@ -78,10 +78,28 @@ def load_plugins(spec: str | None = None) -> None:
         module, _, func = item.partition(":")
         try:
             fn = getattr(importlib.import_module(module), func or "register")
-        except (ImportError, AttributeError) as exc:
+        except (ImportError, AttributeError, ValueError) as exc:  # ValueError: empty module name (":f")
             raise OptionsError(f"MEDBRIDGE_PLUGINS: cannot load {item!r} ({exc}); expected module:function with "
                                "the module importable") from exc
-        fn()
+        if not callable(fn):
+            raise OptionsError(f"MEDBRIDGE_PLUGINS: {item!r} is not a function (expected module:function)")
+        before = _registered_count()
+        try:
+            fn()
+        except BaseException as exc:  # SystemExit/KeyboardInterrupt from a hook must not end medbridge silently
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise OptionsError(f"MEDBRIDGE_PLUGINS: {item!r} failed: {type(exc).__name__}: {exc}") from exc
+        if _registered_count() == before:
+            raise OptionsError(f"MEDBRIDGE_PLUGINS: {item!r} registered nothing; a plugin hook calls "
+                               "medbridge.register_method(...) or medbridge.register_backbone(...)")
+
+
+def _registered_count() -> int:
+    """Methods plus backbones registered so far (a plugin hook must add at least one)."""
+    from ..backbones import list_backbones
+
+    return len(_REGISTRY) + len(list_backbones())
 
 
 def default_method() -> str:

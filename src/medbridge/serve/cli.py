@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from .decode import UploadLimits
-
 ENV_PREFIX = "MEDBRIDGE_SERVE_"
 
 
@@ -42,6 +40,7 @@ def _settings(args: argparse.Namespace) -> dict:
 def app_from_env():
     """The app a uvicorn worker process builds from ``MEDBRIDGE_SERVE_*`` (``--workers`` > 1)."""
     from .app import create_app
+    from .decode import UploadLimits
 
     env = {k: os.environ.get(ENV_PREFIX + k, "") for k in ("RUN", "HOST", "TOKEN", "MAX_BYTES", "MAX_PIXELS",
                                                             "MAX_BATCH", "MAX_PENDING")}
@@ -51,7 +50,9 @@ def app_from_env():
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from ..extras import require
+
+    uvicorn = require("fastapi", "python_multipart", "fastapi_offline", "uvicorn")
 
     from .app import check_bind
 

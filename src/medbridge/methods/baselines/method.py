@@ -55,17 +55,27 @@ def baseline_options_class(feature_class: type[FeatureMethod]) -> type:
         from ..medbridge.text_head import DEFAULT_TEMPLATE
 
         specs.append(("template", "str", dataclasses.field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt"})))
-    options = dataclasses.make_dataclass(f"{feature_class.__name__}Options", specs)
-    options.__post_init__ = _check_hparams
-    return options
+    # __post_init__ in the namespace: the generated __init__ only calls one that exists when the class is made
+    return dataclasses.make_dataclass(f"{feature_class.__name__}Options", specs,
+                                      namespace={"__post_init__": _check_hparams})
+
+
+# constructor options that are counts or scales: > 0 (every other number option: >= 0)
+_POSITIVE = ("lr", "epochs", "batch_size", "n_ctx", "reduction", "hidden", "num_tokens", "rep_dim", "temperature")
 
 
 def _check_hparams(self) -> None:
+    """Ranges of a baseline's options (types are checked before, from the field annotations)."""
     if self.optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer: {self.optimizer!r} is not one of sgd, adamw")
-    for name in ("lr", "epochs", "batch_size"):
-        if not getattr(self, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    for f in dataclasses.fields(self):
+        value = getattr(self, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if f.name in _POSITIVE and not value > 0:
+            raise ValueError(f"{f.name} must be > 0, got {value}")
+        if not value >= 0:
+            raise ValueError(f"{f.name} must be >= 0, got {value}")
 
 
 def prefix_cache_spec(backbone: Backbone, blocks: int) -> CacheSpec:

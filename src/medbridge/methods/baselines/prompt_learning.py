@@ -135,7 +135,7 @@ class CoCoOp(CoOp):
     name = "cocoop"
     default_hparams = Hparams(optimizer="sgd", lr=0.002, epochs=10, batch_size=8)
 
-    def __init__(self, backbone: Backbone, labels, names, template: str = DEFAULT_TEMPLATE, init="auto",
+    def __init__(self, backbone: Backbone, labels, names, template: str = DEFAULT_TEMPLATE, init: str | None = "auto",
                  n_ctx: int = 4) -> None:
         super().__init__(backbone, labels, names, template, init, n_ctx)
         e, w = self.zs_text.shape[1], backbone.text.width

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...backbones.base import Backbone, backbone_fingerprint
 from ...data.focal import FocalConfig
+from ...extras import MissingExtraError, require
 from ..api import CacheSpec, Method, NotApplicableError, Optimization, OptionsError, TrainingData
 
 PIXELS = "e0.pixels"
@@ -208,9 +209,10 @@ class FineTuneMethod(Method):
 
     def _inject_lora(self) -> None:
         try:
-            from peft import LoraConfig, inject_adapter_in_model
-        except ImportError as exc:  # pragma: no cover - peft is a dependency
-            raise NotApplicableError("lora-finetune needs peft (pip install peft)") from exc
+            require("peft")
+        except MissingExtraError as exc:
+            raise NotApplicableError(str(exc)) from exc
+        from peft import LoraConfig, inject_adapter_in_model
         v = self.tower
         in_blocks = {id(m) for b in v.blocks for m in b.modules()}
         # nn.MultiheadAttention (open_clip's blocks): peft adapts its fused input projection as a whole
