@@ -12,7 +12,7 @@ then an upscaled crop, never padding.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -47,6 +47,21 @@ class FocalConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: object, where: str = "focal") -> FocalConfig:
+        """A config from a saved dict: anything but an object with known keys and valid values is one
+        ``ValueError`` naming ``where`` (never a ``TypeError``)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected an object of focal settings, got {type(values).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in values if k not in known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {known}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
 
     def region_pixels(self, height: int, width: int) -> int:
         short = min(height, width)
