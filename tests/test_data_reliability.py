@@ -277,9 +277,13 @@ def test_split_file_write_is_atomic(tmp_path, nih_sample, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as err:
         save_split(make_split(t, seed=1), t, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["split.json"]
+    from medbridge.cli.main import error_message  # issue 27: the one-line message names the file
+
+    assert error_message(err.value) == (f"no space left on the device writing {path}: free disk space or point the "
+                                        "output/cache elsewhere")
 
 
 # --------------------------------------------------------------------------- issue 27: generic CSV header and cells

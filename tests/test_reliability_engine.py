@@ -183,7 +183,7 @@ def test_overwrite_replaces_the_previous_run_and_refuses_foreign_folders(run, tm
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
-def test_resume_refuses_a_changed_config(run, tmp_path, capsys):
+def test_resume_refuses_a_changed_config(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
     shutil.copytree(run["out"], out)
     argv = [a if a != str(run["out"]) else str(out) for a in run["argv"]]
@@ -192,6 +192,9 @@ def test_resume_refuses_a_changed_config(run, tmp_path, capsys):
     assert "train.lr: saved 0.0005, now 0.05" in err
     assert "lr: 0.0005" in (out / "config.yaml").read_text()
     assert main(argv + ["--resume", "--set", "train.workers=1"]) == 0  # where it runs may change
+    monkeypatch.chdir(run["data"].parent)  # the same dataset named by a relative path (issue 27)
+    relative = [a if a != str(run["data"]) else run["data"].name for a in argv]
+    assert main(relative + ["--resume"]) == 0, capsys.readouterr().err
 
 
 def test_malicious_checkpoint_on_resume_is_refused_without_unsafe_advice(run, tmp_path, capsys):

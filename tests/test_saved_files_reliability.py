@@ -88,6 +88,15 @@ def test_swapped_or_repeated_labels_are_refused(saved, clip, tmp_path):
     assert load_method(saved, [clip]).labels == LABELS  # the untouched file still loads
 
 
+def test_empty_backbones_is_one_line(saved, clip, tmp_path):
+    def empty(meta):  # was "max() arg is an empty sequence"
+        meta["backbones"] = []
+        meta["config_sha256"] = config_digest(meta)
+
+    with pytest.raises(CorruptFileError, match="backbones must be one or more fingerprints"):
+        load_method(edited(saved, tmp_path, empty))
+
+
 def test_unknown_focal_key_is_one_line(saved, clip, tmp_path):
     def unknown(meta):
         meta["focal"]["zoom"] = 2

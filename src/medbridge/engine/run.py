@@ -103,6 +103,16 @@ def clear_folder(out: Path) -> None:
             entry.unlink()
 
 
+PATH_KEYS = ("data.path", "data.split_file")  # compared as absolute paths: nih60 and /abs/nih60 are one dataset
+
+
+def same_paths(flat: dict) -> dict:
+    import os
+
+    return {k: os.path.abspath(os.path.expanduser(v)) if k in PATH_KEYS and isinstance(v, str) and v else v
+            for k, v in flat.items()}
+
+
 def check_resume_config(cfg: RunConfig, out: Path) -> None:
     """--resume continues the saved run only: a changed effective config is refused, naming the keys."""
     import yaml
@@ -116,8 +126,8 @@ def check_resume_config(cfg: RunConfig, out: Path) -> None:
         saved_cfg = config_from_dict(yaml.safe_load(saved_file.read_text()) or {})
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"--resume: {saved_file} cannot be read as a run config ({exc})") from exc
-    saved = flatten(json.loads(json.dumps(saved_cfg.to_dict(), default=str)))
-    now = flatten(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    saved = same_paths(flatten(json.loads(json.dumps(saved_cfg.to_dict(), default=str))))
+    now = same_paths(flatten(json.loads(json.dumps(cfg.to_dict(), default=str))))
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
                   and not k.startswith(RESUMABLE_CHANGES))
     if diff:

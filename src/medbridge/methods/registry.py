@@ -272,8 +272,9 @@ def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> 
         raise CorruptFileError(f"{where}: field(s) {wrong} of the wrong type (expected "
                                f"{', '.join(kinds[k].__name__ for k in wrong)})")
     entry = get_method(meta["method"])
-    if not all(isinstance(fp, dict) and isinstance(fp.get("name"), str) for fp in meta["backbones"]):
-        raise CorruptFileError(f"{where}: backbones must be fingerprints with a name")
+    if not meta["backbones"] or not all(isinstance(fp, dict) and isinstance(fp.get("name"), str)
+                                        for fp in meta["backbones"]):
+        raise CorruptFileError(f"{where}: backbones must be one or more fingerprints with a name")
     bbs = backbones or [create_backbone(fp["name"]) for fp in meta["backbones"]]
     check_backbones(folder, meta["backbones"], bbs)
     opts = entry.method_class.check_options(meta["options"], f"{where}: options")
