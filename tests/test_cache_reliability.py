@@ -280,3 +280,37 @@ def test_reduced_jpeg_decode_matches_the_full_decode_and_keeps_the_boxes(tmp_pat
     Image.open(src).save(tmp_path / "a.png")
     image, full = read_view_image(tmp_path / "a.png", ONE_VIEW, pre)
     assert full is None and image.shape == (1024, 1024)
+
+
+# --------------------------------------------------------------------------- issue 27: cache rm removes only caches
+def test_cache_rm_removes_only_folders_medbridge_made(tmp_path, table, capsys):
+    """A thesis beside the caches survives ``--all`` and a matching prefix; a symbolic link (even to a real
+    cache) is named and skipped; a cache being built is reported while --all removes the rest."""
+    from medbridge.cli.main import main
+    from medbridge.engine.cache import build_lock
+
+    root = tmp_path / "v"
+    cache = build(pixel_spec(), table, root)
+    other = build(pixel_spec(), table, tmp_path / "elsewhere")
+    (root / "thesis").mkdir()
+    (root / "thesis" / "ch1.tex").write_text("x")
+    fake = root / ("a" * 20)  # named like a key, but no medbridge meta.json
+    fake.mkdir()
+    (fake / "meta.json").write_text('{"format": "mine"}')
+    (root / ("b" * 20)).symlink_to(other.dir, target_is_directory=True)
+    capsys.readouterr()
+    assert main(["cache", "rm", "th", "--cache-dir", str(root)]) == 2
+    assert "matches 0 caches" in capsys.readouterr().err
+    assert main(["cache", "ls", "--cache-dir", str(root)]) == 0
+    listed = capsys.readouterr().out
+    assert "thesis" not in listed and "1 cache(s)" in listed
+    with build_lock(cache.dir):
+        assert main(["cache", "rm", "--all", "--cache-dir", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert "not removed" in captured.err and cache.dir.exists()
+    assert main(["cache", "rm", "--all", "--cache-dir", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert f"removed {cache.key}" in captured.out and not cache.dir.exists()
+    assert "skipped thesis" in captured.err and "skipped " + "b" * 20 + ": a symbolic link" in captured.err
+    assert (root / "thesis" / "ch1.tex").read_text() == "x" and (fake / "meta.json").is_file()
+    assert other.dir.is_dir() and (root / ("b" * 20)).is_symlink()

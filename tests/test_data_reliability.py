@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from tests.helpers import rg1_dicom
@@ -276,6 +277,49 @@ def test_split_file_write_is_atomic(tmp_path, nih_sample, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as err:
         save_split(make_split(t, seed=1), t, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["split.json"]
+    from medbridge.cli.main import error_message  # issue 27: the one-line message names the file
+
+    assert error_message(err.value) == (f"no space left on the device writing {path}: free disk space or point the "
+                                        "output/cache elsewhere")
+
+
+# --------------------------------------------------------------------------- issue 27: generic CSV header and cells
+def _nih_images(nih_sample, n: int):
+    return sorted((nih_sample / "images").glob("*.jpg"))[:n]
+
+
+def test_generic_csv_header_is_read_as_written(tmp_path, nih_sample):
+    """``path,Edema,Edema`` used to load a label ``Edema.1``; a trailing comma a label ``Unnamed: 2``."""
+
+    imgs = _nih_images(nih_sample, 3)
+    rows = "".join(f"{p},1,0\n" for p in imgs)
+    (tmp_path / "twice.csv").write_text("path,Edema,Edema\n" + rows)
+    with pytest.raises(DatasetError, match=r"twice.csv: column 'Edema' appears more than once in the header "
+                                           r"\(columns 2 and 3\)"):
+        load_dataset("csv", tmp_path / "twice.csv")
+    (tmp_path / "trail.csv").write_text("path,Edema,\n" + "".join(f"{p},1,\n" for p in imgs))
+    assert load_dataset("csv", tmp_path / "trail.csv").labels == ("Edema",)
+    (tmp_path / "unnamed.csv").write_text("path,Edema,\n" + rows)
+    with pytest.raises(DatasetError, match=r"column 3 has no name in the header but a value in row 2"):
+        load_dataset("csv", tmp_path / "unnamed.csv")
+
+
+def test_label_cells_follow_one_rule_and_long_values_are_shortened(tmp_path, nih_sample):
+    """Only a blank label cell is unknown: NA/None/null used to become unknown while TRUE was refused. A 100k-
+    character cell is not echoed whole, and a 100k-character image path is a not-found row, not an OSError."""
+
+    imgs = _nih_images(nih_sample, 3)
+    for cell in ("NA", "None", "null", "TRUE", "x" * 100_000):
+        (tmp_path / "c.csv").write_text(f"path,Edema\n{imgs[0]},1\n{imgs[1]},{cell}\n{imgs[2]},\n")
+        with pytest.raises(DatasetError, match=r"row 3 column 'Edema': label value") as err:
+            load_dataset("csv", tmp_path / "c.csv")
+        assert len(str(err.value)) < 400
+    (tmp_path / "c.csv").write_text(f"path,Edema\n{imgs[0]},1\n{imgs[1]},0\n{imgs[2]},\n")
+    assert np.isnan(load_dataset("csv", tmp_path / "c.csv").targets[2, 0])
+    (tmp_path / "p.csv").write_text(f"path,Edema\n{imgs[0]},1\n{'y' * 100_000}.png,0\n")
+    with pytest.raises(DatasetError, match=r"1 image file\(s\) listed in .* not found, e\.g\. .*characters\)") as err:
+        load_dataset("csv", tmp_path / "p.csv")
+    assert len(str(err.value)) < 1000

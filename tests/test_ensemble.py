@@ -17,6 +17,7 @@ from medbridge.engine.config import ConfigError, TrainConfig, load_config
 from medbridge.engine.trainer import fit_method
 from medbridge.methods import TrainingData, create_method, load_method, save_method
 from medbridge.methods.ensemble import SeedEnsemble
+from medbridge.methods.registry import config_digest
 
 LABELS, NAMES = ["Effusion", "Pneumonia", "Cardiomegaly"], ["pleural effusion", "pneumonia", "cardiomegaly"]
 OPTIONS = {"num_queries": 2, "t1": 6}
@@ -80,6 +81,7 @@ def test_an_ensemble_saves_as_one_file_and_loads_back_to_the_same_scores(clip, t
     np.testing.assert_array_equal(again.scores_cached(data.cache, np.arange(16)),
                                   ens.scores_cached(data.cache, np.arange(16)))
     meta["ensemble"] = 0
+    meta["config_sha256"] = config_digest(meta)  # re-signed: the value itself is checked too
     (folder / "adapter.json").write_text(json.dumps(meta))
     with pytest.raises(Exception, match="ensemble 0, expected a number of members >= 1"):
         load_method(folder, [clip])

@@ -13,6 +13,7 @@ from tests.helpers import nih_subset_csv, save_tiny_clip
 
 from medbridge.cli.main import main
 from medbridge.io import CorruptFileError, check_finite, load_tensors, tensor_digest
+from medbridge.methods.registry import config_digest
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +114,15 @@ def test_flipped_weight_bits_are_detected(run, tmp_path, nih_sample, capsys):
 
 def test_non_finite_scores_are_an_error_never_an_empty_cell(run, tmp_path, nih_sample, capsys):
     folder = _copy_method(run, tmp_path, "linear_probe")
-    cfg = json.loads((folder / "adapter.json").read_text())
-    cfg.pop("weights_sha256")  # a file from before digests: loads unchecked
-    (folder / "adapter.json").write_text(json.dumps(cfg))
     from safetensors.torch import load_file, save_file
 
     t = load_file(str(folder / "adapter.safetensors"))
     t["weight"][0, 0] = float("nan")  # what an exponent flip can give
     save_file(t, str(folder / "adapter.safetensors"))
+    cfg = json.loads((folder / "adapter.json").read_text())
+    cfg["weights_sha256"] = tensor_digest(t)  # digests re-signed: the scores themselves are checked
+    cfg["config_sha256"] = config_digest(cfg)
+    (folder / "adapter.json").write_text(json.dumps(cfg))
     image = str(sorted((nih_sample / "images").glob("*.jpg"))[0])
     assert main(["predict", str(folder), image, "--out", str(tmp_path / "p.csv")]) == 2
     assert "non-finite" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
@@ -131,7 +133,8 @@ def test_non_finite_scores_are_an_error_never_an_empty_cell(run, tmp_path, nih_s
 def test_probe_with_fewer_labels_than_weights_is_refused(run, tmp_path, nih_sample, capsys):
     folder = _copy_method(run, tmp_path, "linear_probe")
     cfg = json.loads((folder / "adapter.json").read_text())
-    cfg["labels"] = cfg["labels"][:-1]
+    cfg["labels"], cfg["prompt_names"] = cfg["labels"][:-1], cfg["prompt_names"][:-1]
+    cfg["config_sha256"] = config_digest(cfg)  # re-signed: the shapes are checked too
     (folder / "adapter.json").write_text(json.dumps(cfg))
     assert main(["predict", str(folder), str(sorted((nih_sample / "images").glob("*.jpg"))[0])]) == 2
     assert "shapes do not fit this linear-probe with 2 labels" in capsys.readouterr().err
@@ -180,7 +183,7 @@ def test_overwrite_replaces_the_previous_run_and_refuses_foreign_folders(run, tm
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
-def test_resume_refuses_a_changed_config(run, tmp_path, capsys):
+def test_resume_refuses_a_changed_config(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
     shutil.copytree(run["out"], out)
     argv = [a if a != str(run["out"]) else str(out) for a in run["argv"]]
@@ -189,6 +192,9 @@ def test_resume_refuses_a_changed_config(run, tmp_path, capsys):
     assert "train.lr: saved 0.0005, now 0.05" in err
     assert "lr: 0.0005" in (out / "config.yaml").read_text()
     assert main(argv + ["--resume", "--set", "train.workers=1"]) == 0  # where it runs may change
+    monkeypatch.chdir(run["data"].parent)  # the same dataset named by a relative path (issue 27)
+    relative = [a if a != str(run["data"]) else run["data"].name for a in argv]
+    assert main(relative + ["--resume"]) == 0, capsys.readouterr().err
 
 
 def test_malicious_checkpoint_on_resume_is_refused_without_unsafe_advice(run, tmp_path, capsys):

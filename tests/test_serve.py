@@ -23,6 +23,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from medbridge.serve.app import create_app  # noqa: E402
 from medbridge.serve.decode import UploadLimits, decode_upload, sniff_format  # noqa: E402
 
+LOCAL = "http://127.0.0.1"  # a Host name the service answers to (the test client's default, testserver, is not)
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, nih_sample):
@@ -42,7 +44,7 @@ def tiny_run(tmp_path_factory, nih_sample):
 
 @pytest.fixture(scope="module")
 def client(tiny_run):
-    with TestClient(create_app(tiny_run["run"])) as c:
+    with TestClient(create_app(tiny_run["run"]), base_url=LOCAL) as c:
         yield c
 
 
@@ -179,7 +181,7 @@ def test_raw_body_upload_and_explanation_maps(client, tiny_run):
 @pytest.mark.parametrize("which", ["run/linear_probe", "baseline"])
 def test_probe_and_baseline_are_served_with_explanations(tiny_run, which):
     folder = tiny_run["run"] / "linear_probe" if which == "run/linear_probe" else tiny_run["baseline"]
-    with TestClient(create_app(folder)) as c:
+    with TestClient(create_app(folder), base_url=LOCAL) as c:
         info = c.get("/v1/model").json()
         assert info["method"] == ("linear-probe" if which == "run/linear_probe" else "clip-adapter")
         row = upload(c, [nih_jpeg(tiny_run["nih"])], "?explain=top2")["results"][0]
@@ -198,7 +200,7 @@ def test_concurrent_requests_share_model_batches(tiny_run):
 
     async def go():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL) as c:
             rs = await asyncio.gather(*(c.post("/v1/predict", content=data) for _ in range(6)))
             return rs, (await c.get("/v1/model")).json()["service"]
 
@@ -210,7 +212,7 @@ def test_concurrent_requests_share_model_batches(tiny_run):
 
 
 def test_full_queue_answers_503(tiny_run):
-    with TestClient(create_app(tiny_run["run"] / "linear_probe", max_pending=1)) as c:
+    with TestClient(create_app(tiny_run["run"] / "linear_probe", max_pending=1), base_url=LOCAL) as c:
         paths = [nih_jpeg(tiny_run["nih"], 0), nih_jpeg(tiny_run["nih"], 1)]
         r = c.post("/v1/predict", files=[("files", (p.name, p.read_bytes())) for p in paths])
     assert r.status_code == 503 and "busy" in r.json()["error"] and r.headers["retry-after"] == "1"
@@ -277,7 +279,7 @@ def test_bad_dicom_uploads(client, case):
 def test_request_shape_errors(tiny_run, client):
     small = UploadLimits(max_bytes=100_000, max_pixels=40_000_000, max_images=2)
     big = rg1_dicom("J2KI").read_bytes()
-    with TestClient(create_app(tiny_run["run"] / "linear_probe", limits=small)) as c:
+    with TestClient(create_app(tiny_run["run"] / "linear_probe", limits=small), base_url=LOCAL) as c:
         r = c.post("/v1/predict", content=big)
         assert r.status_code == 413 and "exceeds the limit of 100,000 bytes" in r.json()["error"]
         three = [("files", (f"a{i}.png", b"x")) for i in range(3)]
@@ -533,7 +535,7 @@ def test_a_label_without_validation_positives_has_no_threshold(tiny_run, tmp_pat
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["methods"]["medbridge"]["thresholds"]["Effusion"] = float("inf")
     (run / "metrics.json").write_text(json.dumps(metrics))
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url=LOCAL) as c:
         assert c.get("/v1/model").json()["thresholds"]["Effusion"] is None
         row = upload(c, [nih_jpeg(tiny_run["nih"])])["results"][0]
     effusion = next(p for p in row["predictions"] if p["label"] == "Effusion")
@@ -551,7 +553,7 @@ def test_a_cross_validation_run_serves_its_first_fold(tiny_run, tmp_path):
     fold_metrics = json.loads((cv / "fold-0" / "metrics.json").read_text())["methods"]["medbridge"]
     (cv / "metrics.json").write_text(json.dumps({"protocol": "cv", "folds": 2, "methods": {
         "medbridge": {"macro": {"auroc": 0.61, "auroc_ci": [0.5, 0.7]}}}}))
-    with TestClient(create_app(cv)) as c:
+    with TestClient(create_app(cv), base_url=LOCAL) as c:
         info = c.get("/v1/model").json()
         row = upload(c, [nih_jpeg(tiny_run["nih"])])["results"][0]
     assert info["cross_validation"] == {"folder": str(cv), "served_fold": "fold-0", "folds": 2,

@@ -50,9 +50,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno and not exc.filename:  # e.g. ENOSPC from write(): name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
@@ -124,14 +126,21 @@ def check_finite(scores: np.ndarray, what: str) -> np.ndarray:
     return scores
 
 
+def unsafe_load_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line and without torch's advice to retry with
+    ``weights_only=False`` (which would execute the pickle)."""
+    first = str(exc).splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    if "weights_only" in first or "Weights only" in first or "unpickl" in first.lower():
+        return "it holds objects other than tensors and plain containers, which are never unpickled"
+    return first
+
+
 def load_torch_checkpoint(path: str | Path) -> dict:
     """``torch.load(weights_only=True)`` with errors that name the file and never advise unsafe loading."""
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        if "weights_only" in first or "Weights only" in first or "unpickl" in first.lower():
-            first = "it holds objects other than tensors and plain containers, which are never unpickled"
+        first = unsafe_load_reason(exc)
         raise CorruptFileError(f"{path}: not a medbridge checkpoint that can be read safely ({first}); delete it "
                                "to restart training from scratch") from exc

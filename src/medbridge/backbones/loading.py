@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import atomic_write_bytes, cache_dir  # noqa: F401  (re-exported)
+from ..io import atomic_write_bytes, cache_dir, unsafe_load_reason  # noqa: F401  (first two re-exported)
 
 
 class BackboneError(RuntimeError):
@@ -37,10 +37,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except RuntimeError as exc:
             if "TorchScript" not in str(exc) and "jit" not in str(exc).lower():
-                raise BackboneError(f"cannot read checkpoint {path} safely (weights_only=True): {exc}") from exc
+                raise BackboneError(f"cannot read checkpoint {path} safely (weights_only=True): "
+                                    f"{unsafe_load_reason(exc)}") from exc
             sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception as exc:  # pickles with custom classes are refused rather than executed
-            raise BackboneError(f"cannot read checkpoint {path} safely (weights_only=True): {exc}") from exc
+            raise BackboneError(f"cannot read checkpoint {path} safely (weights_only=True): "
+                                f"{unsafe_load_reason(exc)}") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

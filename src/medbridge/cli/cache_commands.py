@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def _root(args: argparse.Namespace):
@@ -41,10 +42,16 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_rm(args: argparse.Namespace) -> int:
+    """Remove caches by key, unique key prefix or ``--all``; only folders medbridge made as caches (its
+    ``meta.json`` marker) are ever candidates. With several, a failure is reported and the others still go."""
     from ..engine.cache import CacheError, format_size, list_caches, remove_cache
 
     root = _root(args)
-    caches = list_caches(root)
+    others: list = []
+    caches = list_caches(root, others)
+    for other in others:
+        kind = "symbolic link" if other.is_symlink() else "folder"
+        print(f"skipped {other.name}: a {kind} medbridge did not make as a cache", file=sys.stderr)
     if args.all:
         chosen = caches
     else:
@@ -57,12 +64,19 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
                 raise CacheError(f"cache rm: {key!r} matches {len(hits)} caches in {root} (expected exactly one; "
                                  "see `medbridge cache ls`)")
             chosen += hits
-    freed = 0
+    freed, failed = 0, []
     for c in chosen:
-        size = remove_cache(c["path"])
+        try:
+            size = remove_cache(c["path"])
+        except (CacheError, OSError) as exc:  # one failure must not leave the rest of --all undone
+            failed.append(c["key"])
+            print(f"not removed {c['key']}: {exc}", file=sys.stderr)
+            continue
         freed += size
         print(f"removed {c['key']} ({c['what'] or '?'}, {format_size(size)})")
     print(f"freed {format_size(freed)} in {root}")
+    if failed:
+        raise CacheError(f"cache rm: {len(failed)} cache(s) not removed ({', '.join(failed)}); see above")
     return 0
 
 

@@ -206,6 +206,15 @@ def check_predict_out(out: str, inputs: list[Path], overwrite: bool) -> Path:
     return path
 
 
+def check_explain_dir(folder: Path, inputs: list[str]) -> None:
+    """``--explain DIR`` may not be an input folder or inside one (its overlays would be scored as images later)."""
+    target = folder.resolve()
+    for item in map(Path, inputs):
+        if item.is_dir() and (target == item.resolve() or item.resolve() in target.parents):
+            raise ValueError(f"--explain {folder}: inside the input folder {item}; its heat-map overlays would be "
+                             "read as images by the next predict of that folder: choose a folder outside the inputs")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..engine.evaluate import collect_images, predict_images, run_thresholds
     from ..io import atomic_write_bytes
@@ -214,6 +223,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     images = collect_images(args.inputs)
     out = check_predict_out(args.out, images, args.overwrite) if args.out else None
+    if args.explain:
+        check_explain_dir(Path(args.explain), args.inputs)
     run = model_run_folder(args.run)  # a cross-validation folder predicts with its first fold's model
     method = load_method(run)
     thresholds = run_thresholds(run, method.name)

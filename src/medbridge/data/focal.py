@@ -12,13 +12,13 @@ then an upscaled crop, never padding.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
 from ..backbones.base import PreprocessConfig
-from .images import check_image_array, read_image, to_model_input
+from .images import check_image_array, exif_orientation, read_image, to_model_input
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,21 @@ class FocalConfig:
             del d["crop_border"]
         return d
 
+    @classmethod
+    def from_dict(cls, values: object, where: str = "focal") -> FocalConfig:
+        """A config from a saved dict: anything but an object with known keys and valid values is one
+        ``ValueError`` naming ``where`` (never a ``TypeError``)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected an object of focal settings, got {type(values).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in values if k not in known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {known}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+
     def region_pixels(self, height: int, width: int) -> int:
         short = min(height, width)
         size = self.region_size * short if self.region_size <= 1 else self.region_size
@@ -67,9 +82,40 @@ class FocalConfig:
     def max_views(self, height: int, width: int) -> int:
         """Number of views produced for an image of this size."""
         region = self.region_pixels(height, width)
-        n = len(sliding_boxes(height, width, region, self.stride_pixels(region)))
+        stride = self.stride_pixels(region)
+        n = _count_positions(height, region, stride) * _count_positions(width, region, stride)  # without listing
         crops = n if self.num_crops is None else (self.num_crops if self.mode == "random" else min(n, self.num_crops))
         return crops + int(self.include_whole)
+
+
+def _count_positions(length: int, region: int, stride: int) -> int:
+    """``len(_positions(length, region, stride))`` in constant time."""
+    if region >= length:
+        return 1
+    n = (length - region) // stride + 1
+    return n + int((n - 1) * stride != length - region)
+
+
+#: default bounds on the work one image may cause (``serve`` and ``predict``): long side / short side, views
+MAX_ASPECT = 10.0
+MAX_VIEWS = 256
+
+
+def view_bounds_problem(height: int, width: int, cfg: FocalConfig, max_aspect: float = MAX_ASPECT,
+                        max_views: int = MAX_VIEWS) -> str | None:
+    """Why an image of this size would cost too much (a 32 x 16000 strip gives 1,000 focal crops), or None.
+    Checked from the header's size, before decoding."""
+    if height <= 0 or width <= 0:
+        return f"image has no pixels ({width} x {height})"
+    aspect = max(height, width) / min(height, width)
+    if aspect > max_aspect:
+        return (f"image of {width} x {height} pixels has an aspect ratio of {aspect:,.1f}, above the limit of "
+                f"{max_aspect:g}")
+    views = cfg.max_views(height, width)
+    if views > max_views:
+        return (f"image of {width} x {height} pixels gives {views:,} views with this model's focal settings, above "
+                f"the limit of {max_views:,}")
+    return None
 
 
 def _positions(length: int, region: int, stride: int) -> list[int]:
@@ -174,8 +220,8 @@ def read_reduced_jpeg(path, cfg: FocalConfig, preprocess: PreprocessConfig | lis
     side = margin * max(p.image_size for p in (preprocess if isinstance(preprocess, list) else [preprocess]))
     try:
         with Image.open(path) as im:
-            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
-                return None
+            if im.format != "JPEG" or im.mode not in ("L", "RGB") or exif_orientation(im) != 1:
+                return None  # rotated by EXIF: the full-resolution reader turns it upright
             width, height = im.size
             smallest = min(width, height)
             if cfg.num_crops != 0:

@@ -273,9 +273,30 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from exc
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(im) -> int:
+    """The EXIF orientation of a Pillow image (1 = stored upright; also for files without EXIF)."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still read as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(im):
+    """The image as a viewer shows it: rotated/flipped by its EXIF orientation tag (a JPEG stored sideways with
+    orientation 6 is scored upright)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im) if exif_orientation(im) != 1 else im
+
+
 def pil_to_array(im) -> np.ndarray:
     """A loaded Pillow image as float32 in [0, 1]: 16-bit and 8-bit grey as H x W, colour as H x W x 3 (grey
-    stored as RGB(A) keeps one channel)."""
+    stored as RGB(A) keeps one channel). An EXIF orientation tag is applied, as image viewers do."""
+    im = upright(im)
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float32)

@@ -154,12 +154,13 @@ def resolve_inside(root: Path, base: Path, names, origins: list[Origin], column:
         if not isinstance(name, str) or not name.strip():
             raise DatasetError(f"{source}: row {row} column {column!r}: empty image name")
         if "\x00" in name:
-            raise DatasetError(f"{source}: row {row} column {column!r}: image name {name!r} contains a NUL byte")
+            raise DatasetError(f"{source}: row {row} column {column!r}: image name {shorten(name)!r} contains a "
+                               "NUL byte")
         path = os.path.abspath(base / name)
         if os.path.isabs(name) or not inside(root, path):
-            raise DatasetError(f"{source}: row {row} column {column!r}: image name {name!r} resolves to {path}, "
-                               f"outside the dataset folder {os.path.abspath(root)}; names in this table must be "
-                               "relative and stay inside it (no absolute paths, no '..' escapes)")
+            raise DatasetError(f"{source}: row {row} column {column!r}: image name {shorten(name)!r} resolves to "
+                               f"{shorten(path)}, outside the dataset folder {os.path.abspath(root)}; names in this "
+                               "table must be relative and stay inside it (no absolute paths, no '..' escapes)")
         out.append(path)
     return out
 
@@ -194,17 +195,31 @@ def build_table(name: str, root: Path, labels, meta: pd.DataFrame, targets: np.n
         where = describe_rows([origins[i] if origins else (str(source or root), int(i) + 2) for i in rows])
         raise DatasetError(f"{name}: image {first} is listed more than once ({where}); remove duplicated rows")
     if check_files:
-        missing = [i for i, p in enumerate(meta["path"]) if not Path(p).is_file()]
+        missing = [i for i, p in enumerate(meta["path"]) if not is_file(p)]
         if missing:
             row = f" ({origins[missing[0]][0]} row {origins[missing[0]][1]})" if origins else ""
             raise DatasetError(f"{name}: {len(missing)} image file(s) listed in {source or root} not found, e.g. "
-                               f"{meta['path'][missing[0]]}{row}"
-                               + (f" (and {meta['path'][missing[1]]})" if len(missing) > 1 else ""))
+                               f"{shorten(meta['path'][missing[0]], 300)}{row}"
+                               + (f" (and {shorten(meta['path'][missing[1]], 300)})" if len(missing) > 1 else ""))
     if case_targets is not None:
         ids = tuple(str(c) for c in case_targets[0])
         case_targets = (ids, np.asarray(case_targets[1], dtype=np.float32).reshape(len(ids), len(labels)))
     return ImageTable(name, Path(root), tuple(labels), meta, np.asarray(targets, dtype=np.float32),
                       tuple(prompt_names), citation, dict(notes or {}), case_targets)
+
+
+def is_file(path: str | Path) -> bool:
+    """``Path.is_file`` that answers False for names the system cannot look up (too long, ...)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """A value for an error message: at most ``limit`` characters (a 100k-character cell is not echoed whole)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def read_csv(path: Path, what: str, **kwargs) -> pd.DataFrame:
@@ -263,6 +278,6 @@ def parse_label_values(frame: pd.DataFrame, columns, source: str | Path, allowed
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise DatasetError(f"{source}: row {rows[i] if rows else i + 2} column {col!r}: label value "
-                               f"{str(raw.iloc[i])!r} is not one of {[int(a) for a in allowed]} or blank")
+                               f"{shorten(raw.iloc[i])!r} is not one of {[int(a) for a in allowed]} or blank")
         out[:, j] = num.to_numpy(dtype=np.float32)
     return out

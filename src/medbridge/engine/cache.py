@@ -390,35 +390,57 @@ def _images_summary(images) -> dict | None:
     return {"n": len(paths), "folder": common}
 
 
-def list_caches(root: str | Path) -> list[dict]:
-    """Every cache folder under ``root``: key, what it stores, rows done / total, bytes on disk, last use."""
+KEY_PATTERN = re.compile(r"[0-9a-f]{20}")  # cache_key(): 20 hex digits
+
+
+def cache_meta(folder: Path) -> dict | None:
+    """The ``meta.json`` of a folder medbridge made as a cache, else None: a real folder (not a link) named like a
+    cache key, holding the JSON object :class:`FeatureCache` writes first (``format`` ``medbridge-cache/N``)."""
+    if folder.is_symlink() or not folder.is_dir() or not KEY_PATTERN.fullmatch(folder.name):
+        return None
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(meta, dict) and str(meta.get("format", "")).startswith("medbridge-cache/")
+    return meta if ok else None
+
+
+def list_caches(root: str | Path, others: list[Path] | None = None) -> list[dict]:
+    """Every cache folder under ``root``: key, what it stores, rows done / total, bytes on disk, last use.
+    Anything else there (folders medbridge did not make, symbolic links) is left out, and appended to
+    ``others`` when given."""
     out = []
     root = Path(root)
     if not root.is_dir():
         return out
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in sorted(root.iterdir()):
+        meta = cache_meta(d)
+        if meta is None:
+            if others is not None and (d.is_dir() or d.is_symlink()):
+                others.append(d)
+            continue
         info = {"key": d.name, "path": str(d), "on_disk": on_disk_bytes(d), "what": None, "rows": None,
                 "done": None, "format": None, "images": None, "in_use": lock_is_held(d)}
         files = [f for f in d.iterdir() if f.is_file()]
         info["last_used"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(max((f.stat().st_mtime for f in files),
                                                                               default=d.stat().st_mtime)))
-        try:
-            meta = json.loads((d / META_FILE).read_text())
-        except (OSError, ValueError):
-            meta = None
-        if isinstance(meta, dict):
-            info.update(format=meta.get("format"), rows=meta.get("rows"),
-                        what=meta.get("what") or (meta.get("parts") or {}).get("what"),
-                        images=meta.get("images") or _images_summary((meta.get("parts") or {}).get("images")))
-            if isinstance(info["rows"], int):
-                info["done"] = int(done_mask(d, info["rows"]).sum())
+        info.update(format=meta.get("format"), rows=meta.get("rows"),
+                    what=meta.get("what") or (meta.get("parts") or {}).get("what"),
+                    images=meta.get("images") or _images_summary((meta.get("parts") or {}).get("images")))
+        if isinstance(info["rows"], int):
+            info["done"] = int(done_mask(d, info["rows"]).sum())
         out.append(info)
     return out
 
 
 def remove_cache(folder: Path) -> int:
-    """Delete one cache folder (refused while a build holds its lock); returns the bytes freed."""
+    """Delete one cache folder that medbridge made (refused for anything else, and while a build holds its lock);
+    returns the bytes freed."""
     folder = Path(folder)
+    if cache_meta(folder) is None:
+        raise CacheError(f"{folder} is not a medbridge cache (no {META_FILE} of format medbridge-cache/N, or a "
+                         "symbolic link): left alone")
     if lock_is_held(folder):
         raise CacheError(f"cache {folder} is being built by another process; remove it once that run is over")
     size = on_disk_bytes(folder)

@@ -13,8 +13,8 @@ import torch
 from ..data import load_dataset, load_split, make_split
 from ..data.cases import case_or_image_table
 from ..data.datasets.generic import describe_broken_links, image_files
-from ..data.focal import focal_views, read_view_image
-from ..data.images import IMAGE_SUFFIXES
+from ..data.focal import focal_views, read_view_image, view_bounds_problem
+from ..data.images import IMAGE_SUFFIXES, ImageReadError
 from ..data.table import DatasetError
 from ..io import check_finite
 from ..methods.api import Method
@@ -120,6 +120,10 @@ def predict_images(method: Method, images: list[Path], thresholds: dict | None =
         for path in images[i:i + batch_size]:
             try:
                 image, full_size = read_view_image(path, method.focal, method.preprocess)
+                width, height = full_size or (image.shape[1], image.shape[0])
+                problem = view_bounds_problem(height, width, method.focal)  # serve's bounds on the work per image
+                if problem:
+                    raise ImageReadError(f"{path}: {problem}")
             except Exception as exc:
                 if not skip_unreadable:
                     raise

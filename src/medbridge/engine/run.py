@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from .distributed import barrier, init_from_env, world
 from .features import build_cache, cache_root_from, fixed_view_count
 from .metrics import evaluate_scores, pick_thresholds
 from .report import per_class_table, plot_roc, summary_table, write_json, write_predictions
+from .runlock import run_lock
 from .trainer import CHECKPOINT, fit_method
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,16 @@ def clear_folder(out: Path) -> None:
             entry.unlink()
 
 
+PATH_KEYS = ("data.path", "data.split_file")  # compared as absolute paths: nih60 and /abs/nih60 are one dataset
+
+
+def same_paths(flat: dict) -> dict:
+    import os
+
+    return {k: os.path.abspath(os.path.expanduser(v)) if k in PATH_KEYS and isinstance(v, str) and v else v
+            for k, v in flat.items()}
+
+
 def check_resume_config(cfg: RunConfig, out: Path) -> None:
     """--resume continues the saved run only: a changed effective config is refused, naming the keys."""
     import yaml
@@ -118,8 +130,8 @@ def check_resume_config(cfg: RunConfig, out: Path) -> None:
         saved_cfg = config_from_dict(yaml.safe_load(saved_file.read_text()) or {})
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"--resume: {saved_file} cannot be read as a run config ({exc})") from exc
-    saved = flatten(json.loads(json.dumps(saved_cfg.to_dict(), default=str)))
-    now = flatten(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    saved = same_paths(flatten(json.loads(json.dumps(saved_cfg.to_dict(), default=str))))
+    now = same_paths(flatten(json.loads(json.dumps(cfg.to_dict(), default=str))))
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
                   and not k.startswith(RESUMABLE_CHANGES))
     if diff:
@@ -167,7 +179,27 @@ def cache_for_split(spec, table: ImageTable, split: Split, cfg: RunConfig, devic
     if len(parts[0]) < len(split.train):
         log.warning("%d training %s unreadable and skipped", len(split.train) - len(parts[0]),
                     "case(s) with no readable image" if isinstance(table, CaseTable) else "image(s)")
+    check_usable(table, split, parts)
     return (cache, *parts)
+
+
+def check_usable(table: ImageTable, split: Split, readable: list[np.ndarray]) -> None:
+    """Training needs readable images with at least one label seen both positive and negative, and a test split
+    that is not emptied by unreadable images; otherwise one error (never NaN weights or ``"auroc": NaN``)."""
+    train, _, test = readable
+    lost = sum(len(p) - len(r) for p, r in zip((split.train, split.val, split.test), readable))
+    why = f" ({lost} unreadable image(s) skipped by data.skip_unreadable)" if lost else ""
+    if len(train) == 0:
+        raise DatasetError(f"{table.name}: none of the {len(split.train)} training image(s) could be read{why}: "
+                           "nothing to train on")
+    known = table.targets[train]
+    both = (np.nansum(known == 1, axis=0) > 0) & (np.nansum(known == 0, axis=0) > 0)
+    if not both.any():
+        raise DatasetError(f"{table.name}: no label has both a positive and a negative among the {len(train)} "
+                           f"readable training image(s){why}: nothing to learn")
+    if len(split.test) and len(test) == 0:
+        raise DatasetError(f"{table.name}: none of the {len(split.test)} test image(s) could be read{why}: nothing "
+                           "to evaluate")
 
 
 def evaluate_split(scores_val, targets_val, scores_test, targets_test, labels) -> dict:
@@ -191,16 +223,17 @@ def train_run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
     device = resolve_device(cfg.train.device)
     rank, _ = init_from_env(device)
     fresh = False
-    if rank == 0:
-        if resume and out.is_dir():
-            check_resume_config(cfg, out)
-        fresh = prepare_out(out, resume, overwrite)
-    try:
-        return _train_run(cfg, out, device, rank, resume, progress, backbones, stop_after)
-    except BaseException:
-        if rank == 0 and fresh and not any(out.rglob(CHECKPOINT)) and not (out / "metrics.json").is_file():
-            clear_folder(out)  # nothing worth resuming: leave the folder as it was (empty)
-        raise
+    with run_lock(out) if rank == 0 else contextlib.nullcontext():  # one process per run folder
+        if rank == 0:
+            if resume and out.is_dir():
+                check_resume_config(cfg, out)
+            fresh = prepare_out(out, resume, overwrite)
+        try:
+            return _train_run(cfg, out, device, rank, resume, progress, backbones, stop_after)
+        except BaseException:
+            if rank == 0 and fresh and not any(out.rglob(CHECKPOINT)) and not (out / "metrics.json").is_file():
+                clear_folder(out)  # nothing worth resuming: leave the folder as it was (empty)
+            raise
 
 
 def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, progress: bool,
@@ -339,7 +372,6 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
     challenge = challenge_scores(table.notes.get("challenge"), scores, targets, patients, n_boot, boot_seed)
     if challenge:
         summary["challenge"] = challenge
-    write_json(out / "metrics.json", summary)
     per_class = per_class_table(results)
     atomic_write_bytes(out / "per_class.csv", per_class.to_csv(index=False).encode())
     all_rel = table.relative_paths()
@@ -382,6 +414,7 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
                 lines.append(f"| {lab} | {fmt_diff({k: d[k] for k in ('diff', 'ci')})} | {fmt_p(d['p'])} | "
                              f"{dl.get('z', float('nan')):+.2f} | {fmt_p(dl['p']) if dl else '-'} |")
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    write_json(out / "metrics.json", summary)  # last: a run folder with metrics.json is complete
     return summary
 
 

@@ -3,6 +3,7 @@ linear probes (``probe_config.json``) and baselines (``baseline_config.json``) s
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..backbones import Backbone, create_backbone
@@ -11,6 +12,14 @@ from ..io import CorruptFileError, load_tensors, read_json
 from .api import Method
 
 LEGACY_CONFIGS = ("adapter_config.json", "probe_config.json", "baseline_config.json")
+log = logging.getLogger(__name__)
+
+
+def _focal(values: object, where: Path) -> FocalConfig:
+    try:
+        return FocalConfig.from_dict(values, f"{where}: focal")
+    except ValueError as exc:
+        raise CorruptFileError(str(exc)) from exc
 
 
 def load_legacy(folder: Path, backbones: list[Backbone] | None = None) -> Method:
@@ -30,7 +39,8 @@ def load_legacy(folder: Path, backbones: list[Backbone] | None = None) -> Method
 
         labels = config["labels"]
         names = config.get("prompt_names") or [readable_name(x) for x in labels]
-        method = entry.method_class.build(opts, bbs, labels, names, FocalConfig(**config.get("focal", {})))
+        focal = _focal(config.get("focal", {}), folder / "adapter_config.json")
+        method = entry.method_class.build(opts, bbs, labels, names, focal)
         weights = folder / "adapter.safetensors"
     elif (folder / "probe_config.json").is_file():
         meta = read_json(folder / "probe_config.json", "linear-probe config")
@@ -43,7 +53,7 @@ def load_legacy(folder: Path, backbones: list[Backbone] | None = None) -> Method
         from .medbridge.text_head import readable_name
 
         names = meta.get("prompt_names") or [readable_name(x) for x in labels]
-        method = entry.method_class.build(opts, bbs, labels, names, FocalConfig(**meta["focal"]))
+        method = entry.method_class.build(opts, bbs, labels, names, _focal(meta["focal"], folder / "probe_config.json"))
         method.restore_info({k: meta[k] for k in ("C", "val_auroc_by_C") if k in meta})
         weights = folder / "probe.safetensors"
     else:
@@ -56,6 +66,8 @@ def load_legacy(folder: Path, backbones: list[Backbone] | None = None) -> Method
         method = entry.method_class.build(opts, bbs, meta["labels"], meta["names"], FocalConfig(num_crops=0))
         method.restore_info({"fit": meta.get("fit", {})})
         weights = folder / "baseline.safetensors"
+    if "weights_sha256" not in meta:  # medbridge 0.1 files written before weight digests
+        log.warning("%s: no weights_sha256 beside it (a medbridge 0.1 file): the weights cannot be checked", weights)
     method.load_state_tensors(load_tensors(weights, meta.get("weights_sha256")), str(weights))
     return method.eval()
 

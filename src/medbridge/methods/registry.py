@@ -10,7 +10,9 @@ prompt names, focal views, backbone fingerprints checked on load, medbridge vers
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,12 @@ from .ensemble import SeedEnsemble, build_members
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter.json"
-FORMAT = "medbridge-method/1"
+FORMAT = "medbridge-method/2"  # /2: config_sha256 covers the JSON's meaning
+OLD_FORMATS = ("medbridge-method/1",)  # load with a warning: their JSON is not covered by a digest
+#: what adapter.json says about the model (covered by config_sha256); history, dataset name and version are not
+MEANING_KEYS = ("format", "method", "options", "labels", "prompt_names", "focal", "backbones", "info", "ensemble",
+                "weights_sha256")
+log = logging.getLogger(__name__)
 
 
 class AdapterMismatchError(RuntimeError):
@@ -168,17 +175,46 @@ def save_method(method: Method, folder: str | Path, extra: dict | None = None) -
             method.num_trainable(), "info": method.info(), "medbridge_version": __version__,
             "weights_sha256": digest, **({"ensemble": method.size} if isinstance(method, SeedEnsemble) else {}),
             **(extra or {})}
+    meta = json.loads(json.dumps(meta, default=float))  # as it will be read back
+    meta["config_sha256"] = config_digest(meta)
     atomic_write_bytes(folder / CONFIG, json.dumps(meta, indent=1, default=float).encode())
     return folder
 
 
+def config_digest(meta: dict) -> str:
+    """SHA-256 of what an adapter.json says about the model (:data:`MEANING_KEYS`), in canonical JSON."""
+    meaning = {k: meta.get(k) for k in MEANING_KEYS}
+    return hashlib.sha256(json.dumps(meaning, sort_keys=True, default=float).encode()).hexdigest()
+
+
+def check_labels(where: str, labels: object, prompt_names: object = None) -> None:
+    """Labels are distinct non-empty strings (a repeated name would silently drop a label); prompt names, when
+    given, one string per label."""
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise CorruptFileError(f"{where}: labels must be a non-empty list of names, got {str(labels)[:200]}")
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise CorruptFileError(f"{where}: label name(s) {repeated} appear more than once; each label needs its own "
+                               "name")
+    if prompt_names is not None and (not isinstance(prompt_names, list) or len(prompt_names) != len(labels)
+                                     or not all(isinstance(x, str) for x in prompt_names)):
+        raise CorruptFileError(f"{where}: prompt_names must be {len(labels)} strings, one per label")
+
+
 def check_backbones(folder: Path, saved: list[dict], given: list[Backbone]) -> None:
+    """The saved backbone fingerprints (every field present) match the backbones given."""
+    if not isinstance(saved, list) or not all(isinstance(fp, dict) for fp in saved):
+        raise CorruptFileError(f"{folder}: backbones must be a list of fingerprints (objects)")
     if len(saved) != len(given):
         raise AdapterMismatchError(f"{folder}: trained on {len(saved)} backbone(s), {len(given)} given")
     for k, (fp, b) in enumerate(zip(saved, given)):
         now = backbone_fingerprint(b)
+        missing = [key for key in now if key not in fp]
+        if missing:
+            raise CorruptFileError(f"{folder}: backbone {k}'s fingerprint lacks {missing} (removed from the file?); "
+                                   "the backbone cannot be checked: restore the file or retrain")
         diffs = [f"{key}: saved {fp[key]} vs given {now[key]}" for key in ("width", "depth", "embed_dim",
-                 "image_size", "checksum") if key in fp and fp[key] != now[key]]
+                 "image_size", "checksum") if fp[key] != now[key]]
         if diffs:
             raise AdapterMismatchError(f"{folder}: backbone {k} was {fp['name']!r} when trained, but {now['name']!r} "
                                        f"differs ({'; '.join(diffs)})")
@@ -229,24 +265,55 @@ def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> 
     folder = method_folder(folder)
     if not (folder / CONFIG).is_file():
         return load_legacy(folder, backbones)
-    meta = read_json(folder / CONFIG, "method config")
-    if meta.get("format") != FORMAT:
-        raise CorruptFileError(f"{folder / CONFIG}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    for key in ("method", "options", "labels", "prompt_names", "focal", "backbones"):
+    where = folder / CONFIG
+    meta = read_json(where, "method config")
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, *OLD_FORMATS):
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise CorruptFileError(f"{where}: format {fmt!r}, expected {FORMAT!r}")
+    for key in ("method", "options", "labels", "prompt_names", "focal", "backbones", "weights_sha256"):
         if key not in meta:
-            raise CorruptFileError(f"{folder / CONFIG}: field {key!r} missing")
+            raise CorruptFileError(f"{where}: field {key!r} missing"
+                                   + ("; the weights cannot be checked without it: restore the file or retrain"
+                                      if key == "weights_sha256" else ""))
+    if meta["format"] == FORMAT:
+        if meta.get("config_sha256") != config_digest(meta):
+            raise CorruptFileError(f"{where}: its content (labels, options, focal views, backbones or digests) does "
+                                   "not match config_sha256 recorded when it was saved: the file was edited or "
+                                   "damaged; restore it or retrain")
+    else:
+        log.warning("%s: format %s has no digest of its labels and options (saved before they had one): they are "
+                    "checked against the weights' shapes only", where, meta["format"])
+    check_labels(str(where), meta["labels"], meta["prompt_names"])
+    kinds = {"method": str, "options": dict, "backbones": list, "info": dict}
+    wrong = [k for k, t in kinds.items() if k in meta and not isinstance(meta[k], t)]
+    if wrong:
+        raise CorruptFileError(f"{where}: field(s) {wrong} of the wrong type (expected "
+                               f"{', '.join(kinds[k].__name__ for k in wrong)})")
     entry = get_method(meta["method"])
+    if not meta["backbones"] or not all(isinstance(fp, dict) and isinstance(fp.get("name"), str)
+                                        for fp in meta["backbones"]):
+        raise CorruptFileError(f"{where}: backbones must be one or more fingerprints with a name")
     bbs = backbones or [create_backbone(fp["name"]) for fp in meta["backbones"]]
     check_backbones(folder, meta["backbones"], bbs)
-    opts = entry.method_class.check_options(meta["options"], f"{folder / CONFIG}: options")
+    opts = entry.method_class.check_options(meta["options"], f"{where}: options")
+    tensors = load_tensors(folder / WEIGHTS, meta["weights_sha256"])
     size = meta.get("ensemble", 1)
-    if not isinstance(size, int) or size < 1:
-        raise CorruptFileError(f"{folder / CONFIG}: ensemble {size!r}, expected a number of members >= 1")
-    focal = FocalConfig(**meta["focal"])
+    members_saved = 1 + max((int(n[6:].split(".")[0]) for n in tensors
+                             if n.startswith("member") and n[6:].split(".")[0].isdigit()), default=0)
+    if type(size) is not int or size < 1 or (size > 1 and size != members_saved):
+        raise CorruptFileError(f"{where}: ensemble {size!r}, expected a number of members >= 1 (the weights hold "
+                               f"{members_saved})")
+    try:
+        focal = FocalConfig.from_dict(meta["focal"], f"{where}: focal")
+    except ValueError as exc:
+        raise CorruptFileError(str(exc)) from exc
     members = [entry.method_class.build(opts, bbs, meta["labels"], meta["prompt_names"], focal) for _ in range(size)]
     method = SeedEnsemble(members) if size > 1 else members[0]
-    method.restore_info(meta.get("info", {}))
-    method.load_state_tensors(load_tensors(folder / WEIGHTS, meta.get("weights_sha256")), str(folder / WEIGHTS))
+    try:
+        method.restore_info(meta.get("info", {}))
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise CorruptFileError(f"{where}: field 'info' does not fit a {entry.name} ({type(exc).__name__})") from exc
+    method.load_state_tensors(tensors, str(folder / WEIGHTS))
     return method.eval()
 
 

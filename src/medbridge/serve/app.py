@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 
 from .decode import UploadError, UploadLimits, decode_upload
 from .explain import DEFAULT_LAYER
+from .limits import RequestBudget, allowed_hosts, check_explain_count, host_allowed
 from .predictor import Job, MicroBatcher, Predictor, QueueFull, parse_explain
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def parse_multipart(body: bytes, content_type: str, max_images: int) -> list[tup
         raise UploadError("multipart/form-data without a boundary", status=400)
     parts: list[dict] = []
     header: dict = {"field": b"", "value": b""}
+    ended: list[bool] = []
 
     def on_part_begin() -> None:
         parts.append({"headers": {}, "data": []})
@@ -101,12 +103,15 @@ def parse_multipart(body: bytes, content_type: str, max_images: int) -> list[tup
 
     parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
                                         "on_header_value": on_header_value, "on_header_end": on_header_end,
-                                        "on_part_data": on_part_data})
+                                        "on_part_data": on_part_data, "on_end": lambda: ended.append(True)})
     try:
         parser.write(body)
         parser.finalize()
     except Exception as exc:
         raise UploadError(f"malformed multipart body ({type(exc).__name__})", status=400) from exc
+    if not ended:
+        raise UploadError("malformed multipart body: it ends without the closing boundary (truncated upload?)",
+                          status=400)
     files = []
     for i, part in enumerate(parts):
         _, disp = parse_options_header(part["headers"].get(b"content-disposition", b""))
@@ -136,6 +141,11 @@ PREDICT_BODY = {
 }
 
 
+def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return _error(500, "internal error while handling the request (the server log names its type)")
+
+
 def create_app(run_or_adapter: str | Path | Predictor, token: str | None = None, *, host: str = "127.0.0.1",
                limits: UploadLimits | None = None, max_batch: int = 16, max_wait_s: float = 0.005,
                max_pending: int = 64, explain_layer: int | None = DEFAULT_LAYER) -> FastAPI:
@@ -160,6 +170,19 @@ def create_app(run_or_adapter: str | Path | Predictor, token: str | None = None,
                                      "per-label heat maps. Send images to POST /v1/predict.")
     app.state.predictor, app.state.batcher = predictor, batcher
     expected = token.encode() if token else None
+    hosts = allowed_hosts(host, token)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Host names other than the bound ones are refused (DNS rebinding); an unexpected failure is logged by its
+        type only (no traceback: the request's data never reaches the log) and answered 500."""
+        if not host_allowed(request.headers.get("host"), hosts):
+            return _error(400, f"Host header not accepted: this server answers to {', '.join(hosts)} (bound to "
+                               f"{host}; a server for other names needs --token)")
+        try:
+            return await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - the 500 answer below
+            return internal_error(request, exc)
 
     async def require_token(request: Request) -> None:
         if expected is None:
@@ -188,8 +211,7 @@ def create_app(run_or_adapter: str | Path | Predictor, token: str | None = None,
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
-        return _error(500, "internal error while handling the request (the server log names its type)")
+        return internal_error(request, exc)
 
     @app.get("/healthz", tags=["service"], summary="liveness: the model is loaded")
     async def healthz() -> dict:
@@ -198,8 +220,7 @@ def create_app(run_or_adapter: str | Path | Predictor, token: str | None = None,
     @app.get("/v1/model", tags=["model"], dependencies=[Depends(require_token)],
              summary="labels, backbones, method, training data and metrics of the served model")
     async def model_info() -> dict:
-        return {**predictor.info, "limits": {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels,
-                                             "max_images": limits.max_images},
+        return {**predictor.info, "limits": dict(vars(limits)),
                 "service": {**batcher.stats, "pending": batcher.pending, "max_batch": batcher.max_batch,
                             "max_pending": batcher.max_pending}}
 
@@ -226,9 +247,13 @@ def create_app(run_or_adapter: str | Path | Predictor, token: str | None = None,
                 raise UploadError("empty request: send the image as the body, or multipart/form-data with one or "
                                   "more 'files' parts", status=400)
             files = [("body", body)]
+        check_explain_count(explain_spec, len(files), len(predictor.method.labels), limits)
+        budget, focal = RequestBudget(limits), predictor.method.focal
+        for name, data in files:  # every image's header against the request's limits before any is decoded
+            await run_in_threadpool(decode_upload, data, name, limits, focal, budget, True)
         images = []
         for name, data in files:
-            images.append(await run_in_threadpool(decode_upload, data, name, limits))
+            images.append(await run_in_threadpool(decode_upload, data, name, limits, focal))
         results = await batcher.submit([Job(img, name, explain_spec, preview) for img, (name, _) in zip(images, files)])
         return {"method": predictor.method.name, "results": results}
 

@@ -58,6 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.workers < 1 or args.port < 0 or args.max_batch < 1 or args.max_pending < 1:
         raise ValueError("--workers, --max-batch and --max-pending must be >= 1, --port >= 0")
+    for option, value in (("--max-upload-mb", args.max_upload_mb), ("--max-megapixels", args.max_megapixels)):
+        if not value > 0 or value == float("inf"):  # NaN fails both
+            raise ValueError(f"{option} must be a number > 0, got {value}")
     check_bind(args.host, args.token)
     os.environ.update({ENV_PREFIX + k: v for k, v in _settings(args).items()})
     level = "info" if args.verbose else "warning"

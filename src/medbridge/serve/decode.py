@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.focal import MAX_ASPECT, MAX_VIEWS, FocalConfig, view_bounds_problem
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 DICOM_MAGIC_OFFSET = 128
@@ -33,11 +35,23 @@ class UploadError(ValueError):
 @dataclass(frozen=True)
 class UploadLimits:
     """Per-upload limits: ``max_bytes`` of one request body, ``max_pixels`` of one decoded image (rows x columns; the
-    first frame of a multi-frame DICOM), ``max_images`` per request."""
+    first frame of a multi-frame DICOM), ``max_images`` per request; the work they cause: ``max_aspect`` (long side
+    / short side) and ``max_views`` (focal views) per image, ``max_request_pixels`` and ``max_request_views`` over
+    a request's images, ``max_explain_maps`` heat maps per request (see :mod:`medbridge.serve.limits`)."""
 
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_images: int = 16
+    max_aspect: float = MAX_ASPECT
+    max_views: int = MAX_VIEWS
+    max_request_pixels: int = 80_000_000
+    max_request_views: int = 512
+    max_explain_maps: int = 32
+
+    def __post_init__(self) -> None:
+        bad = [k for k, v in vars(self).items() if not (isinstance(v, (int, float)) and v > 0)]
+        if bad:
+            raise ValueError(f"upload limits must be > 0: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}")
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -51,16 +65,27 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _check_pixels(name: str, rows: int, cols: int, frames: int, limits: UploadLimits) -> None:
+def _check_pixels(name: str, rows: int, cols: int, frames: int, limits: UploadLimits, focal: FocalConfig | None,
+                  budget=None) -> None:
+    """Size checks from the header, before any pixel is decoded: pixels, aspect ratio and views of this image
+    (views with the model's ``focal`` settings), then the request's ``budget``
+    (:class:`medbridge.serve.limits.RequestBudget`)."""
     if rows <= 0 or cols <= 0:
         raise UploadError(f"{name}: image has no pixels ({rows} x {cols})")
     total = rows * cols * max(frames, 1)
     if total > limits.max_pixels:
         raise UploadError(f"{name}: image of {cols} x {rows}" + (f" x {frames} frames" if frames > 1 else "")
                           + f" = {total:,} pixels exceeds the limit of {limits.max_pixels:,} pixels", status=413)
+    focal = focal or FocalConfig(num_crops=0)
+    problem = view_bounds_problem(rows, cols, focal, limits.max_aspect, limits.max_views)
+    if problem:
+        raise UploadError(f"{name}: {problem}", status=422 if "aspect" in problem else 413)
+    if budget is not None:
+        budget.charge(name, rows * cols, focal.max_views(rows, cols))
 
 
-def _decode_pil(data: bytes, name: str, fmt: str, limits: UploadLimits) -> np.ndarray:
+def _decode_pil(data: bytes, name: str, fmt: str, limits: UploadLimits, focal=None, budget=None,
+                check_only: bool = False) -> np.ndarray | None:
     from PIL import Image
 
     from ..data.images import pil_to_array
@@ -69,7 +94,9 @@ def _decode_pil(data: bytes, name: str, fmt: str, limits: UploadLimits) -> np.nd
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit applies
             with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
-                _check_pixels(name, im.height, im.width, 1, limits)
+                _check_pixels(name, im.height, im.width, 1, limits, focal, budget)
+                if check_only:
+                    return None
                 im.load()
                 return pil_to_array(im)  # the CLI's conversion
     except UploadError:
@@ -81,7 +108,8 @@ def _decode_pil(data: bytes, name: str, fmt: str, limits: UploadLimits) -> np.nd
         raise UploadError(f"{name}: unreadable or corrupt {fmt.upper()} data ({type(exc).__name__})") from exc
 
 
-def _decode_dicom(data: bytes, name: str, limits: UploadLimits) -> np.ndarray:
+def _decode_dicom(data: bytes, name: str, limits: UploadLimits, focal=None, budget=None,
+                  check_only: bool = False) -> np.ndarray | None:
     """Parse in memory, check the declared size, then :func:`medbridge.data.images.dicom_to_array` (the CLI's
     conversion: modality LUT, VOI LUT/window, MONOCHROME1 inverted, colour to luminance, first frame)."""
     import pydicom
@@ -98,16 +126,21 @@ def _decode_dicom(data: bytes, name: str, limits: UploadLimits) -> np.ndarray:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError) as exc:
         raise UploadError(f"{name}: DICOM file lacks valid Rows/Columns") from exc
-    _check_pixels(name, rows, cols, 1, limits)  # only the first frame is decoded
+    _check_pixels(name, rows, cols, 1, limits, focal, budget)  # only the first frame is decoded
+    if check_only:
+        return None
     try:
         return dicom_to_array(ds, name)
     except ImageReadError as exc:
         raise UploadError(str(exc), status=415 if "unsupported" in str(exc) else 422) from exc
 
 
-def decode_upload(data: bytes, name: str = "image", limits: UploadLimits | None = None) -> np.ndarray:
-    """Bytes of one uploaded image -> float32 in [0, 1] (H x W grey or H x W x 3), refusing what is too large, of an
-    unaccepted type or corrupt with an :class:`UploadError` naming ``name`` and the problem."""
+def decode_upload(data: bytes, name: str = "image", limits: UploadLimits | None = None,
+                  focal: FocalConfig | None = None, budget=None, check_only: bool = False) -> np.ndarray | None:
+    """Bytes of one uploaded image -> float32 in [0, 1] (H x W grey or H x W x 3, EXIF orientation applied),
+    refusing what is too large (also in views with the model's ``focal`` settings, and against the request's
+    ``budget``), of an unaccepted type or corrupt with an :class:`UploadError` naming ``name`` and the problem.
+    ``check_only``: the checks from the header alone, nothing decoded (returns None)."""
     limits = limits or UploadLimits()
     if not data:
         raise UploadError(f"{name}: empty upload (0 bytes)", status=400)
@@ -116,7 +149,10 @@ def decode_upload(data: bytes, name: str = "image", limits: UploadLimits | None 
     fmt = sniff_format(data)
     if fmt is None:
         raise UploadError(f"{name}: not a PNG, JPEG or DICOM file by its content (expected {ACCEPTED})", status=415)
-    image = _decode_dicom(data, name, limits) if fmt == "dicom" else _decode_pil(data, name, fmt, limits)
+    image = (_decode_dicom(data, name, limits, focal, budget, check_only) if fmt == "dicom"
+             else _decode_pil(data, name, fmt, limits, focal, budget, check_only))
+    if image is None:
+        return None
     if not np.isfinite(image).all():
         raise UploadError(f"{name}: decoded pixels are not finite")
     return image

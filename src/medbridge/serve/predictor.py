@@ -55,7 +55,7 @@ def parse_explain(spec: str | None, labels: list[str]) -> int | list[int] | None
     if unknown:
         raise ValueError(f"explain: unknown label(s) {unknown}; the model's labels are {labels} (or use all, topK, "
                          "none)")
-    return [labels.index(n) for n in names]
+    return list(dict.fromkeys(labels.index(n) for n in names))  # a label named twice is explained once
 
 
 def png_data_url(values: np.ndarray) -> str:

@@ -21,6 +21,7 @@ from ..table import (
     read_csv,
     require_columns,
     resolve_inside,
+    shorten,
 )
 
 IMAGE_COLUMNS = ("path", "image", "image_path", "filename", "file", "Path", "Image Index")
@@ -49,6 +50,28 @@ def describe_broken_links(broken: list[Path], limit: int = 5) -> str:
         f" and {len(broken) - limit} more" if len(broken) > limit else "")
 
 
+def named_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The rows below the first (header) row of a frame read with ``header=None``, named by it: a name given twice
+    is an error (pandas would rename it ``Edema.1``), an unnamed column is an error unless it is blank in every row
+    (a trailing separator), which is dropped."""
+    names = [("" if pd.isna(c) else str(c).strip()) for c in frame.iloc[0]]
+    body = frame.iloc[1:].reset_index(drop=True)
+    seen: set[str] = set()
+    for j, name in enumerate(names):
+        if name and name in seen:
+            raise DatasetError(f"{path}: column {shorten(name)!r} appears more than once in the header (columns "
+                               f"{names.index(name) + 1} and {j + 1})")
+        seen.add(name)
+        if not name and body.iloc[:, j].notna().any():
+            i = int(np.flatnonzero(body.iloc[:, j].notna().to_numpy())[0])
+            raise DatasetError(f"{path}: column {j + 1} has no name in the header but a value in row {i + 2}; "
+                               "name it, or remove the column")
+    keep = [j for j, name in enumerate(names) if name]
+    body = body.iloc[:, keep]
+    body.columns = [names[j] for j in keep]
+    return body
+
+
 def load_csv(path: str | Path, *, image_column: str | None = None, label_columns: list[str] | None = None,
              labels_column: str | None = None, separator: str = "|", patient_column: str | None = None,
              report_column: str | None = None, view_column: str | None = None, split_column: str | None = None,
@@ -69,11 +92,11 @@ def load_csv(path: str | Path, *, image_column: str | None = None, label_columns
     absolute paths instead (for CSVs from elsewhere), as the official layouts always do."""
     path = Path(path)
     sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-    frame = read_csv(path, "CSV dataset", sep=sep, dtype=str, keep_default_na=True)
-    frame.columns = [str(c).strip() for c in frame.columns]
-    twice = frame.columns[frame.columns.duplicated()]
-    if len(twice):
-        raise DatasetError(f"{path}: column {twice[0]!r} appears more than once in the header")
+    # only a blank cell is missing (NA, None, null are text: refused as labels); the header is read as written
+    frame = read_csv(path, "CSV dataset", sep=sep, dtype=str, keep_default_na=False, na_values=[""], header=None)
+    if frame.empty:
+        raise DatasetError(f"{path}: empty file (expected a header row and one row per image)")
+    frame = named_columns(frame, path)
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMNS if c in frame.columns), None)
         if image_column is None:
@@ -122,8 +145,8 @@ def load_csv(path: str | Path, *, image_column: str | None = None, label_columns
                                                                 "validation": "val"}) if split_column else None
     if split is not None and (~split.isin(["train", "val", "test"]) & split.notna()).any():
         i = int((~split.isin(["train", "val", "test"]) & split.notna()).to_numpy().nonzero()[0][0])
-        raise DatasetError(f"{path}: row {i + 2} column {split_column!r}: {frame[split_column].iloc[i]!r} is not "
-                           "train / val / test")
+        raise DatasetError(f"{path}: row {i + 2} column {split_column!r}: {shorten(frame[split_column].iloc[i])!r} "
+                           "is not train / val / test")
     meta = pd.DataFrame({"path": paths,
                          "patient_id": frame[patient_column] if patient_column else images.str.strip(),
                          "view": frame[view_column].str.upper() if view_column else None,
