@@ -131,6 +131,9 @@ def error_message(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..engine import model_card
+
+    model_card.COMMAND = ["medbridge", *(sys.argv[1:] if argv is None else argv)]  # for the run's report.md
     try:
         return int(args.func(args) or 0)
     except (OSError, ValueError, RuntimeError) as exc:  # user errors: bad input, files, configs, backbones

@@ -219,7 +219,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run = model_run_folder(args.run)  # a cross-validation folder predicts with its first fold's model
     method = load_method(run)
     thresholds = run_thresholds(run, method.name)
-    rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable)
+    from ..engine.calibration import load_calibrator
+    from ..methods.registry import method_folder
+
+    rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable,
+                          calibrator=load_calibrator(method_folder(run), method.labels))
     if args.explain:  # per-label heat-map overlays (medbridge serve's explanations) as PNGs
         from ..serve.explain import write_explanations
 
