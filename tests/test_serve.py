@@ -473,11 +473,21 @@ def test_page_in_headless_chromium(live_server, tiny_run, tmp_path):
             page.goto(live_server + "/")
             # waits use selectors: the page's Content-Security-Policy forbids the eval behind wait_for_function
             page.locator("#model-info", has_text="labels").wait_for()
+            notice = page.locator("#notice")
+            assert notice.is_visible() and "Research use only — not for diagnosis" in notice.inner_text()
+            assert "calibrated" in page.locator("#calibration-info").inner_text()
+            assert "validation part" in page.locator("th abbr").first.get_attribute("title")
             for path in (rg1_dicom("J2KR"), nih_jpeg(tiny_run["nih"])):
                 page.set_input_files("#file", str(path))
                 page.locator("#status", has_text=f"Scored {path.name}").wait_for(timeout=PAGE_TIMEOUT_MS)
                 rows = page.locator("#labels tbody tr")
                 assert rows.count() >= 3
+                # every decision says why in plain words; a label without a threshold says what that means
+                reasons = rows.locator("td:nth-child(4) .reason").all_inner_texts()
+                assert len(reasons) == rows.count() and all(
+                    r.startswith(("no threshold: this label was never positive in validation", "flagged because"))
+                    or " the validation threshold" in r or " this label's validation threshold" in r
+                    for r in reasons), reasons
                 probs = [float(t.rstrip("%")) for t in rows.locator("td:nth-child(2)").all_inner_texts()]
                 assert probs == sorted(probs, reverse=True)
                 first = rows.nth(0).get_attribute("data-label")
@@ -540,6 +550,8 @@ def test_a_label_without_validation_positives_has_no_threshold(tiny_run, tmp_pat
         row = upload(c, [nih_jpeg(tiny_run["nih"])])["results"][0]
     effusion = next(p for p in row["predictions"] if p["label"] == "Effusion")
     assert effusion["threshold"] is None and effusion["positive"] is False
+    assert effusion["decision"] == "probability only"
+    assert effusion["reason"].startswith("no threshold: this label was never positive in validation")
 
 
 def test_a_cross_validation_run_serves_its_first_fold(tiny_run, tmp_path):

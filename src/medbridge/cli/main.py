@@ -134,6 +134,9 @@ def error_message(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..engine import model_card
+
+    model_card.COMMAND = ["medbridge", *(sys.argv[1:] if argv is None else argv)]  # for the run's report.md
     try:
         if os.environ.get("MEDBRIDGE_PLUGINS", "").strip():  # after parsing: --help/--version never run plugins
             from ..methods.registry import list_methods

@@ -228,15 +228,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run = model_run_folder(args.run)  # a cross-validation folder predicts with its first fold's model
     method = load_method(run)
     thresholds = run_thresholds(run, method.name)
+    from ..engine.calibration import apply_calibration, load_calibrator
+    from ..methods.registry import method_folder
+
+    calibrator = load_calibrator(method_folder(run), method.labels)
     if args.case:  # all inputs are the images of ONE case (a patient's eyes, a study's views)
         if args.explain:
             raise ValueError("--explain works per image: leave out --case to get each image's heat maps")
-        probs = method.predict_case(images)
+        probs = apply_calibration(calibrator, method.predict_case(images)[None].astype("float64"), method.labels)[0]
         rows = [{"image": " + ".join(str(p) for p in images), "case": True,
                  "probabilities": {lab: float(probs[c]) for c, lab in enumerate(method.labels)}}]
         rows[0]["labels"] = [lab for lab, p in rows[0]["probabilities"].items() if p >= thresholds.get(lab, 0.5)]
     else:
-        rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable)
+        rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable,
+                              calibrator=calibrator)
     if args.explain:  # per-label heat-map overlays (medbridge serve's explanations) as PNGs
         from ..serve.explain import write_explanations
 

@@ -107,6 +107,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    calibrate: str = "none"  # post-hoc calibration fitted on validation: none, temperature, platt (per class)
+
+    def validate(self) -> None:
+        from .calibration import KINDS
+
+        if self.calibrate not in KINDS:
+            raise ConfigError(f"eval.calibrate: {self.calibrate!r} is not one of {', '.join(KINDS)}")
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; saved as ``config.yaml`` in the run folder.
 
@@ -123,6 +134,7 @@ class RunConfig:
     focal: dict = field(default_factory=dict)  # focal views (data.focal.FocalConfig fields)
     method_options: dict = field(default_factory=dict)  # {method or group: {option: value}}
     companions: list = field(default_factory=list)  # methods fitted beside `method` on the same split
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation options (post-hoc calibration)
 
     def validate(self) -> None:
         names, groups = list_methods(), method_groups()
@@ -142,6 +154,7 @@ class RunConfig:
                                   f"{self.method_options[key]!r}")
         self.data.validate()
         self.train.validate()
+        self.eval.validate()
         for key in self.train.ensemble if isinstance(self.train.ensemble, dict) else []:
             if key not in names:
                 raise ConfigError(f"train.ensemble.{key}: not a registered method; methods: {', '.join(names)}")
@@ -245,10 +258,11 @@ def config_from_dict(d: dict) -> RunConfig:
                         train=TrainConfig(**_coerce("train", TrainConfig, d.get("train", {}))),
                         backbones=list(d.get("backbones") or [DEFAULT_BACKBONE]), focal=dict(d.get("focal") or {}),
                         method_options=dict(d.get("method_options") or {}),
-                        companions=list(d.get("companions") or []))
+                        companions=list(d.get("companions") or []),
+                        eval=EvalConfig(**(d.get("eval") or {})))
     except TypeError as exc:  # unknown field in a section
-        section = "data" if "DataConfig" in str(exc) else "train"
-        allowed = [f.name for f in fields(DataConfig if section == "data" else TrainConfig)]
+        section = next((n for n, c in (("data", DataConfig), ("eval", EvalConfig)) if c.__name__ in str(exc)), "train")
+        allowed = [f.name for f in fields({"data": DataConfig, "eval": EvalConfig}.get(section, TrainConfig))]
         raise ConfigError(f"{section}: {exc}; allowed keys: {allowed}") from exc
     except OptionsError as exc:
         raise ConfigError(str(exc)) from exc
@@ -280,7 +294,8 @@ def read_config_file(path: Path) -> dict:
 def load_config(preset: str | None = None, files: list[str] | None = None,
                 overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- preset (name in presets/ or a YAML path) <- config files <- ``key.sub=value`` overrides."""
-    d: dict = {"data": {"options": {}}, "train": {}}  # defaults are filled in by the dataclasses (config_from_dict)
+    # defaults are filled in by the dataclasses (config_from_dict)
+    d: dict = {"data": {"options": {}}, "train": {}, "eval": {}}
     sources = []
     if preset:
         p = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
@@ -318,5 +333,5 @@ def save_config(cfg: RunConfig, path: Path) -> None:
                                             sort_keys=False).encode())
 
 
-__all__ = ["ConfigError", "DataConfig", "TrainConfig", "RunConfig", "load_config", "save_config", "list_presets",
-           "config_from_dict"]
+__all__ = ["ConfigError", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig", "load_config", "save_config",
+           "list_presets", "config_from_dict"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from ..data.cases import CaseTable
 from ..data.splits import Split, label_fraction, patient_split, save_split
@@ -26,16 +27,19 @@ from ..data.table import DatasetError, ImageTable
 from ..io import atomic_write_bytes
 from .config import RunConfig, config_from_dict, save_config
 from .metrics import evaluate_scores
-from .report import ci_sentence, paired_table, plot_roc, summary_table, write_json
+from .report import ci_sentence, paired_table, plot_reliability, plot_roc, summary_table, write_json
 from .stats import (
+    MIN_CASES,
     bootstrap_metrics,
     cv_bootstrap,
     default_n_boot,
     delong_per_class,
     fmt_ci,
+    fmt_class,
     fmt_diff,
     fmt_p,
     paired_bootstrap,
+    too_small,
     verdict,
 )
 
@@ -133,12 +137,19 @@ def load_fold_predictions(run_dir: Path, table: ImageTable, method: str) -> tupl
 
 def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None, seed: int = 0) -> dict:
     """Out-of-fold predictions, per-fold and mean-over-folds metrics with fold-stratified patient-bootstrap
-    intervals, pooled (labelled) metrics, paired differences to the first method; writes every output."""
+    intervals, pooled (labelled) metrics, paired differences to the first method, calibration before/after and
+    subgroups; writes every output."""
+    from . import model_card as card
+    from .subgroups import group_columns, subgroup_results
+
     n_boot = default_n_boot() if n_boot is None else n_boot
     labels = list(table.labels)
     fold_metrics = [json.loads((out / f"fold-{f}" / "metrics.json").read_text()) for f in range(k)]
     methods = list(fold_metrics[0]["methods"])
+
     folds, oof = [], {m: np.full((len(table), len(labels)), np.nan) for m in methods}
+    raw_folds: dict[str, list] = {}  # scores before calibration, per method and fold (calibrated runs only)
+    groups_all = group_columns(table.meta)
     fold_of = np.full(len(table), -1)
     for f in range(k):
         entry = {"scores": {}, "thresholds": {}}
@@ -155,7 +166,11 @@ def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None
                 raise DatasetError(f"fold {f}: {m} was scored on other images than {methods[0]}")
             oof[m][rows] = scores
             entry["scores"][m], entry["thresholds"][m] = scores, thr
+            raw = raw_fold_scores(out / f"fold-{f}", m, labels)
+            if raw is not None:
+                raw_folds.setdefault(m, []).append(raw)
         entry["targets"], entry["patients"] = table.targets[rows0], table.patient_ids[rows0]
+        entry["groups"] = {a: v[rows0] for a, v in groups_all.items()}
         folds.append(entry)
     scored = np.flatnonzero(fold_of >= 0)
     rel = table.relative_paths()
@@ -173,6 +188,12 @@ def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None
         if n_boot:
             pooled["ci"] = bootstrap_metrics(oof[m][scored], targets, labels, patients, None, n_boot, BOOT_SEED)
         results[m] = {**r, "classes": len(r["per_class"]), "pooled": pooled}
+        if len(raw_folds.get(m, [])) == k:  # before calibration: the same fold-stratified draws
+            raw_cv = cv_bootstrap([{**f, "scores": {m: raw_folds[m][i]}, "thresholds": {m: None}}
+                                   for i, f in enumerate(folds)], labels, n_boot, BOOT_SEED, [m])["methods"][m]
+            results[m]["uncalibrated"] = {
+                "macro": {key: raw_cv["macro"][key] for key in card.CAL_KEYS},
+                **({"ci": {"macro": {key: raw_cv["ci"]["macro"][key] for key in card.CAL_KEYS}}} if n_boot else {})}
     for m in methods[1:]:
         pair = paired_bootstrap(oof[methods[0]][scored], oof[m][scored], targets, labels, patients, n_boot,
                                 BOOT_SEED)
@@ -195,7 +216,8 @@ def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None
                "timings": {"train_s": float(sum(fm["timings"].get("train_s", 0) for fm in fold_metrics)),
                            "cache_s": float(sum(fm["timings"].get("cache_s", 0) for fm in fold_metrics))},
                "bootstrap": {"n_boot": n_boot, "seed": BOOT_SEED, "unit": "patient, stratified by fold"},
-               "split_seed": seed}
+               "split_seed": seed, "class_counts": class_counts(folds, labels),
+               "subgroups": subgroup_results(folds, labels, methods, n_boot, BOOT_SEED)}
     from .challenge import challenge_scores
 
     challenge = challenge_scores(table.notes.get("challenge"), {m: oof[m][scored] for m in methods}, targets,
@@ -203,23 +225,51 @@ def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None
     if challenge:
         summary["challenge"] = {**challenge, "note": "pooled out-of-fold scores"}
     write_json(out / "metrics.json", summary)
-    _write_per_class(out / "per_class.csv", results)
+    _write_per_class(out / "per_class.csv", results, summary["class_counts"])
+    def shown(key: str) -> dict:
+        return {m: {**{lab: v[key] for lab, v in r["per_class"].items()}, "macro": r["macro"][key]}
+                for m, r in results.items()}
+
     plot_roc(out / "roc_curves.png", {m: (oof[m][scored], targets, labels) for m in methods}, labels,
              patients if n_boot else None, n_boot=min(n_boot, 200), seed=BOOT_SEED,
-             note="POOLED out-of-fold scores")
-    atomic_write_bytes(out / "report.md", (cv_report(summary, table) + "\n").encode())
+             note="pooled out-of-fold scores", legend_auroc=shown("auroc"))
+    plot_reliability(out / "reliability.png", {m: (oof[m][scored], targets) for m in methods}, labels,
+                     shown("ece"), note="pooled out-of-fold scores; legend: mean over folds")
+    cfg = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()) or {}) \
+        if (out / "config.yaml").is_file() else None
+    atomic_write_bytes(out / "report.md", (cv_report(summary, table, cfg) + "\n").encode())
     return summary
 
 
-def _write_per_class(path: Path, results: dict) -> None:
+def raw_fold_scores(run_dir: Path, method: str, labels) -> np.ndarray | None:
+    """A calibrated fold run's scores before calibration (``u_<label>`` columns), or None."""
+    preds = pd.read_csv(run_dir / f"predictions_{method}.csv")
+    cols = [f"u_{lab}" for lab in labels]
+    return preds[cols].to_numpy(dtype=np.float64) if all(c in preds for c in cols) else None
+
+
+def class_counts(folds: list[dict], labels) -> dict[str, list[int]]:
+    """Per class the fewest positives and the fewest negatives in any fold's test part (the "n too small" rule)."""
+    out = {}
+    for j, lab in enumerate(labels):
+        pos = [int((f["targets"][:, j] == 1).sum()) for f in folds]
+        neg = [int((f["targets"][:, j] == 0).sum()) for f in folds]
+        out[lab] = [min(pos), min(neg)]
+    return out
+
+
+def _write_per_class(path: Path, results: dict, counts: dict | None = None) -> None:
     rows = []
     for m, r in results.items():
         ci = r.get("ci", {}).get("per_class", {})
         for lab, v in r["per_class"].items():
-            row = {"method": m, "label": lab}
+            pos, neg = (counts or {}).get(lab, (MIN_CASES, MIN_CASES))
+            small = too_small(pos, neg)  # fewest positives / negatives in a fold's test part: no interval
+            row = {"method": m, "label": lab, "min_fold_positives": pos, "min_fold_negatives": neg,
+                   "n_too_small": small}
             for key, val in v.items():
                 row[key] = val
-                lo, hi = ci.get(lab, {}).get(key, (None, None))
+                lo, hi = (None, None) if small else ci.get(lab, {}).get(key, (None, None))
                 row[f"{key}_lo"], row[f"{key}_hi"] = lo, hi
             pooled = r["pooled"]["per_class"].get(lab, {})
             row["pooled_auroc"] = pooled.get("auroc")
@@ -239,6 +289,16 @@ def cv_headline(summary: dict) -> list[str]:
         folds = ", ".join(f"{100 * fm['auroc']:.1f}" for fm in r["fold_macro"])
         lines.append(f"  {m:14s} {fmt_ci(r['macro']['auroc'], r.get('ci', {}).get('macro', {}).get('auroc'))}"
                      f"   (folds: {folds})")
+    lines += ["", "Calibration, mean over folds (%; lower is better), 95% interval:"]
+    for m, r in summary["methods"].items():
+        ci = r.get("ci", {}).get("macro", {})
+        now = f"Brier {fmt_ci(r['macro']['brier'], ci.get('brier'))}, ECE {fmt_ci(r['macro']['ece'], ci.get('ece'))}"
+        u = r.get("uncalibrated")
+        if u:
+            uci = u.get("ci", {}).get("macro", {})
+            now = (f"before calibration Brier {fmt_ci(u['macro']['brier'], uci.get('brier'))}, ECE "
+                   f"{fmt_ci(u['macro']['ece'], uci.get('ece'))}; after: {now}")
+        lines.append(f"  {m:14s} {now}")
     for name, pair in summary["paired"].items():
         a, b = name.split(" - ", 1)
         ahead = sum(d > 0 for d in pair["fold_diffs"])
@@ -252,9 +312,20 @@ def cv_headline(summary: dict) -> list[str]:
     return lines
 
 
-def cv_report(summary: dict, table: ImageTable) -> str:
+def cv_report(summary: dict, table: ImageTable, cfg: RunConfig | None = None) -> str:
+    from . import model_card as card
+    from .subgroups import subgroup_markdown
+
     methods = summary["methods"]
-    lines = [f"# medbridge {summary['folds']}-fold patient cross-validation on {summary['dataset']}", ""]
+    title = f"medbridge {summary['folds']}-fold patient cross-validation on {summary['dataset']}"
+    if cfg is not None:
+        split_text = (f"{summary['folds']}-fold patient cross-validation: every image is tested once, by a model "
+                      f"trained without its patient; each fold's validation part ({cfg.data.fractions[1]:g} of the "
+                      "other patients) picks thresholds and fits the calibrator.")
+        lines = card.card_head(title, cfg, table, split_text, summary.get("trainable_parameters", {}))
+        lines += ["## Metrics", ""]
+    else:
+        lines = [f"# {title}", ""]
     lines += cv_headline(summary)
     lines += ["", "## Mean over folds (primary result)", "",
               "Each fold's metrics on its test part (F1/ACC at thresholds picked on that fold's validation part, and "
@@ -275,11 +346,15 @@ def cv_report(summary: dict, table: ImageTable) -> str:
               "| label | " + " | ".join(methods) + " | difference " + " / ".join(summary["paired"]) + " |",
               "|---" * (len(methods) + 2) + "|"]
     first_pair = next(iter(summary["paired"].values()), {})
+    counts = summary.get("class_counts", {})
     for lab in next(iter(methods.values()))["per_class"]:
-        cells = [fmt_ci(r["per_class"].get(lab, {}).get("auroc", float("nan")),
-                        r.get("ci", {}).get("per_class", {}).get(lab, {}).get("auroc")) for r in methods.values()]
+        pos, neg = counts.get(lab, (None, None))
+        cells = [fmt_class(r["per_class"].get(lab, {}).get("auroc", float("nan")),
+                           r.get("ci", {}).get("per_class", {}).get(lab, {}).get("auroc"), pos, neg)
+                 for r in methods.values()]
         pc = first_pair.get("per_class", {}).get(lab)
-        cells.append(fmt_diff(pc) if pc else "-")
+        small = pos is not None and too_small(pos, neg)
+        cells.append("n too small" if pc and small else fmt_diff(pc) if pc else "-")
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     lines += ["", "## Pooled out-of-fold scores (secondary)", "",
               "All images' out-of-fold scores in one ROC per class. The K models' score scales differ, so pooling "
@@ -306,6 +381,16 @@ def cv_report(summary: dict, table: ImageTable) -> str:
               "pooled scores), roc_curves.png, config.yaml, splits/fold-<f>.json, fold-<f>/ (a full run folder per "
               "fold: adapter, probe, metrics, predictions).",
               f"Unscored (unreadable) images: {summary['unscored_images']}." if summary["unscored_images"] else ""]
+    if counts:
+        lines += ["", f"\"n too small\": fewer than {MIN_CASES} positives or negatives in some fold's test part; the "
+                      "fold mean is shown without an interval."]
+    if cfg is not None:
+        n_test = summary["n_patients"]
+        lines += ["", *card.card_calibration(methods, cfg.eval.calibrate),
+                  *card.card_subgroups(subgroup_markdown(summary.get("subgroups", {}), list(methods))),
+                  *card.card_limitations(methods, table, summary.get("subgroups", {}), n_test,
+                                         {lab: tuple(c) for lab, c in counts.items()},
+                                         calibrated=cfg.eval.calibrate != "none"), *card.card_command()]
     return "\n".join(lines)
 
 

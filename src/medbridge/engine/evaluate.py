@@ -18,7 +18,8 @@ from ..data.images import IMAGE_SUFFIXES, ImageReadError
 from ..data.table import DatasetError
 from ..io import check_finite
 from ..methods.api import Method
-from ..methods.registry import load_method, model_run_folder
+from ..methods.registry import load_method, method_folder, model_run_folder
+from .calibration import apply_calibration, load_calibrator
 from .features import cache_root_from
 from .metrics import evaluate_scores
 from .run import method_scores, resolve_device
@@ -80,11 +81,14 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
     dev = resolve_device(device)
     rows, scores = method_scores(method, table, rows, cache_root_from(cache_dir), dev, workers, progress=progress)
     thresholds = run_thresholds(folder, method.name) if label_space == "model" else None
+    calibrator = load_calibrator(method_folder(folder), method.labels) if label_space == "model" else None
+    scores = apply_calibration(calibrator, scores, method.labels)  # the run's thresholds are on this scale
     res = evaluate_scores(scores, table.targets[rows], method.labels, thresholds)
     from .stats import bootstrap_metrics
 
     res["ci"] = bootstrap_metrics(scores, table.targets[rows], method.labels, table.patient_ids[rows], thresholds)
     res.update({"method": method.name, "dataset": table.name, "data": str(data), "split": split,
+                "calibration": calibrator["kind"] if calibrator else "none",
                 "threshold_source": "validation split of the training run" if thresholds else "none (oracle only)",
                 "alignment": alignment.to_dict() if alignment else None})
     return res
@@ -111,8 +115,9 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
 
 
 def predict_images(method: Method, images: list[Path], thresholds: dict | None = None,
-                   batch_size: int = 8, skip_unreadable: bool = False) -> list[dict]:
-    """Per image: probabilities, thresholded labels and (MedBridge) gate weights and per-view votes/boxes."""
+                   batch_size: int = 8, skip_unreadable: bool = False, calibrator: dict | None = None) -> list[dict]:
+    """Per image: probabilities (calibrated with the run's ``calibrator``, if any), thresholded labels and
+    (MedBridge) gate weights and per-view votes/boxes."""
     rows = []
     thresholds = thresholds or {}
     for i in range(0, len(images), batch_size):
@@ -140,6 +145,7 @@ def predict_images(method: Method, images: list[Path], thresholds: dict | None =
             pixels = [torch.stack([views[j][k].pixels for j in group]) for k in range(len(method.preprocess))]
             scores, details = method.scores_views(pixels)
             check_finite(scores, f"{method.name} scores of {', '.join(str(chunk[j]) for j in group[:3])}")
+            scores = apply_calibration(calibrator, np.asarray(scores, dtype=np.float64), method.labels)
             for gi, j in enumerate(group):
                 row = {"image": str(chunk[j]),
                        "probabilities": {lab: float(scores[gi, c]) for c, lab in enumerate(method.labels)}}

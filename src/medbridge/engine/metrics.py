@@ -53,8 +53,11 @@ def f1_acc(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[fl
 
 def evaluate_scores(scores: np.ndarray, targets: np.ndarray, labels: list[str] | tuple[str, ...],
                     thresholds: dict[str, float] | None = None) -> dict:
-    """Per-class and macro AUROC / F1 / ACC. ``thresholds`` (e.g. from :func:`pick_thresholds` on validation)
-    gives honest F1/ACC; F1/ACC at the oracle threshold (picked on these scores) are always reported too."""
+    """Per-class and macro AUROC / F1 / ACC / Brier / ECE. ``thresholds`` (e.g. from :func:`pick_thresholds` on
+    validation) gives honest F1/ACC; F1/ACC at the oracle threshold (picked on these scores) are always reported
+    too."""
+    from .calibration import brier, ece
+
     per_class, skipped = {}, []
     for j, lab in enumerate(labels):
         known = ~np.isnan(targets[:, j])
@@ -66,12 +69,12 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray, labels: list[str] |
         t_oracle = best_f1_threshold(s, y)
         f1_o, acc_o = f1_acc(s, y, t_oracle)
         row = {"auroc": auroc(s, y), "f1_oracle": f1_o, "acc_oracle": acc_o, "threshold_oracle": t_oracle,
-               "n": int(known.sum()), "positives": pos}
+               "brier": brier(s, y), "ece": ece(s, y), "n": int(known.sum()), "positives": pos, "negatives": neg}
         if thresholds is not None and lab in thresholds and np.isfinite(thresholds[lab]):
             row["f1"], row["acc"] = f1_acc(s, y, thresholds[lab])
             row["threshold"] = thresholds[lab]
         per_class[lab] = row
-    keys = ["auroc", "f1_oracle", "acc_oracle"] + (["f1", "acc"] if thresholds is not None else [])
+    keys = ["auroc", "f1_oracle", "acc_oracle", "brier", "ece"] + (["f1", "acc"] if thresholds is not None else [])
     macro = {k: float(np.mean([r[k] for r in per_class.values() if k in r])) if per_class else float("nan")
              for k in keys}
     return {"n": int(len(scores)), "classes": len(per_class), "macro": macro, "per_class": per_class,

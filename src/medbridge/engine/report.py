@@ -17,27 +17,44 @@ def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, default=float).encode())
 
 
-def save_figure(fig, path: Path, dpi: int = 100) -> None:
-    """Tight layout, PNG, written atomically. Figures are ``matplotlib.figure.Figure`` objects (no pyplot: the
-    caller's backend is never switched)."""
+def save_figure(fig, path: Path, dpi: int = 100, svg: bool = False) -> None:
+    """Tight layout, PNG (and with ``svg`` an SVG beside it), written atomically. Figures are
+    ``matplotlib.figure.Figure`` objects (no pyplot: the caller's backend is never switched)."""
     import io
 
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
+    if svg:
+        vec = io.BytesIO()
+        fig.savefig(vec, format="svg")
+        atomic_write_bytes(Path(path).with_suffix(".svg"), vec.getvalue())
     atomic_write_bytes(path, buf.getvalue())
+
+
+PRINT_DPI = 300  # run figures: PNG at print resolution, plus SVG
+
+
+def readable(label: str) -> str:
+    """A label name as a reader writes it: ``Pleural_Thickening`` -> ``Pleural thickening``."""
+    words = str(label).split("_")
+    return " ".join([words[0], *(w.lower() for w in words[1:])])
 
 
 def per_class_table(results: dict[str, dict]) -> pd.DataFrame:
     """{method: evaluate_scores(...)} -> one row per (method, class)."""
+    from .stats import too_small
+
     rows = []
     for method, res in results.items():
         ci = (res.get("ci") or {}).get("per_class", {})
         for lab, r in res["per_class"].items():
             row = {"method": method, "label": lab, **{k: r.get(k) for k in
-                   ("auroc", "f1", "acc", "f1_oracle", "acc_oracle", "n", "positives")}}
-            for k in ("auroc", "f1", "acc", "f1_oracle", "acc_oracle"):
-                lo, hi = ci.get(lab, {}).get(k, (None, None))
+                   ("auroc", "f1", "acc", "f1_oracle", "acc_oracle", "brier", "ece", "n", "positives", "negatives")}}
+            small = too_small(r.get("positives", 0), r.get("negatives", r.get("n", 0) - r.get("positives", 0)))
+            row["n_too_small"] = small  # fewer than MIN_CASES positives or negatives: no interval
+            for k in ("auroc", "f1", "acc", "f1_oracle", "acc_oracle", "brier", "ece"):
+                lo, hi = (None, None) if small else ci.get(lab, {}).get(k, (None, None))
                 row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
             rows.append(row)
     return pd.DataFrame(rows)
@@ -70,15 +87,23 @@ def roc_band(scores: np.ndarray, labels: np.ndarray, image_counts: np.ndarray, g
     return out
 
 
+def _class_counts(targets: np.ndarray, j: int) -> tuple[int, int]:
+    known = ~np.isnan(targets[:, j])
+    return int((targets[known, j] == 1).sum()), int((targets[known, j] == 0).sum())
+
+
 def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], labels,
-             patient_ids=None, n_boot: int = 200, seed: int = 0, note: str = "") -> None:
+             patient_ids=None, n_boot: int = 200, seed: int = 0, note: str = "",
+             legend_auroc: dict[str, dict] | None = None) -> None:
     """One panel per class plus a macro panel (TPR averaged over classes at each FPR), one line per method;
     ``curves[method] = (scores, targets, label list)``. With ``patient_ids``, each curve gets its 95%
-    patient-bootstrap band (pointwise percentiles of the resampled curves' TPR at each FPR)."""
+    patient-bootstrap band (pointwise percentiles of the resampled curves' TPR at each FPR), except classes with
+    fewer than ``MIN_CASES`` positives or negatives ("n too small"). ``legend_auroc[method]`` = {label: AUROC,
+    "macro": AUROC} puts the headline table's values in the legends (default: the AUROC of these scores)."""
     from matplotlib.figure import Figure
 
     from .metrics import auroc
-    from .stats import image_counts_for
+    from .stats import MIN_CASES, image_counts_for, too_small
 
     present = [j for j, _ in enumerate(labels)
                if any((~np.isnan(t[:, j])).any() and len(np.unique(t[~np.isnan(t[:, j]), j])) == 2
@@ -87,14 +112,30 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
     grid = np.linspace(0, 1, 101)
     cols = 4
     n_rows = max(1, int(np.ceil((len(present) + 1) / cols)))
-    fig = Figure(figsize=(3.2 * cols, 3.0 * n_rows))
+    fig = Figure(figsize=(3.2 * cols, 3.1 * n_rows))
     axes = fig.subplots(n_rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     macro_ax = axes.flat[0]
     macro = {}
-    for ax, j in zip(list(axes.flat)[1:], present):
+
+    def shown(method: str, key: str, fallback: float) -> float:
+        value = (legend_auroc or {}).get(method, {}).get(key)
+        return fallback if value is None else value
+
+    def frame(ax, title: str) -> None:
         ax.axis("on")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("1 − specificity (false positive rate)", fontsize=7)
+        ax.set_ylabel("sensitivity (true positive rate)", fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="lower right", title="AUROC", title_fontsize=7)
+
+    for ax, j in zip(list(axes.flat)[1:], present):
+        small = False
         for k, (method, (scores, targets, _)) in enumerate(curves.items()):
             known = ~np.isnan(targets[:, j])
             s, y = scores[known, j], targets[known, j]
@@ -102,34 +143,94 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
                 continue
             color = f"C{k}"
             fpr, tpr = roc_curve(s, y)
-            ax.plot(fpr, tpr, color=color, label=f"{method} {auroc(s, y):.2f}")
+            ax.plot(fpr, tpr, color=color, label=f"{method} {100 * shown(method, labels[j], auroc(s, y)):.1f}")
+            small = too_small(*_class_counts(targets, j))
             band = roc_band(s, y, counts[:, known], grid) if counts is not None else None
-            if band is not None:
+            if band is not None and not small:
                 lo, hi = np.nanpercentile(band, [2.5, 97.5], axis=0)
                 ax.fill_between(grid, lo, hi, color=color, alpha=0.2, lw=0)
             macro.setdefault(method, []).append((np.interp(grid, fpr, tpr), band))
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
-        ax.set_title(f"{labels[j]} (n+={int(np.nansum(targets[:, j]))})", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-        ax.tick_params(labelsize=7)
-    macro_ax.axis("on")
+        pos, neg = _class_counts(next(iter(curves.values()))[1], j)
+        frame(ax, f"{readable(labels[j])} ({pos} positive, {neg} negative)"
+                  + (f"\nn too small (< {MIN_CASES}): no band" if small and counts is not None else ""))
     for k, (method, parts) in enumerate(macro.items()):
         mean_tpr = np.mean([c for c, _ in parts], axis=0)
-        macro_ax.plot(grid, mean_tpr, color=f"C{k}", label=method)
+        value = (legend_auroc or {}).get(method, {}).get("macro")
+        macro_ax.plot(grid, mean_tpr, color=f"C{k}", label=method + (f" {100 * value:.1f}" if value is not None
+                                                                      else ""))
         if counts is not None:
             with warnings.catch_warnings():  # resamples where no class could be drawn are all-NaN: left out
                 warnings.simplefilter("ignore", RuntimeWarning)
                 bands = np.nanmean(np.stack([b for _, b in parts]), axis=0)
                 lo, hi = np.nanpercentile(bands, [2.5, 97.5], axis=0)
             macro_ax.fill_between(grid, lo, hi, color=f"C{k}", alpha=0.2, lw=0)
-    macro_ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
-    macro_ax.set_title("macro (mean TPR over classes)" + (f"\n{note}" if note else ""), fontsize=9)
-    macro_ax.legend(fontsize=7, loc="lower right")
-    macro_ax.tick_params(labelsize=7)
+    frame(macro_ax, "macro (mean sensitivity over classes)" + (f"\n{note}" if note else ""))
+    title = "ROC curves" + (f" of {note}" if note else "")
+    if legend_auroc:
+        title += "; legend: the report's AUROC (%)"
     if counts is not None:
-        fig.suptitle(f"ROC curves{' of ' + note if note else ''}; shaded: 95% patient-bootstrap band ({n_boot} "
-                     f"resamples, seed {seed})", fontsize=9)
-    save_figure(fig, path, dpi=90)
+        title += f"; shaded: 95% patient-bootstrap band ({n_boot} resamples, seed {seed})"
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path, dpi=PRINT_DPI, svg=True)
+
+
+def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], labels,
+                     ece_shown: dict[str, dict] | None = None, note: str = "") -> None:
+    """Reliability diagram: per class (and all classes together) the observed positive rate against the mean
+    predicted probability in 10 equal-width bins, one line per method, point area ~ images in the bin.
+    ``curves[method] = (scores, targets)``; ``ece_shown[method]`` = {label: ECE, "macro": ECE} for the legends."""
+    from matplotlib.figure import Figure
+
+    from .calibration import ece, reliability_curve
+    from .stats import MIN_CASES, too_small
+
+    present = [j for j, _ in enumerate(labels) if any(len(np.unique(t[~np.isnan(t[:, j]), j])) == 2
+                                                       for _, t in curves.values())]
+    cols = 4
+    n_rows = max(1, int(np.ceil((len(present) + 1) / cols)))
+    fig = Figure(figsize=(3.2 * cols, 3.1 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+
+    def draw(ax, s, y, k, name, value):
+        c = reliability_curve(s, y)
+        ax.plot(c["mean_probability"], c["positive_rate"], color=f"C{k}", lw=1, label=f"{name} {100 * value:.1f}")
+        ax.scatter(c["mean_probability"], c["positive_rate"], s=4 + 60 * np.sqrt(np.array(c["count"]) / len(s)),
+                   color=f"C{k}", alpha=0.7)
+
+    def frame(ax, title):
+        ax.axis("on")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("predicted probability", fontsize=7)
+        ax.set_ylabel("observed frequency of the label", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="upper left", title="ECE (%)", title_fontsize=7)
+
+    for k, (method, (scores, targets)) in enumerate(curves.items()):
+        known = ~np.isnan(targets)
+        value = (ece_shown or {}).get(method, {}).get("macro")
+        draw(axes.flat[0], scores[known], targets[known], k, method,
+             ece(scores[known], targets[known]) if value is None else value)
+    frame(axes.flat[0], "all classes together" + (" (legend: macro ECE)" if ece_shown else "")
+          + (f"\n{note}" if note else ""))
+    for ax, j in zip(list(axes.flat)[1:], present):
+        small = False
+        for k, (method, (scores, targets)) in enumerate(curves.items()):
+            known = ~np.isnan(targets[:, j])
+            s, y = scores[known, j], targets[known, j]
+            small = too_small(*_class_counts(targets, j))
+            value = (ece_shown or {}).get(method, {}).get(labels[j])
+            draw(ax, s, y, k, method, ece(s, y) if value is None else value)
+        pos, neg = _class_counts(next(iter(curves.values()))[1], j)
+        frame(ax, f"{readable(labels[j])} ({pos} positive, {neg} negative)"
+                  + (f"\nn too small (< {MIN_CASES})" if small else ""))
+    fig.suptitle("Reliability diagram: a calibrated model lies on the diagonal (10 equal-width bins; point area "
+                 "~ images in the bin)", fontsize=9)
+    save_figure(fig, path, dpi=PRINT_DPI, svg=True)
 
 
 def summary_table(results: dict[str, dict], extra: dict[str, dict] | None = None) -> str:

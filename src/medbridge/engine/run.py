@@ -284,17 +284,21 @@ def _train_run(cfg: RunConfig, out: Path, device: str, rank: int, resume: bool, 
             params[name] = method.num_trainable()
     if rank != 0:
         return {"rank": rank}
-    results, scores = {}, {}
+    from .calibration import calibrate_fitted
+
+    results, scores, raw = {}, {}, {}
     for name, (folder, cache) in saved.items():  # scored from the saved files, exactly as `medbridge eval` does
         trained = load_method(folder, backbones)
         trained.to(device)
         sv = check_finite(case_scores(trained, table, cache, val_rows, device), f"{folder}: validation scores") \
             if len(val_rows) else None
         scores[name] = check_finite(case_scores(trained, table, cache, test_rows, device), f"{folder}: test scores")
+        sv, scores[name], raw[name] = calibrate_fitted(cfg.eval.calibrate, folder, sv, table.targets[val_rows],
+                                                       scores[name], table.labels)
         results[name] = evaluate_split(sv, table.targets[val_rows], scores[name], table.targets[test_rows],
                                        table.labels)
     timings["total_s"] = time.perf_counter() - t_start
-    return write_outputs(out, table, test_rows, results, scores, params, timings, cfg, split)
+    return write_outputs(out, table, test_rows, results, scores, params, timings, cfg, split, raw)
 
 
 def run_focal(cfg: RunConfig, table: ImageTable):
@@ -339,9 +343,11 @@ def reads_cache(method: Method, spec, cache, n_views: int) -> bool:
 
 
 def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, params, timings, cfg: RunConfig,
-                  split: Split) -> dict:
-    from .report import ci_sentence, paired_table
+                  split: Split, raw: dict | None = None) -> dict:
+    from . import model_card as card
+    from .report import ci_sentence, paired_table, plot_reliability
     from .stats import bootstrap_metrics, default_n_boot, delong_per_class, paired_bootstrap
+    from .subgroups import group_columns, subgroup_markdown, subgroup_results
 
     labels = list(table.labels)
     targets = table.targets[test_rows]
@@ -357,6 +363,12 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
             pair = paired_bootstrap(scores[names[0]], scores[other], targets, labels, patients, n_boot, boot_seed)
             pair["delong"] = delong_per_class(scores[names[0]], scores[other], targets, labels)
             paired[f"{names[0]} - {other}"] = pair
+    raw = {m: r for m, r in (raw or {}).items() if r is not None}
+    for method, r in raw.items():  # before calibration, on the same draws
+        results[method]["uncalibrated"] = card.uncalibrated_metrics(r, targets, labels, patients, n_boot, boot_seed)
+    groups = {a: v[test_rows] for a, v in group_columns(table.meta).items()}
+    subgroups = subgroup_results([{"targets": targets, "patients": patients, "scores": scores, "groups": groups}],
+                                 labels, list(scores), n_boot, boot_seed) if len(test_rows) else {}
     cases = isinstance(table, CaseTable)
     unit = "cases" if cases else "images"
     summary = {"dataset": table.name, "unit": "case" if cases else "image", "n_images": len(image_table(table)),
@@ -366,7 +378,7 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
                "timings": timings, "device": resolve_device(cfg.train.device),
                "torch_threads": torch.get_num_threads(),
                "bootstrap": {"n_boot": n_boot, "seed": boot_seed, "unit": "patient",
-                             "test_patients": int(len(set(patients)))}}
+                             "test_patients": int(len(set(patients)))}, "subgroups": subgroups}
     from .challenge import challenge_lines, challenge_scores
 
     challenge = challenge_scores(table.notes.get("challenge"), scores, targets, patients, n_boot, boot_seed)
@@ -379,18 +391,24 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
     kept = {c: table.meta[c].to_numpy()[test_rows] for c in table.notes.get("prediction_columns", ())}  # licence
     for method, s in scores.items():
         write_predictions(out / f"predictions_{method}.csv", rel, labels, s, results[method].get("thresholds") or {},
-                          kept)
+                          {**kept, **card.raw_columns(raw.get(method), labels)})
+    shown = {m: {**{lab: v["auroc"] for lab, v in r["per_class"].items()}, "macro": r["macro"]["auroc"]}
+             for m, r in results.items()}
     plot_roc(out / "roc_curves.png", {m: (s, targets, labels) for m, s in scores.items()}, labels,
-             patients if len(test_rows) and n_boot else None, n_boot=min(n_boot, 200), seed=boot_seed)
+             patients if len(test_rows) and n_boot else None, n_boot=min(n_boot, 200), seed=boot_seed,
+             legend_auroc=shown)
+    plot_reliability(out / "reliability.png", {m: (s, targets) for m, s in scores.items()}, labels,
+                     {m: {**{lab: v["ece"] for lab, v in r["per_class"].items()}, "macro": r["macro"]["ece"]}
+                      for m, r in results.items()})
     extra = {m: {"trainable params": f"{params.get(m, 0):,}"} for m in results}
     first = results[next(iter(results))]
-    lines = [f"# medbridge run: {cfg.method} on {table.name}", "",
-             f"Data: {cfg.data.path} ({len(table)} {unit}, {table.meta['patient_id'].nunique()} patients); split "
-             f"{summary['split']} ({split.info}); test metrics ({len(test_rows)} {unit}, "
-             f"{summary['bootstrap']['test_patients']} patients), thresholds picked on validation (honest) and on "
-             "the test set itself (oracle, the paper's protocol).", "", summary_table(results, extra), "",
-             ci_sentence(n_boot, boot_seed) if n_boot else "No intervals (n_boot = 0).", "",
-             *challenge_lines(challenge)]
+    split_text = (f"Split {summary['split']} ({split.info}); test metrics on {len(test_rows)} {unit} of "
+                  f"{summary['bootstrap']['test_patients']} patients, thresholds picked on validation (honest) and on "
+                  "the test set itself (oracle, the paper's protocol).")
+    lines = card.card_head(f"medbridge run: {cfg.method} on {table.name}", cfg, table, split_text, params)
+    lines += ["## Metrics", "", summary_table(results, extra), "",
+              ci_sentence(n_boot, boot_seed) if n_boot else "No intervals (n_boot = 0).", "",
+              *challenge_lines(challenge)]
     if paired:
         lines += ["Paired comparison on the same test images (patient bootstrap of the macro AUROC difference):",
                   "", paired_table(paired), ""]
@@ -399,8 +417,9 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
               f"{first['skipped']}." + (f" Resamples in which a class had no positive or no negative (left out of "
                                        f"that resample's macro): {dropped}." if dropped else ""), "",
               "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
-              "Files: metrics.json, per_class.csv, predictions_<method>.csv, roc_curves.png, config.yaml, "
-              "split.json, and one folder per method (adapter.safetensors + adapter.json).", "",
+              "Files: metrics.json, per_class.csv, predictions_<method>.csv, roc_curves.png/.svg, "
+              "reliability.png/.svg, config.yaml, split.json, and one folder per method (adapter.safetensors + "
+              "adapter.json).", "",
               "![ROC curves with 95% patient-bootstrap bands](roc_curves.png)", "",
               "Per class (test AUROC, 95% interval):", "", markdown_pivot(per_class, "auroc")]
     if paired:
@@ -413,6 +432,10 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
                 dl = pair["delong"].get(lab, {})
                 lines.append(f"| {lab} | {fmt_diff({k: d[k] for k in ('diff', 'ci')})} | {fmt_p(d['p'])} | "
                              f"{dl.get('z', float('nan')):+.2f} | {fmt_p(dl['p']) if dl else '-'} |")
+    lines += ["", *card.card_calibration(results, cfg.eval.calibrate),
+              *card.card_subgroups(subgroup_markdown(subgroups, list(results))),
+              *card.card_limitations(results, table, subgroups, summary["bootstrap"]["test_patients"],
+                                     calibrated=bool(raw)), *card.card_command()]
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
     write_json(out / "metrics.json", summary)  # last: a run folder with metrics.json is complete
     return summary
@@ -420,7 +443,7 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
 
 def markdown_pivot(per_class, value: str) -> str:
     """label x method table of one metric, as Markdown (with its 95% interval when the table has one)."""
-    from .stats import fmt_ci
+    from .stats import fmt_class
 
     if per_class.empty:
         return "(no class with positives and negatives in the test split)"
@@ -430,6 +453,10 @@ def markdown_pivot(per_class, value: str) -> str:
     hi = per_class.pivot(index="label", columns="method", values=f"{value}_hi") if has_ci else None
     lines = ["| label | " + " | ".join(pivot.columns) + " |", "|---" * (len(pivot.columns) + 1) + "|"]
     for label, row in pivot.iterrows():
-        cells = [fmt_ci(v, [lo.loc[label, m], hi.loc[label, m]] if has_ci else None) for m, v in row.items()]
+        pos = per_class.pivot(index="label", columns="method", values="positives") if "negatives" in per_class else None
+        neg = per_class.pivot(index="label", columns="method", values="negatives") if pos is not None else None
+        cells = [fmt_class(v, [lo.loc[label, m], hi.loc[label, m]] if has_ci else None,
+                           None if pos is None else pos.loc[label, m], None if neg is None else neg.loc[label, m])
+                 for m, v in row.items()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -19,8 +19,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-METRICS = ("auroc", "f1", "acc", "f1_oracle", "acc_oracle")
+METRICS = ("auroc", "f1", "acc", "f1_oracle", "acc_oracle", "brier", "ece")
 LEVEL = 0.95
+MIN_CASES = 5  # fewer positives or negatives than this in a test part: "n too small", no interval is shown
 
 
 def default_n_boot() -> int:
@@ -87,12 +88,13 @@ def resampled_metrics(scores: np.ndarray, targets: np.ndarray, labels, image_cou
                       thresholds: dict | None = None, chunk: int | None = None) -> dict[str, np.ndarray]:
     """Per-class metric of every resample: {metric: (B, C)} with NaN where the class is not evaluable in that
     resample (or not at all, as in ``evaluate_scores``). ``image_counts`` (B, n) = multiplicity per image."""
+    from .calibration import weighted_brier_ece
     from .metrics import best_f1_threshold
 
     scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=np.float64)
     n_boot, n = image_counts.shape
     chunk = chunk or max(1, int(4e6 // max(n, 1)))  # bounds the (chunk, n) float arrays to ~32 MB each
-    keys = ["auroc", "f1_oracle", "acc_oracle"] + (["f1", "acc"] if thresholds is not None else [])
+    keys = ["auroc", "f1_oracle", "acc_oracle", "brier", "ece"] + (["f1", "acc"] if thresholds is not None else [])
     out = {k: np.full((n_boot, len(labels)), np.nan) for k in keys}
     for j, lab in enumerate(labels):
         known = ~np.isnan(targets[:, j])
@@ -106,6 +108,10 @@ def resampled_metrics(scores: np.ndarray, targets: np.ndarray, labels, image_cou
             out["auroc"][b0:b0 + chunk, j] = weighted_auroc(s, y, w)
             f1o, acco = weighted_f1_acc(s, y, w, t_oracle)
             out["f1_oracle"][b0:b0 + chunk, j], out["acc_oracle"][b0:b0 + chunk, j] = f1o, acco
+            valid = ((w @ (y == 1)) > 0) & ((w @ (y == 0)) > 0)  # as AUROC: only resamples with both classes
+            br, ec = weighted_brier_ece(s, y, w)
+            out["brier"][b0:b0 + chunk, j] = np.where(valid, br, np.nan)
+            out["ece"][b0:b0 + chunk, j] = np.where(valid, ec, np.nan)
             if t is not None and np.isfinite(t):
                 f1, acc = weighted_f1_acc(s, y, w, t)
                 out["f1"][b0:b0 + chunk, j], out["acc"][b0:b0 + chunk, j] = f1, acc
@@ -356,6 +362,22 @@ def fmt_ci(value: float, ci: list[float] | None, digits: int = 1, scale: float =
     return text
 
 
+def too_small(positives: int, negatives: int, min_cases: int = MIN_CASES) -> bool:
+    """Whether a class (or group) has too few positives or negatives for an interval to mean anything."""
+    return int(positives) < min_cases or int(negatives) < min_cases
+
+
+def fmt_class(value: float, ci: list[float] | None, positives: int | None, negatives: int | None) -> str:
+    """``fmt_ci``, but ``62.0 (n too small: 3 positives)`` without an interval below ``MIN_CASES``."""
+    if positives is not None and negatives is not None and too_small(positives, negatives):
+        if value is None or not np.isfinite(value):
+            return "n too small"
+        n, what = (int(positives), "positive") if positives < MIN_CASES else (int(negatives), "negative")
+        few = f"{n} {what}{'' if n == 1 else 's'}"
+        return f"{fmt_ci(value, None)} (n too small: {few})"
+    return fmt_ci(value, ci)
+
+
 def fmt_diff(pair: dict, digits: int = 1, scale: float = 100.0) -> str:
     """``+5.5 [+1.9, +7.9], p = 0.004`` (a difference with its interval and p-value)."""
     d = pair.get("diff", float("nan"))
@@ -388,4 +410,5 @@ def verdict(pair: dict, a: str, b: str) -> str:
 
 __all__ = ["METRICS", "bootstrap_metrics", "paired_bootstrap", "delong_test", "delong_per_class", "delong_covariance",
            "cv_bootstrap", "resampled_metrics", "image_counts_for", "draw_patients", "weighted_auroc", "interval",
-           "bootstrap_p", "fmt_ci", "fmt_diff", "fmt_p", "verdict", "default_n_boot"]
+           "bootstrap_p", "fmt_ci", "fmt_class", "fmt_diff", "too_small", "MIN_CASES", "fmt_p", "verdict",
+           "default_n_boot"]

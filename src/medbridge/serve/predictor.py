@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from ..data.focal import focal_views
+from ..engine.calibration import apply_calibration, load_calibrator
 from ..engine.evaluate import run_thresholds
 from ..io import read_json
 from ..methods.api import Method
-from ..methods.registry import load_method
+from ..methods.registry import load_method, method_folder
+from .decisions import decide
 from .explain import DEFAULT_LAYER, explained_layers, heat_maps
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class Predictor:
         found = run_thresholds(self.folder, self.method.name)
         self.threshold_source = "validation split of the training run" if found else f"default {DEFAULT_THRESHOLD}"
         self.thresholds = {lab: float((found or {}).get(lab, DEFAULT_THRESHOLD)) for lab in self.method.labels}
+        self.validated = bool(found)
+        self.calibrator = load_calibrator(method_folder(self.folder), self.method.labels)
         self.info = self._describe()
 
     def _describe(self) -> dict:
@@ -128,6 +132,8 @@ class Predictor:
         info = {"method": m.name, "labels": list(m.labels), "backbones": _backbone_names(m),
                 "thresholds": {lab: finite_or_none(t) for lab, t in self.thresholds.items()},
                 "threshold_source": self.threshold_source,
+                "calibration": (f"{self.calibrator['kind']} scaling per label, fitted on the validation part"
+                                if self.calibrator else None),
                 "focal": m.focal.to_dict(),
                 "explanation": {"method": "gradient x (activation - mean-image activation) on the frozen tower's "
                                           "patch tokens",
@@ -170,7 +176,7 @@ class Predictor:
                                   "views": [{"box": views[j][0].boxes[v].tolist(),
                                              "vote": round(float(extra["view_votes"][gi, :, v].mean()), 4)}
                                             for v in range(n)]}
-        return probs, details
+        return apply_calibration(self.calibrator, probs, m.labels), details
 
     def predict(self, jobs: list[Job]) -> list[dict]:
         """The answer for each image: per label probability, threshold and decision (model order), MedBridge's
@@ -182,7 +188,7 @@ class Predictor:
             row = {"image": job.name, "width": int(w), "height": int(h),
                    "predictions": [{"label": lab, "probability": round(float(p[c]), 6),
                                     "threshold": finite_or_none(self.thresholds[lab]),
-                                    "positive": bool(p[c] >= self.thresholds[lab])}
+                                    **decide(float(p[c]), self.thresholds[lab], self.validated)}
                                    for c, lab in enumerate(self.method.labels)],
                    "threshold_source": self.threshold_source, **extra}
             if job.explain is not None:

@@ -37,6 +37,9 @@
       $("model-info").textContent = m.method + " on " + m.backbones.join(" + ") + " — " + m.labels.length +
         " labels" + (auroc !== undefined && auroc !== null ? what + (100 * auroc).toFixed(1) : "") +
         (cv ? " (serving " + m.cross_validation.served_fold + ")" : "") + " — thresholds: " + m.threshold_source;
+      $("calibration-info").textContent = m.calibration ?
+        "Probabilities are calibrated (" + m.calibration + "): 20 % means about 1 in 5 such images had the label." :
+        "Probabilities are not calibrated: read them as scores that rank images, not as chances.";
     } catch (e) {
       $("model-info").textContent = "Model description unavailable: " + e.message;
     }
@@ -85,6 +88,7 @@
       bar.className = "bar";
       bar.setAttribute("role", "img");
       const hasThreshold = p.threshold !== null && p.threshold !== undefined;
+      tr.title = p.reason || "";
       bar.setAttribute("aria-label", "probability " + pct(p.probability) + (hasThreshold ? ", threshold " +
         pct(p.threshold) : ", no threshold"));
       const fill = document.createElement("span");
@@ -100,15 +104,24 @@
       }
       prob.append(bar, document.createTextNode(pct(p.probability)));
       const thr = document.createElement("td");
-      thr.textContent = hasThreshold ? p.threshold.toFixed(3) : "none";
-      if (!hasThreshold) thr.title = "no positive case in the validation split: never called positive";
+      thr.textContent = hasThreshold ? pct(p.threshold) : "none";
+      if (!hasThreshold) thr.title = "no threshold: this label was never positive in validation";
       const dec = document.createElement("td");
-      dec.textContent = p.positive ? "positive" : "negative";
+      const word = document.createElement("span");
+      word.className = "decision";
+      word.textContent = p.decision || (p.positive ? "positive" : "negative");
+      const why = document.createElement("small");
+      why.className = "reason";
+      why.textContent = p.reason || "";
+      dec.append(word, why);
       if (p.positive) dec.className = "positive";
       tr.append(name, prob, thr, dec);
       body.appendChild(tr);
     });
-    $("gate").textContent = r.gate ? "Expert gate: " + r.gate.map((g) => g.toFixed(2)).join(", ") : "";
+    const gate = $("gate");
+    gate.textContent = r.gate && r.gate.length > 1 ? "Share of each frozen backbone in this prediction: " +
+      r.gate.map((g) => (100 * g).toFixed(0) + " %").join(", ") : "";
+    gate.title = "MedBridge weighs its backbones per image (its 'expert gate'); the shares add up to 100 %.";
     $("boxes-toggle-label").hidden = !r.views || r.views.length < 2;
     $("overlay").dataset.label = "";  // no heat map of the previous image counts as drawn
     const img = $("xray");
@@ -127,8 +140,9 @@
     }
   }
 
-  function colour(v) {  // blue -> cyan -> green -> yellow -> red, alpha rising with relevance
-    const stops = [[0, 0, 255], [0, 192, 255], [64, 255, 64], [255, 255, 0], [255, 32, 0]];
+  function colour(v) {  // inferno (perceptually uniform: lightness rises with relevance), alpha rising too
+    const stops = [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+      [250, 193, 39], [252, 255, 164]];
     const x = Math.max(0, Math.min(1, v)) * (stops.length - 1);
     const i = Math.min(stops.length - 2, Math.floor(x));
     const t = x - i;
