@@ -162,7 +162,7 @@ def run_stages(root: Path, *, subset: int, steps: int, predict: int, seed: int =
 
     def predict_stage() -> None:
         t = state["table"]
-        paths = [t.paths[i] for i in state["split"].test[:predict]]
+        paths = t.meta["path"].to_numpy()[state["split"].test[:predict]].tolist()
         assert len(predict_images(method, paths, batch_size=16, device="cpu", workers=1)) == len(paths)
 
     for name, fn in zip(STAGES, (load, split, plan, cache, train, predict_stage)):
