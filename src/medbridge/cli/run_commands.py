@@ -149,6 +149,16 @@ class _NBoot(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def add_device_args(p: argparse.ArgumentParser, amp: bool = False) -> None:
+    """``--device`` (auto: CUDA when present), ``--workers`` (decode processes; default from the cores) and,
+    for commands that score images directly, ``--no-amp``."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding worker processes (default: cores - 1, at most 8)")
+    if amp:
+        p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of bf16 autocast")
+
+
 def add_stats_args(p: argparse.ArgumentParser, cv: bool = True) -> None:
     p.add_argument("--n-boot", type=int, action=_NBoot, metavar="N",
                    help="patient-bootstrap resamples for the 95%% intervals (default 1000; 0: none)")
@@ -159,11 +169,13 @@ def add_stats_args(p: argparse.ArgumentParser, cv: bool = True) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..engine.evaluate import evaluate_on
+    from ..engine.inference import resolve_workers
 
     _setup_logging(args.verbose)
     res = evaluate_on(args.run, args.data, format=args.format, split=args.split, split_file=args.split_file,
                       approximate=args.approximate, label_space=args.label_space, device=args.device,
-                      cache_dir=args.cache_dir, workers=args.workers, progress=not args.json, unit=args.unit)
+                      cache_dir=args.cache_dir, workers=resolve_workers(args.workers), progress=not args.json,
+                      unit=args.unit)
     if args.json:
         print(json.dumps(res, default=float))
         return 0
@@ -229,6 +241,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     method = load_method(run)
     thresholds = run_thresholds(run, method.name)
     from ..engine.calibration import apply_calibration, load_calibrator
+    from ..engine.run import resolve_device
     from ..methods.registry import method_folder
 
     calibrator = load_calibrator(method_folder(run), method.labels)
@@ -241,7 +254,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows[0]["labels"] = [lab for lab, p in rows[0]["probabilities"].items() if p >= thresholds.get(lab, 0.5)]
     else:
         rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable,
-                              calibrator=calibrator)
+                              device=resolve_device(args.device, "--device"), workers=args.workers,
+                              amp=not args.no_amp, progress=not args.quiet, calibrator=calibrator)
     if args.explain:  # per-label heat-map overlays (medbridge serve's explanations) as PNGs
         from ..serve.explain import write_explanations
 
@@ -398,9 +412,8 @@ def add_run_commands(sub, presets: list[str]) -> None:
                    help="also map approximate label counterparts (Nodule/Mass->Lung Lesion, ...)")
     p.add_argument("--label-space", choices=["model", "data"], default="model",
                    help="score the model's labels (default) or the dataset's own label names via prompts")
-    p.add_argument("--device", default="auto")
+    add_device_args(p)
     p.add_argument("--cache-dir", help="frozen-activation cache folder")
-    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_stats_args(p, cv=False)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -416,7 +429,9 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--out", help="write a new .csv or .json file (atomic; never one of the inputs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--json", action="store_true", help="print full JSON (probabilities, gate, per-view votes)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16, help="images per model call (default: %(default)s)")
+    add_device_args(p, amp=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--skip-unreadable", action="store_true", help="report unreadable images instead of failing")
     p.add_argument("--case", action="store_true", help="the inputs are the images of ONE case (e.g. a patient's "
                                                        "left and right fundus photographs, a study's PA and "

@@ -31,7 +31,7 @@ class ViewDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.skip_unreadable = skip_unreadable
-        self._paths = table.paths
+        self._paths = table.meta["path"].to_numpy()  # the table's own strings: no Path object per row
         self._targets = torch.from_numpy(table.targets)
 
     def __len__(self) -> int:

@@ -230,7 +230,8 @@ class FeatureCache:
         if not meta.is_file() and rank == 0:
             info = {"format": CACHE_FORMAT, "rows": n_rows, "shapes": self.shapes, "bytes": self.bytes,
                     "what": parts.get("what"), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "images": _images_summary(parts.get("images")), "parts": parts}
+                    "images": _images_summary(parts.get("images")),  # every path is in the key, not here
+                    "parts": {k: v for k, v in parts.items() if k != "images"}}
             with disk_errors(self.dir):
                 atomic_write_bytes(meta, json.dumps(info, default=str, indent=1).encode())
         self._done_file = self.dir / ("done.npy" if rank == 0 else f"done.rank{rank}.npy")

@@ -8,15 +8,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..data import load_dataset, load_split, make_split
 from ..data.cases import case_or_image_table
 from ..data.datasets.generic import describe_broken_links, image_files
-from ..data.focal import focal_views, read_view_image, view_bounds_problem
-from ..data.images import IMAGE_SUFFIXES, ImageReadError
+from ..data.images import IMAGE_SUFFIXES
 from ..data.table import DatasetError
-from ..io import check_finite
 from ..methods.api import Method
 from ..methods.registry import load_method, method_folder, model_run_folder
 from .calibration import apply_calibration, load_calibrator
@@ -78,7 +75,7 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
             log.info("label alignment: %s", alignment.summary())
     else:
         raise ValueError(f"label_space must be 'model' or 'data', got {label_space!r}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     rows, scores = method_scores(method, table, rows, cache_root_from(cache_dir), dev, workers, progress=progress)
     thresholds = run_thresholds(folder, method.name) if label_space == "model" else None
     calibrator = load_calibrator(method_folder(folder), method.labels) if label_space == "model" else None
@@ -115,46 +112,29 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
 
 
 def predict_images(method: Method, images: list[Path], thresholds: dict | None = None,
-                   batch_size: int = 8, skip_unreadable: bool = False, calibrator: dict | None = None) -> list[dict]:
+                   batch_size: int = 8, skip_unreadable: bool = False, *, device: str = "cpu",
+                   workers: int | None = None, amp: bool = True, progress: bool = False,
+                   calibrator: dict | None = None) -> list[dict]:
     """Per image: probabilities (calibrated with the run's ``calibrator``, if any), thresholded labels and
-    (MedBridge) gate weights and per-view votes/boxes."""
+    (MedBridge) gate weights and per-view votes/boxes; batched on ``device`` with decoding in ``workers`` processes
+    (:func:`~medbridge.engine.inference.iter_scored`; images beyond serve's bounds on the work per image are
+    refused there)."""
+    from .inference import iter_scored
+
     rows = []
     thresholds = thresholds or {}
-    for i in range(0, len(images), batch_size):
-        chunk, views = [], []
-        for path in images[i:i + batch_size]:
-            try:
-                image, full_size = read_view_image(path, method.focal, method.preprocess)
-                width, height = full_size or (image.shape[1], image.shape[0])
-                problem = view_bounds_problem(height, width, method.focal)  # serve's bounds on the work per image
-                if problem:
-                    raise ImageReadError(f"{path}: {problem}")
-            except Exception as exc:
-                if not skip_unreadable:
-                    raise
-                log.warning("skipping unreadable image %s: %s", path, exc)
-                rows.append({"image": str(path), "error": str(exc)})
-                continue
-            chunk.append(path)
-            views.append(focal_views(image, method.focal, method.preprocess, full_size=full_size))
-        if not chunk:
+    for s in iter_scored(method, images, batch_size=batch_size, device=device, workers=workers, amp=amp,
+                         skip_unreadable=skip_unreadable, progress=progress):
+        if s.error is not None:
+            rows.append({"image": str(images[s.index]), "error": s.error})
             continue
-        counts = {v[0].pixels.shape[0] for v in views}
-        groups = [[j for j, v in enumerate(views) if v[0].pixels.shape[0] == n] for n in sorted(counts)]
-        for group in groups:  # images with the same number of views are batched together
-            pixels = [torch.stack([views[j][k].pixels for j in group]) for k in range(len(method.preprocess))]
-            scores, details = method.scores_views(pixels)
-            check_finite(scores, f"{method.name} scores of {', '.join(str(chunk[j]) for j in group[:3])}")
-            scores = apply_calibration(calibrator, np.asarray(scores, dtype=np.float64), method.labels)
-            for gi, j in enumerate(group):
-                row = {"image": str(chunk[j]),
-                       "probabilities": {lab: float(scores[gi, c]) for c, lab in enumerate(method.labels)}}
-                row["labels"] = [lab for lab, p in row["probabilities"].items() if p >= thresholds.get(lab, 0.5)]
-                if details:
-                    row["gate"] = details["gate"][gi].round(4).tolist()
-                    row["views"] = [{"box": views[j][0].boxes[v].tolist(),
-                                     "vote": float(details["view_votes"][gi, :, v].mean())}
-                                    for v in range(views[j][0].boxes.shape[0])]
-                rows.append(row)
-    order = {str(p): k for k, p in enumerate(images)}
-    return sorted(rows, key=lambda r: order.get(r["image"], 0))
+        probs = apply_calibration(calibrator, np.asarray(s.scores, dtype=np.float64)[None], method.labels)[0]
+        row = {"image": str(images[s.index]),
+               "probabilities": {lab: float(probs[c]) for c, lab in enumerate(method.labels)}}
+        row["labels"] = [lab for lab, p in row["probabilities"].items() if p >= thresholds.get(lab, 0.5)]
+        if s.details:
+            row["gate"] = np.asarray(s.details["gate"]).round(4).tolist()
+            row["views"] = [{"box": s.boxes[v].tolist(), "vote": float(np.mean(s.details["view_votes"][:, v]))}
+                            for v in range(s.boxes.shape[0])]
+        rows.append(row)
+    return rows

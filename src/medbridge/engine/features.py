@@ -78,7 +78,7 @@ def fixed_view_count(table: ImageTable, focal: FocalConfig) -> int:
     from PIL import Image
 
     counts = {}
-    for p in table.paths[: min(len(table), 64)]:
+    for p in table.meta["path"].iloc[:64]:
         try:
             with Image.open(p) as im:
                 w, h = im.size
@@ -118,9 +118,11 @@ class CachePlan:
         return self.nbytes <= self.budget(budget, free) and self.nbytes - self.on_disk <= free
 
 
-def cache_plans(spec: CacheSpec, table: ImageTable, root: Path, rows: np.ndarray) -> list[CachePlan]:
-    """Every mode the method can use for this table, fastest first, with sizes and progress."""
-    images = image_keys(table.paths)
+def cache_plans(spec: CacheSpec, table: ImageTable, root: Path, rows: np.ndarray,
+                images: list | None = None) -> list[CachePlan]:
+    """Every mode the method can use for this table, fastest first, with sizes and progress (``images``: the
+    table's :func:`image_keys`, when the caller has them)."""
+    images = image_keys(table.meta["path"]) if images is None else images
     plans = []
     for mode, s in cache_modes(spec).items():
         if s is None:
@@ -203,7 +205,7 @@ def _compute(spec: CacheSpec, table: ImageTable, batch: dict, device: str, use_a
     n = batch["pixels"][0].shape[1]
     expected = spec.shapes[next(iter(spec.shapes))][0]
     if n != expected:
-        bad = table.paths[int(batch["index"][0])]
+        bad = table.meta["path"].iloc[int(batch["index"][0])]
         raise DatasetError(f"{bad}: {n} focal views, the cache was sized for {expected}; set "
                            "focal.num_crops so every image gives the same number of views")
     pixels = [p.to(device) for p in batch["pixels"]]
@@ -249,9 +251,10 @@ def _readable_rows(table: ImageTable, rows: np.ndarray) -> np.ndarray:
     from ..data.images import ImageReadError, read_image
 
     mask = np.zeros(len(table), dtype=bool)
+    paths = table.meta["path"].to_numpy()  # once: ``table.paths`` builds every row's Path
     for r in rows:
         try:
-            read_image(table.paths[r])
+            read_image(paths[r])
             mask[r] = True
         except ImageReadError as exc:
             log.warning("skipping unreadable image (row %d): %s", r, exc)
@@ -275,7 +278,8 @@ def build_cache(spec: CacheSpec, table: ImageTable, rows: np.ndarray | None = No
     root = Path(root) if root else default_cache_root()
     rows = np.arange(len(table)) if rows is None else np.asarray(rows)
     free = free_bytes(root)
-    plans = cache_plans(spec, table, root, rows)
+    images = image_keys(table.meta["path"])  # one stat per image, shared by the plans and the cache's key
+    plans = cache_plans(spec, table, root, rows, images)
     plan = choose_plan(plans, mode, budget, free)
     message = describe_plans(plans, plan, mode, budget, free, len(table))
     if plan.spec is None:
@@ -289,7 +293,7 @@ def build_cache(spec: CacheSpec, table: ImageTable, rows: np.ndarray | None = No
         else:
             log.info(message.replace("frozen-activation cache:", "reusing the complete frozen-activation cache:"))
     spec = plan.spec
-    parts = {**spec.parts, "images": image_keys(table.paths)}
+    parts = {**spec.parts, "images": images}
     fill = dict(batch_size=batch_size, device=device, amp=amp, skip_unreadable=skip_unreadable)
     with build_lock(plan.folder, enabled=rank == 0):  # a second run on the same cache waits, then reuses
         if rank == 0:  # create (and check) the files before the other ranks open them
@@ -311,7 +315,7 @@ def build_cache(spec: CacheSpec, table: ImageTable, rows: np.ndarray | None = No
         still = bad[~cache.done()[bad]]
         if len(still):
             raise CacheError(f"cache {cache.dir}: could not rebuild {len(still)} damaged row(s) (first: image "
-                             f"{table.paths[int(still[0])]})")
+                             f"{table.meta['path'].iloc[int(still[0])]})")
 
     cache.repair = repair
     return cache

@@ -30,11 +30,11 @@ from .trainer import CHECKPOINT, fit_method
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> str:
+def resolve_device(name: str, what: str = "train.device") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA GPU is visible; use cpu or auto")
+        raise ConfigError(f"{what}={name!r} but no CUDA GPU is visible; use cpu or auto")
     return name
 
 

@@ -238,21 +238,17 @@ class Method(nn.Module):
         """Scores [B, L] from views (one tensor [B, N, 3, S, S] per backbone) and details for explanations."""
         raise NotImplementedError
 
-    def predict(self, images: list, batch_size: int = 8) -> np.ndarray:
-        """Probabilities [len(images), L] for image files (PNG, JPEG, DICOM) or arrays in [0, 1] (H x W)."""
-        from ..data.focal import focal_views, read_view_image
+    def predict(self, images: list, batch_size: int = 8, device: str = "auto", workers: int | None = None,
+                amp: bool = True, progress: bool = False) -> np.ndarray:
+        """Probabilities [len(images), L] for image files (PNG, JPEG, DICOM) or arrays in [0, 1] (H x W), in
+        batches on ``device`` (auto: CUDA when present; bf16 autocast there unless ``amp=False``), decoding in
+        ``workers`` processes (default: from the machine's cores)."""
+        from ..engine.inference import iter_scored
+        from ..engine.run import resolve_device
 
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                views = []
-                for x in images[i:i + batch_size]:
-                    image, full = (x, None) if isinstance(x, np.ndarray) else read_view_image(x, self.focal,
-                                                                                            self.preprocess)
-                    views.append(focal_views(image, self.focal, self.preprocess, full_size=full))
-                for v in views:  # one image at a time: images may give different numbers of views
-                    pixels = [e.pixels.unsqueeze(0) for e in v]
-                    out.append(self.scores_views(pixels)[0][0])
+        dev = resolve_device(device, "device")
+        out = [s.scores for s in iter_scored(self, images, batch_size=batch_size, device=dev, workers=workers,
+                                             amp=amp, progress=progress)]
         return np.stack(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def predict_case(self, images: list) -> np.ndarray:

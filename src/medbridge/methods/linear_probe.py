@@ -128,7 +128,7 @@ class LinearProbe(Method):
         feats = probe_features(frozen_embeddings(self.backbones, pixels), self.options.features,
                                self.focal.include_whole)
         with torch.no_grad():
-            return torch.sigmoid(self(feats.to(self.weight.device))).cpu().numpy(), {}
+            return torch.sigmoid(self(feats.to(self.weight.device)).float()).cpu().numpy(), {}
 
     def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
         frozen = [bb.vision.finalize(bb.vision.run_blocks(x, start)).view(b, n, -1)

@@ -148,7 +148,7 @@ def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(run_or_adapter: str | Path | Predictor, token: str | None = None, *, host: str = "127.0.0.1",
                limits: UploadLimits | None = None, max_batch: int = 16, max_wait_s: float = 0.005,
-               max_pending: int = 64, explain_layer: int | None = DEFAULT_LAYER) -> FastAPI:
+               max_pending: int = 64, explain_layer: int | None = DEFAULT_LAYER, device: str = "cpu") -> FastAPI:
     """The service for one saved method (run folder, adapter/probe/baseline folder, or a loaded
     :class:`Predictor`). ``token``: bearer token required on every ``/v1`` call (mandatory when ``host`` is not a
     loopback address). ``limits``: bytes per request, pixels per image, images per request."""
@@ -157,7 +157,7 @@ def create_app(run_or_adapter: str | Path | Predictor, token: str | None = None,
     check_bind(host, token)
     limits = limits or UploadLimits()
     predictor = (run_or_adapter if isinstance(run_or_adapter, Predictor)
-                 else Predictor(run_or_adapter, explain_layer=explain_layer))
+                 else Predictor(run_or_adapter, explain_layer=explain_layer, device=device))
     batcher = MicroBatcher(predictor.predict, max_batch=max_batch, max_wait_s=max_wait_s, max_pending=max_pending)
 
     @asynccontextmanager

@@ -27,6 +27,7 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-megapixels", type=float, default=40, help="largest decoded image (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=16, help="images per model call (micro-batching)")
     p.add_argument("--max-pending", type=int, default=64, help="images allowed to wait; beyond: 503")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_serve)
 
@@ -34,7 +35,7 @@ def add_serve_command(sub) -> None:
 def _settings(args: argparse.Namespace) -> dict:
     return {"RUN": args.run, "HOST": args.host, "TOKEN": args.token or "", "MAX_BYTES": str(int(args.max_upload_mb
             * 1024 * 1024)), "MAX_PIXELS": str(int(args.max_megapixels * 1e6)), "MAX_BATCH": str(args.max_batch),
-            "MAX_PENDING": str(args.max_pending)}
+            "MAX_PENDING": str(args.max_pending), "DEVICE": args.device}
 
 
 def app_from_env():
@@ -43,10 +44,11 @@ def app_from_env():
     from .decode import UploadLimits
 
     env = {k: os.environ.get(ENV_PREFIX + k, "") for k in ("RUN", "HOST", "TOKEN", "MAX_BYTES", "MAX_PIXELS",
-                                                            "MAX_BATCH", "MAX_PENDING")}
+                                                            "MAX_BATCH", "MAX_PENDING", "DEVICE")}
     limits = UploadLimits(max_bytes=int(env["MAX_BYTES"]), max_pixels=int(env["MAX_PIXELS"]))
     return create_app(env["RUN"], env["TOKEN"] or None, host=env["HOST"], limits=limits,
-                      max_batch=int(env["MAX_BATCH"]), max_pending=int(env["MAX_PENDING"]))
+                      max_batch=int(env["MAX_BATCH"]), max_pending=int(env["MAX_PENDING"]),
+                      device=env["DEVICE"] or "auto")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

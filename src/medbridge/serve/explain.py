@@ -59,16 +59,18 @@ def token_relevance(method: Method, pixels: list[Tensor], labels: list[int],
     k = len(labels)
     layers = explained_layers(method, layer)
     tokens, offsets = [], []
+    dev = next(method.parameters()).device  # the method's device (serve/predict --device)
     with torch.no_grad():
         for e, (v, px, start) in enumerate(zip(_towers(method), pixels, layers)):
-            x = v.run_blocks(v.embed(px.flatten(0, 1)), 0, start)
-            offsets.append(0 if reference is None else v.run_blocks(v.embed(reference[e].flatten(0, 1)), 0, start))
+            x = v.run_blocks(v.embed(px.flatten(0, 1).to(dev)), 0, start)
+            offsets.append(0 if reference is None else v.run_blocks(v.embed(reference[e].flatten(0, 1).to(dev)), 0,
+                                                                    start))
             tokens.append(x.repeat(k, 1, 1).requires_grad_(True))  # one copy of the views per explained label
     n = pixels[0].shape[1]
     with torch.enable_grad():
         logits = _logits_from_tokens(method, tokens, layers, k, n)[torch.arange(k), torch.as_tensor(labels)]
         logits.sum().backward()  # copy j backpropagates its own label only
-    probs = torch.sigmoid(logits.detach()).numpy()
+    probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
     maps = []
     for v, x, ref in zip(_towers(method), tokens, offsets):
         delta = x.detach() - (ref.repeat(k, 1, 1) if torch.is_tensor(ref) else ref)
@@ -76,7 +78,7 @@ def token_relevance(method: Method, pixels: list[Tensor], labels: list[int],
         g = int(round(rel.shape[-1] ** 0.5))
         if g * g != rel.shape[-1]:
             raise ValueError(f"{rel.shape[-1]} patch tokens do not form a square grid")
-        maps.append(rel.view(k, n, g, g).numpy())
+        maps.append(rel.view(k, n, g, g).float().cpu().numpy())
     return probs, maps
 
 

@@ -18,6 +18,8 @@ import torch
 from ..data.focal import focal_views
 from ..engine.calibration import apply_calibration, load_calibrator
 from ..engine.evaluate import run_thresholds
+from ..engine.inference import score_views
+from ..engine.run import resolve_device
 from ..io import read_json
 from ..methods.api import Method
 from ..methods.registry import load_method, method_folder
@@ -116,9 +118,12 @@ class Predictor:
     """A saved method (run folder, adapter, probe or baseline folder) loaded once with the CLI's safe loaders,
     its validation thresholds and what ``GET /v1/model`` reports."""
 
-    def __init__(self, source: str | Path, explain_layer: int | None = DEFAULT_LAYER) -> None:
+    def __init__(self, source: str | Path, explain_layer: int | None = DEFAULT_LAYER, device: str = "cpu",
+                 amp: bool = True) -> None:
         self.folder, self.cv_root = resolve_cv_fold(Path(source))
         self.method = load_method(self.folder)
+        self.device, self.amp = resolve_device(device, "--device"), amp
+        self.method.to(self.device).eval()
         self.explain_layer = explain_layer
         found = run_thresholds(self.folder, self.method.name)
         self.threshold_source = "validation split of the training run" if found else f"default {DEFAULT_THRESHOLD}"
@@ -168,7 +173,7 @@ class Predictor:
         for n in sorted({v[0].pixels.shape[0] for v in views}):
             group = [j for j, v in enumerate(views) if v[0].pixels.shape[0] == n]
             pixels = [torch.stack([views[j][k].pixels for j in group]) for k in range(len(m.preprocess))]
-            scores, extra = m.scores_views(pixels)
+            scores, extra = score_views(m, pixels, self.device, self.amp)
             for gi, j in enumerate(group):
                 probs[j] = scores[gi]
                 if extra:

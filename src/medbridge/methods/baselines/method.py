@@ -181,7 +181,7 @@ class BaselineMethod(Method):
         blocks = getattr(self.method, "cache_prefix_blocks", None)
         with torch.no_grad():
             x = v.run_blocks(v.embed(pixels[0][:, 0]), 0, blocks)
-            return torch.sigmoid(self.method(x if blocks is not None else v.finalize(x))).cpu().numpy(), {}
+            return torch.sigmoid(self.method(x if blocks is not None else v.finalize(x)).float()).cpu().numpy(), {}
 
     # -- explanations
     def explain_top_block(self, expert: int) -> int:

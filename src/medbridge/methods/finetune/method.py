@@ -309,7 +309,7 @@ class FineTuneMethod(Method):
     def scores_views(self, pixels: list[Tensor]) -> tuple[np.ndarray, dict]:
         with torch.no_grad():
             px = pixels[0][:, 0].to(self.head.weight.device).float()
-            return torch.sigmoid(self.logits(px)).cpu().numpy(), {}
+            return torch.sigmoid(self.logits(px).float()).cpu().numpy(), {}
 
     def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
         v = self.tower

@@ -179,7 +179,8 @@ class MedBridgeMethod(Method):
     def scores_views(self, pixels: list[Tensor]) -> tuple[np.ndarray, dict]:
         with torch.no_grad():
             out = self.model(pixels, self.score_labels, self.score_prompt_names)
-        return torch.sigmoid(out.logits).numpy(), {"gate": out.gate.numpy(), "view_votes": out.view_votes.numpy()}
+        return torch.sigmoid(out.logits.float()).cpu().numpy(), {"gate": out.gate.float().cpu().numpy(),
+                                                              "view_votes": out.view_votes.float().cpu().numpy()}
 
     # -- explanations
     def explain_top_block(self, expert: int) -> int:
