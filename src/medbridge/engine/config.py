@@ -64,7 +64,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader workers for decoding / cache building
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1
     amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
-    cache: str = "auto"  # frozen-activation cache: auto, full, prefix, pooled, none (old true/false: auto/none)
+    cache: str | bool = "auto"  # frozen-activation cache: auto, full, prefix, pooled, none (old true/false: auto/none)
     cache_budget: str | None = None  # disk budget of the cache: 20G, 500M, 50% (of free); default 80% of free
     cache_dir: str | None = None  # default: $MEDBRIDGE_CACHE/features or the user cache dir
     checkpoint_every: int = 50  # steps between checkpoints (and at each epoch end)
