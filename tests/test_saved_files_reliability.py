@@ -97,6 +97,20 @@ def test_empty_backbones_is_one_line(saved, clip, tmp_path):
         load_method(edited(saved, tmp_path, empty))
 
 
+def test_probe_features_that_do_not_fit_name_the_file(saved, clip, tmp_path):
+    """Focal views changed (and re-signed): scoring was a bare "size of tensor a (64) must match ... b (32)"."""
+    import torch
+
+    def crops(meta):
+        meta["focal"]["num_crops"] = None
+        meta["config_sha256"] = config_digest(meta)
+
+    method = load_method(edited(saved, tmp_path, crops), [clip])
+    with pytest.raises(CorruptFileError, match=r"m/adapter.safetensors: these images give 64 features "
+                                               r"\(features='whole\+mean'.*weights take 32"):
+        method.scores_views([torch.rand(1, 3, 3, 32, 32)])
+
+
 def test_unknown_focal_key_is_one_line(saved, clip, tmp_path):
     def unknown(meta):
         meta["focal"]["zoom"] = 2

@@ -196,6 +196,9 @@ def test_predict_applies_the_same_bounds_and_keeps_overlays_out_of_its_inputs(pr
     for inside in ("in", "in/maps"):
         assert main(["predict", str(probe), str(tmp_path / "in"), "--explain", str(tmp_path / inside)]) == 2
         assert "inside the input folder" in capsys.readouterr().err
+    assert main(["predict", str(probe), "y" * 100_000 + ".png"]) == 2  # was a raw "File name too long" with it
+    err = capsys.readouterr().err
+    assert "cannot be looked up (File name too long)" in err and len(err) < 400
 
 
 @settings(max_examples=60, derandomize=True, database=None, deadline=None,

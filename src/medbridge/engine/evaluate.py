@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from ..data import load_dataset, load_split, make_split
 from ..data.cases import case_or_image_table
 from ..data.datasets.generic import describe_broken_links, image_files
 from ..data.images import IMAGE_SUFFIXES
-from ..data.table import DatasetError
+from ..data.table import DatasetError, shorten
 from ..methods.api import Method
 from ..methods.registry import load_method, method_folder, model_run_folder
 from .calibration import apply_calibration, load_calibrator
@@ -95,6 +96,11 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
+        try:
+            os.stat(p)
+        except OSError as exc:  # ENAMETOOLONG and friends: one short line, not the whole name twice
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise FileNotFoundError(f"input {shorten(p)}: cannot be looked up ({exc.strerror})") from None
         if p.is_dir():
             found, broken = image_files(p)
             files += found
@@ -105,7 +111,7 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
         elif p.is_symlink():
             raise FileNotFoundError(f"input {p} is a broken symbolic link (target {os.readlink(p)} missing)")
         else:
-            raise FileNotFoundError(f"input {p} does not exist")
+            raise FileNotFoundError(f"input {shorten(p)} does not exist")
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {list(map(str, inputs))}")
     return files

@@ -67,6 +67,13 @@ class LinearProbe(Method):
         self.fit_info: dict = {}
 
     def forward(self, features: Tensor) -> Tensor:
+        if features.shape[-1] != self.mean.shape[0]:  # options/focal views that do not match the saved weights
+            from ..io import CorruptFileError
+
+            raise CorruptFileError(f"{getattr(self, 'source', 'linear probe')}: these images give {features.shape[-1]}"
+                                   f" features (features={self.options.features!r}, focal views "
+                                   f"{self.focal.to_dict()}) but the probe's weights take {self.mean.shape[0]}: its "
+                                   "options or focal views do not match the weights it was fitted with")
         return ((features - self.mean) / self.std) @ self.weight.T + self.bias
 
     def cache_spec(self, n_views: int) -> CacheSpec:
@@ -146,6 +153,7 @@ class LinearProbe(Method):
         if w is not None and w.ndim == 2 and w.shape[0] == len(self.labels) and w.shape[1] != self.weight.shape[1]:
             self._resize(w.shape[1])
         super().load_state_tensors(tensors, source)
+        self.source = source
 
     def num_trainable(self) -> int:
         return int(self.weight.numel() + self.bias.numel())
