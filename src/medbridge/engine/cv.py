@@ -226,15 +226,17 @@ def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None
         summary["challenge"] = {**challenge, "note": "pooled out-of-fold scores"}
     write_json(out / "metrics.json", summary)
     _write_per_class(out / "per_class.csv", results, summary["class_counts"])
+    small = {lab for lab, (pos, neg) in summary["class_counts"].items() if too_small(pos, neg)}
+
     def shown(key: str) -> dict:
         return {m: {**{lab: v[key] for lab, v in r["per_class"].items()}, "macro": r["macro"][key]}
                 for m, r in results.items()}
 
     plot_roc(out / "roc_curves.png", {m: (oof[m][scored], targets, labels) for m in methods}, labels,
              patients if n_boot else None, n_boot=min(n_boot, 200), seed=BOOT_SEED,
-             note="pooled out-of-fold scores", legend_auroc=shown("auroc"))
+             note="pooled out-of-fold scores", legend_auroc=shown("auroc"), small=small)
     plot_reliability(out / "reliability.png", {m: (oof[m][scored], targets) for m in methods}, labels,
-                     shown("ece"), note="pooled out-of-fold scores; legend: mean over folds")
+                     shown("ece"), note="pooled out-of-fold scores; legend: mean over folds", small=small)
     cfg = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()) or {}) \
         if (out / "config.yaml").is_file() else None
     atomic_write_bytes(out / "report.md", (cv_report(summary, table, cfg) + "\n").encode())

@@ -94,12 +94,13 @@ def _class_counts(targets: np.ndarray, j: int) -> tuple[int, int]:
 
 def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], labels,
              patient_ids=None, n_boot: int = 200, seed: int = 0, note: str = "",
-             legend_auroc: dict[str, dict] | None = None) -> None:
+             legend_auroc: dict[str, dict] | None = None, small: set[str] | None = None) -> None:
     """One panel per class plus a macro panel (TPR averaged over classes at each FPR), one line per method;
     ``curves[method] = (scores, targets, label list)``. With ``patient_ids``, each curve gets its 95%
     patient-bootstrap band (pointwise percentiles of the resampled curves' TPR at each FPR), except classes with
     fewer than ``MIN_CASES`` positives or negatives ("n too small"). ``legend_auroc[method]`` = {label: AUROC,
-    "macro": AUROC} puts the headline table's values in the legends (default: the AUROC of these scores)."""
+    "macro": AUROC} puts the headline table's values in the legends (default: the AUROC of these scores);
+    ``small``: the labels that are "n too small" in the report (default: judged on these targets)."""
     from matplotlib.figure import Figure
 
     from .metrics import auroc
@@ -109,6 +110,7 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
                if any((~np.isnan(t[:, j])).any() and len(np.unique(t[~np.isnan(t[:, j]), j])) == 2
                       for _, t, _ in curves.values())]
     counts = image_counts_for(patient_ids, n_boot, seed) if patient_ids is not None and n_boot > 0 else None
+    small_set = small
     grid = np.linspace(0, 1, 101)
     cols = 4
     n_rows = max(1, int(np.ceil((len(present) + 1) / cols)))
@@ -144,7 +146,7 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
             color = f"C{k}"
             fpr, tpr = roc_curve(s, y)
             ax.plot(fpr, tpr, color=color, label=f"{method} {100 * shown(method, labels[j], auroc(s, y)):.1f}")
-            small = too_small(*_class_counts(targets, j))
+            small = too_small(*_class_counts(targets, j)) if small_set is None else labels[j] in small_set
             band = roc_band(s, y, counts[:, known], grid) if counts is not None else None
             if band is not None and not small:
                 lo, hi = np.nanpercentile(band, [2.5, 97.5], axis=0)
@@ -152,7 +154,8 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
             macro.setdefault(method, []).append((np.interp(grid, fpr, tpr), band))
         pos, neg = _class_counts(next(iter(curves.values()))[1], j)
         frame(ax, f"{readable(labels[j])} ({pos} positive, {neg} negative)"
-                  + (f"\nn too small (< {MIN_CASES}): no band" if small and counts is not None else ""))
+                  + (f"\nn too small (< {MIN_CASES}{' in a test part' if small_set is not None else ''}): no band"
+                     if small and counts is not None else ""))
     for k, (method, parts) in enumerate(macro.items()):
         mean_tpr = np.mean([c for c, _ in parts], axis=0)
         value = (legend_auroc or {}).get(method, {}).get("macro")
@@ -175,7 +178,7 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], labels,
-                     ece_shown: dict[str, dict] | None = None, note: str = "") -> None:
+                     ece_shown: dict[str, dict] | None = None, note: str = "", small: set[str] | None = None) -> None:
     """Reliability diagram: per class (and all classes together) the observed positive rate against the mean
     predicted probability in 10 equal-width bins, one line per method, point area ~ images in the bin.
     ``curves[method] = (scores, targets)``; ``ece_shown[method]`` = {label: ECE, "macro": ECE} for the legends."""
@@ -186,6 +189,7 @@ def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
 
     present = [j for j, _ in enumerate(labels) if any(len(np.unique(t[~np.isnan(t[:, j]), j])) == 2
                                                        for _, t in curves.values())]
+    small_set = small
     cols = 4
     n_rows = max(1, int(np.ceil((len(present) + 1) / cols)))
     fig = Figure(figsize=(3.2 * cols, 3.1 * n_rows))
@@ -222,12 +226,13 @@ def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
         for k, (method, (scores, targets)) in enumerate(curves.items()):
             known = ~np.isnan(targets[:, j])
             s, y = scores[known, j], targets[known, j]
-            small = too_small(*_class_counts(targets, j))
+            small = too_small(*_class_counts(targets, j)) if small_set is None else labels[j] in small_set
             value = (ece_shown or {}).get(method, {}).get(labels[j])
             draw(ax, s, y, k, method, ece(s, y) if value is None else value)
         pos, neg = _class_counts(next(iter(curves.values()))[1], j)
         frame(ax, f"{readable(labels[j])} ({pos} positive, {neg} negative)"
-                  + (f"\nn too small (< {MIN_CASES})" if small else ""))
+                  + (f"\nn too small (< {MIN_CASES}{' in a test part' if small_set is not None else ''})"
+                     if small else ""))
     fig.suptitle("Reliability diagram: a calibrated model lies on the diagonal (10 equal-width bins; point area "
                  "~ images in the bin)", fontsize=9)
     save_figure(fig, path, dpi=PRINT_DPI, svg=True)
