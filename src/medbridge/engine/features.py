@@ -182,7 +182,7 @@ def _fill(cache: FeatureCache, spec: CacheSpec, table: ImageTable, todo: np.ndar
     """Compute, write and mark ``todo`` rows; returns the number of unreadable images skipped."""
     ds = ViewDataset(table, spec.focal, spec.preprocess, train=False, skip_unreadable=skip_unreadable)
     loader = DataLoader(Subset(ds, np.asarray(todo).tolist()), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_views, persistent_workers=False)
+                        collate_fn=collate_views, persistent_workers=False, pin_memory=device.startswith("cuda"))
     use_amp = amp and device.startswith("cuda")
     skipped = 0
     from tqdm import tqdm
@@ -208,7 +208,7 @@ def _compute(spec: CacheSpec, table: ImageTable, batch: dict, device: str, use_a
         bad = table.meta["path"].iloc[int(batch["index"][0])]
         raise DatasetError(f"{bad}: {n} focal views, the cache was sized for {expected}; set "
                            "focal.num_crops so every image gives the same number of views")
-    pixels = [p.to(device) for p in batch["pixels"]]
+    pixels = [p.to(device, non_blocking=True) for p in batch["pixels"]]
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
         return spec.compute(pixels)
 
