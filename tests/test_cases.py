@@ -245,6 +245,7 @@ def odir_run(tmp_path_factory, odir_sample):
     return {"root": root, "data": data, "backbone": backbone}
 
 
+@pytest.mark.slow
 def test_train_on_odir_defaults_to_patients_with_the_challenge_score(odir_run):
     out = odir_run["root"] / "patients"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -261,6 +262,7 @@ def test_train_on_odir_defaults_to_patients_with_the_challenge_score(odir_run):
     assert eyes["unit"] == "image" and sum(eyes["split"].values()) == 80
 
 
+@pytest.mark.slow
 def test_predict_takes_a_case_and_a_case_of_one_image_equals_the_image(odir_run, capsys):
     out = odir_run["root"] / "patients"
     images = sorted((odir_run["data"] / "ODIR-5K" / "Training Images").iterdir())[:2]
@@ -277,6 +279,7 @@ def test_predict_takes_a_case_and_a_case_of_one_image_equals_the_image(odir_run,
                                                                                    abs=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_of_a_case_run_reproduces_its_metrics(odir_run, capsys):
     out = odir_run["root"] / "patients"
     assert main(["eval", str(out), "--data", str(odir_run["data"]), "--json", "--workers", "0", "--cache-dir",
@@ -314,6 +317,7 @@ def mimic_fixture(root: Path, nih_sample: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_mimic_cxr_layout_is_read_and_trained_per_study(tmp_path, nih_sample):
     root = mimic_fixture(tmp_path / "mimic", nih_sample)
     table = load_dataset("mimic-cxr", root)
