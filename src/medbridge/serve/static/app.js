@@ -147,7 +147,7 @@
     const i = Math.min(stops.length - 2, Math.floor(x));
     const t = x - i;
     const c = stops[i].map((s, k) => Math.round(s + (stops[i + 1][k] - s) * t));
-    return [c[0], c[1], c[2], Math.round(255 * Math.min(1, 0.15 + v))];
+    return [c[0], c[1], c[2], Math.round(255 * Math.min(1, 0.05 + 0.95 * v))];  // faint where irrelevant
   }
 
   async function fetchMap(label) {  // heat maps are computed on demand, one label at a time
