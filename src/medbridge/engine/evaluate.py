@@ -107,8 +107,8 @@ def predict_images(method: Method, images: list[Path], thresholds: dict | None =
                    batch_size: int = 8, skip_unreadable: bool = False, *, device: str = "cpu",
                    workers: int | None = None, amp: bool = True, progress: bool = False) -> list[dict]:
     """Per image: probabilities, thresholded labels and (MedBridge) gate weights and per-view votes/boxes; batched
-    on ``device`` with decoding in ``workers`` processes (:func:`~medbridge.engine.inference.iter_scored`)."""
-    from .inference import iter_scored
+    on ``device`` with decoding in ``workers`` processes (:func:`~medbridge.methods.inference.iter_scored`)."""
+    from ..methods.inference import iter_scored
 
     rows = []
     thresholds = thresholds or {}
