@@ -199,8 +199,8 @@ def predict_rates(data: Path, n: int, device: str, workers: int, smoke: bool) ->
     images on the CPU: the largest probability difference, fp32 and bf16."""
     from medbridge.backbones.registry import tiny_builders
     from medbridge.engine.evaluate import predict_images
-    from medbridge.engine.inference import BF16_TOLERANCE, FP32_TOLERANCE
     from medbridge.methods import create_method
+    from medbridge.methods.inference import BF16_TOLERANCE, FP32_TOLERANCE
 
     paths = sorted((data / "images").glob("*.jpg"))[:n]
     torch.manual_seed(0)
@@ -253,7 +253,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
-    from medbridge.engine.inference import default_workers
+    from medbridge.methods.inference import default_workers
 
     workers = default_workers()
     n = 16 if args.smoke else 512

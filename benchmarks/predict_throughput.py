@@ -22,8 +22,8 @@ import torch
 
 from medbridge.data.focal import focal_views, read_view_image
 from medbridge.engine.evaluate import predict_images
-from medbridge.engine.inference import resolve_workers, score_views
 from medbridge.methods import create_method, load_method, save_method
+from medbridge.methods.inference import resolve_workers, score_views
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
           "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]

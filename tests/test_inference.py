@@ -14,9 +14,8 @@ from tests.helpers import save_tiny_clip
 from medbridge.backbones import create_backbone
 from medbridge.cli.main import main
 from medbridge.data.focal import focal_views, read_view_image
-from medbridge.engine import inference
-from medbridge.engine.inference import default_workers, iter_scored, resolve_workers
-from medbridge.methods import create_method, save_method
+from medbridge.methods import create_method, inference, save_method
+from medbridge.methods.inference import default_workers, iter_scored, resolve_workers
 
 LABELS = ["Effusion", "Pneumonia", "Cardiomegaly"]
 

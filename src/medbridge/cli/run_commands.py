@@ -169,7 +169,7 @@ def add_stats_args(p: argparse.ArgumentParser, cv: bool = True) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..engine.evaluate import evaluate_on
-    from ..engine.inference import resolve_workers
+    from ..methods.inference import resolve_workers
 
     _setup_logging(args.verbose)
     res = evaluate_on(args.run, args.data, format=args.format, split=args.split, split_file=args.split_file,

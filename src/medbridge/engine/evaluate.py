@@ -123,9 +123,9 @@ def predict_images(method: Method, images: list[Path], thresholds: dict | None =
                    calibrator: dict | None = None) -> list[dict]:
     """Per image: probabilities (calibrated with the run's ``calibrator``, if any), thresholded labels and
     (MedBridge) gate weights and per-view votes/boxes; batched on ``device`` with decoding in ``workers`` processes
-    (:func:`~medbridge.engine.inference.iter_scored`; images beyond serve's bounds on the work per image are
+    (:func:`~medbridge.methods.inference.iter_scored`; images beyond serve's bounds on the work per image are
     refused there)."""
-    from .inference import iter_scored
+    from ..methods.inference import iter_scored
 
     rows = []
     thresholds = thresholds or {}

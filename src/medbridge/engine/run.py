@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str, what: str = "train.device") -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{what}={name!r} but no CUDA GPU is visible; use cpu or auto")
-    return name
+    from ..methods.inference import resolve_device as device_for
+
+    try:
+        return device_for(name, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def prepare_data(dc: DataConfig) -> tuple[ImageTable | CaseTable, Split]:

@@ -243,8 +243,7 @@ class Method(nn.Module):
         """Probabilities [len(images), L] for image files (PNG, JPEG, DICOM) or arrays in [0, 1] (H x W), in
         batches on ``device`` (auto: CUDA when present; bf16 autocast there unless ``amp=False``), decoding in
         ``workers`` processes (default: from the machine's cores)."""
-        from ..engine.inference import iter_scored
-        from ..engine.run import resolve_device
+        from .inference import iter_scored, resolve_device
 
         dev = resolve_device(device, "device")
         out = [s.scores for s in iter_scored(self, images, batch_size=batch_size, device=dev, workers=workers,

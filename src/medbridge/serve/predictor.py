@@ -18,10 +18,10 @@ import torch
 from ..data.focal import focal_views
 from ..engine.calibration import apply_calibration, load_calibrator
 from ..engine.evaluate import run_thresholds
-from ..engine.inference import score_views
 from ..engine.run import resolve_device
 from ..io import read_json
 from ..methods.api import Method
+from ..methods.inference import score_views
 from ..methods.registry import load_method, method_folder
 from .decisions import decide
 from .explain import DEFAULT_LAYER, explained_layers, heat_maps

@@ -1,6 +1,7 @@
-"""Batched inference on a device: images decoded into focal views in DataLoader workers, batches pinned and moved
-to the device, bf16 autocast on CUDA (as in training), a progress bar. Used by ``predict``, ``serve`` and
-:meth:`Method.predict`; the engine talks to the method through ``scores_views`` only.
+"""Batched inference on a device, for every method: images decoded into focal views in DataLoader workers,
+batches pinned and moved to the device, bf16 autocast on CUDA (as in training), a progress bar. Used by
+``predict``, ``serve``, ``eval`` and :meth:`Method.predict`; it talks to a method through ``scores_views`` only
+(the engine imports it, never the other way round).
 
 On CUDA, bf16 autocast changes probabilities by up to ``BF16_TOLERANCE`` (absolute) against the CPU's fp32;
 without autocast (``amp=False``) a GPU agrees with the CPU within ``FP32_TOLERANCE``."""
@@ -28,6 +29,15 @@ log = logging.getLogger(__name__)
 #: largest |GPU - CPU| probability difference accepted (benchmarks/gpu_check.py checks both on a GPU)
 FP32_TOLERANCE = 1e-3
 BF16_TOLERANCE = 3e-2
+
+
+def resolve_device(name: str, what: str = "device") -> str:
+    """``auto`` -> CUDA when present, else cpu; a CUDA device without a visible GPU is refused naming ``what``."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{what}={name!r} but no CUDA GPU is visible; use cpu or auto")
+    return name
 
 
 def default_workers() -> int:
@@ -142,4 +152,4 @@ def _name(x) -> str:
 
 
 __all__ = ["BF16_TOLERANCE", "FP32_TOLERANCE", "ImageViews", "Scored", "default_workers", "iter_scored",
-           "resolve_workers", "score_views"]
+           "resolve_device", "resolve_workers", "score_views"]
