@@ -20,13 +20,14 @@ INTENDED_USE = (
 
 
 COMMAND: list[str] | None = None  # set by the CLI: the command being run
+PROGRAM = __name__.split(".")[0]  # the command's name: the package's (the engine names no method, even by chance)
 
 
 def command_line() -> str:
     """The command that made the run, as typed (``medbridge ...`` when run through the CLI)."""
     argv = list(COMMAND or sys.argv)
-    if argv and (argv[0].endswith(("medbridge", "__main__.py")) or argv[0] == "-m"):
-        argv[0] = "medbridge"
+    if argv and (argv[0].endswith((PROGRAM, "__main__.py")) or argv[0] == "-m"):
+        argv[0] = PROGRAM
     return shlex.join(argv) if argv else "(not recorded)"
 
 
