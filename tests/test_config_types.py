@@ -68,6 +68,8 @@ def test_every_field_of_every_config_dataclass_rejects_a_wrong_typed_value():
     ("train.weight_decay=-1", "train.weight_decay must be >= 0, got -1"),
     ("data.fractions=[0.5, 0.5]", "data.fractions: [0.5, 0.5] is not three numbers"),
     ("focal.num_crops=x", "focal.num_crops: 'x' is not a whole number or null"),
+    ("backbones=[]", "backbones: empty list; give at least one backbone source"),
+    ("data.unit=patient", "data.unit: 'patient' is not one of auto, image, case"),
     ("method_options.medbridge.view_attention=sometimes",
      "method_options.medbridge.view_attention: 'sometimes' is not true or false"),
 ])

@@ -237,6 +237,9 @@ def _check_top_level(d: dict) -> None:
         check_fields(RunConfig, {k: v for k, v in d.items() if v is not None}, "", skip=("data", "train"))
     except FieldTypeError as exc:
         raise ConfigError(str(exc)) from exc
+    if "backbones" in d and d["backbones"] is not None and not d["backbones"]:
+        raise ConfigError("backbones: empty list; give at least one backbone source (e.g. "
+                          f"[{DEFAULT_BACKBONE}], the default)")
     for key in ("backbones", "companions"):
         for i, item in enumerate(d.get(key) or []):
             if not isinstance(item, str) or not item:
