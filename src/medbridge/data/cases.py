@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .table import DatasetError, ImageTable
+from .table import DatasetError, ImageTable, label_count_frame
 
 UNITS = ("auto", "image", "case")
 CASE_PATH_SEPARATOR = " + "
@@ -95,10 +95,7 @@ class CaseTable:
         return to_cases(images), alignment
 
     def label_counts(self) -> pd.DataFrame:
-        t = self.targets
-        return pd.DataFrame({"label": self.labels, "positive": np.nansum(t == 1, axis=0).astype(int),
-                             "negative": np.nansum(t == 0, axis=0).astype(int),
-                             "unknown": np.isnan(t).sum(axis=0).astype(int)})
+        return label_count_frame(self.labels, self.targets)
 
 
 def mean_logit(probabilities: np.ndarray) -> np.ndarray:

@@ -113,10 +113,14 @@ class ImageTable:
         return replace(self, labels=tuple(labels), targets=targets, prompt_names=names, case_targets=cases), alignment
 
     def label_counts(self) -> pd.DataFrame:
-        t = self.targets
-        return pd.DataFrame({"label": self.labels, "positive": np.nansum(t == 1, axis=0).astype(int),
-                             "negative": np.nansum(t == 0, axis=0).astype(int),
-                             "unknown": np.isnan(t).sum(axis=0).astype(int)})
+        return label_count_frame(self.labels, self.targets)
+
+
+def label_count_frame(labels, targets: np.ndarray) -> pd.DataFrame:
+    """Positives, negatives and unknowns per label of a targets array (NaN = unknown)."""
+    return pd.DataFrame({"label": list(labels), "positive": np.nansum(targets == 1, axis=0).astype(int),
+                         "negative": np.nansum(targets == 0, axis=0).astype(int),
+                         "unknown": np.isnan(targets).sum(axis=0).astype(int)})
 
 
 #: Where a table row came from: (file, 1-based line with the header as line 1), for error messages.
