@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medbridge.backbones.query_rows import has_fast_path, query_rows
+from medbridge.backbones.query_rows import block_and_query_rows, has_fast_path, query_rows
 from medbridge.backbones.registry import tiny_builders
 from medbridge.methods.medbridge.model import MedBridgeConfig, MedBridgeModel
 
@@ -26,6 +26,30 @@ def test_query_rows_equal_full_block(name):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     if name in FAST:
         assert has_fast_path(block), f"{name} should use the query-rows shortcut"
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_block_and_query_rows_equal_full_block_with_gradients(name):
+    """Reusing the frozen rows' keys/values (hooks) and skipping their backward changes neither the outputs nor
+    the queries' gradient."""
+    torch.manual_seed(0)
+    vision = BUILDERS[name]().vision
+    size = vision.preprocess.image_size
+    tokens = vision.embed(torch.randn(2, 3, size, size)).detach()
+    block = vision.blocks[1]
+    base = torch.randn(2, 3, vision.width) * 0.5
+    q_ref, q_new = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    full = block(torch.cat([tokens, q_ref], 1))
+    frozen_out, rows = block_and_query_rows(block, tokens, q_new)
+    torch.testing.assert_close(frozen_out, block(tokens), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rows, full[:, tokens.shape[1]:], atol=2e-5, rtol=1e-4)
+    assert not frozen_out.requires_grad and rows.requires_grad
+    weights = torch.randn_like(rows)
+    (full[:, tokens.shape[1]:] * weights).sum().backward()
+    (rows * weights).sum().backward()
+    torch.testing.assert_close(q_new.grad, q_ref.grad, atol=1e-4, rtol=1e-3)
+    with torch.no_grad():  # the same without autograd (prediction)
+        torch.testing.assert_close(block_and_query_rows(block, tokens, base)[1], rows.detach(), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("attention", ["isolated", "joint"])

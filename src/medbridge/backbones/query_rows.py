@@ -24,14 +24,24 @@ def _merge(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _timm_block(blk: nn.Module, frozen: Tensor, q: Tensor) -> Tensor:
+def _frozen_part(blk: nn.Module, frozen: Tensor, fn):
+    """``fn(frozen)`` for the frozen rows: without autograd when nothing there needs a gradient (the frozen tokens
+    and the block's weights are constants), so training never back-propagates through the frozen rows."""
+    if torch.is_grad_enabled() and (frozen.requires_grad or any(p.requires_grad for p in blk.parameters())):
+        return fn(frozen)
+    with torch.no_grad():
+        return fn(frozen)
+
+
+def _timm_block(blk: nn.Module, frozen: Tensor, q: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
     a = blk.attn
-    h = blk.norm1(torch.cat([frozen, q], dim=1))
     dim = a.qkv.out_features // 3
     w, bias = a.qkv.weight, a.qkv.bias
-    qh = F.linear(h[:, frozen.shape[1]:], w[:dim], None if bias is None else bias[:dim])
-    kv = F.linear(h, w[dim:], None if bias is None else bias[dim:])
-    k, v = kv.split(dim, dim=-1)
+    if kv is None:
+        kv = _frozen_part(blk, frozen, lambda f: F.linear(blk.norm1(f), w[dim:], None if bias is None else bias[dim:])
+                          .split(dim, dim=-1))
+    qh, kq, vq = a.qkv(blk.norm1(q)).split(dim, dim=-1)
+    k, v = torch.cat([kv[0], kq], dim=1), torch.cat([kv[1], vq], dim=1)
     qh, k, v = _heads(qh, a.num_heads), _heads(k, a.num_heads), _heads(v, a.num_heads)
     qh, k = a.q_norm(qh), a.k_norm(k)
     o = a.proj(a.norm(_merge(F.scaled_dot_product_attention(qh, k, v, scale=a.scale))))
@@ -39,21 +49,36 @@ def _timm_block(blk: nn.Module, frozen: Tensor, q: Tensor) -> Tensor:
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-def _dinov2_layer(blk: nn.Module, frozen: Tensor, q: Tensor) -> Tensor:
+def _dinov2_layer(blk: nn.Module, frozen: Tensor, q: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
     att = blk.attention.attention
-    h = blk.norm1(torch.cat([frozen, q], dim=1))
     n = att.num_attention_heads
-    qh = _heads(att.query(h[:, frozen.shape[1]:]), n)
-    k, v = _heads(att.key(h), n), _heads(att.value(h), n)
-    o = blk.attention.output.dense(_merge(F.scaled_dot_product_attention(qh, k, v, scale=att.scaling)))
-    x = q + blk.layer_scale1(o)
+    if kv is None:
+        kv = _frozen_part(blk, frozen, lambda f: (lambda h: (att.key(h), att.value(h)))(blk.norm1(f)))
+    hq = blk.norm1(q)
+    k, v = torch.cat([kv[0], att.key(hq)], dim=1), torch.cat([kv[1], att.value(hq)], dim=1)
+    o = F.scaled_dot_product_attention(_heads(att.query(hq), n), _heads(k, n), _heads(v, n), scale=att.scaling)
+    x = q + blk.layer_scale1(blk.attention.output.dense(_merge(o)))
     return x + blk.layer_scale2(blk.mlp(blk.norm2(x)))
 
 
-def _open_clip_block(blk: nn.Module, frozen: Tensor, q: Tensor) -> Tensor:
-    kv = blk.ln_1(torch.cat([frozen, q], dim=1))
-    x = q + blk.ls_1(blk.attention(q_x=blk.ln_1(q), k_x=kv, v_x=kv))
+def _open_clip_block(blk: nn.Module, frozen: Tensor, q: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    hq = blk.ln_1(q)
+    h = torch.cat([_frozen_part(blk, frozen, blk.ln_1), hq], dim=1)
+    x = q + blk.ls_1(blk.attention(q_x=hq, k_x=h, v_x=h))
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
+def _timm_kv_modules(blk: nn.Module) -> list[nn.Module]:
+    return [blk.attn.qkv]
+
+
+def _timm_kv(outputs: list[Tensor], blk: nn.Module) -> tuple[Tensor, Tensor]:
+    dim = blk.attn.qkv.out_features // 3
+    return outputs[0][..., dim:2 * dim], outputs[0][..., 2 * dim:]
+
+
+def _dinov2_kv_modules(blk: nn.Module) -> list[nn.Module]:
+    return [blk.attention.attention.key, blk.attention.attention.value]
 
 
 def _kind(blk: nn.Module) -> str | None:
@@ -79,6 +104,37 @@ def query_rows(block: nn.Module, frozen: Tensor, queries: Tensor) -> Tensor:
     if kind is None:
         return block(torch.cat([frozen, queries], dim=1))[:, frozen.shape[1]:]
     return _IMPLS[kind](inner, frozen, queries)
+
+
+# Where a block computes the frozen rows' keys and values (the module outputs to keep) when it runs on them alone.
+_KV_CAPTURE = {"timm": (_timm_kv_modules, _timm_kv), "dinov2": (_dinov2_kv_modules, lambda outs, blk: tuple(outs))}
+
+
+def block_and_query_rows(block: nn.Module, frozen: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """``(block(frozen), query_rows(block, frozen, queries))`` in one pass over the frozen rows: the keys and values
+    the block computes for them while it runs (its own projection modules, read through forward hooks) are reused
+    for the queries instead of being projected a second time. The frozen output is computed without autograd."""
+    inner = getattr(block, "block", block)
+    kind = _kind(inner)
+    capture = _KV_CAPTURE.get(kind) if kind is not None else None
+    needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in inner.parameters())
+    if capture is None or needs_grad or frozen.requires_grad:
+        q = query_rows(block, frozen, queries)
+        with torch.no_grad():
+            return block(frozen), q
+    modules, to_kv = capture
+    outputs: list[list[Tensor]] = [[] for _ in modules(inner)]
+    handles = [m.register_forward_hook(lambda _m, _i, out, store=store: store.append(out))
+               for m, store in zip(modules(inner), outputs)]
+    try:
+        with torch.no_grad():
+            out = block(frozen)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(len(o) != 1 or o[0].shape[:2] != frozen.shape[:2] for o in outputs):  # not called once on these rows
+        return out, query_rows(block, frozen, queries)
+    return out, _IMPLS[kind](inner, frozen, queries, to_kv([o[0] for o in outputs], inner))
 
 
 def has_fast_path(block: nn.Module) -> bool:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ...backbones.base import VisionTower
-from ...backbones.query_rows import query_rows
+from ...backbones.query_rows import block_and_query_rows, query_rows
 
 ATTENTION_MODES = ("joint", "isolated")
 
@@ -56,9 +56,7 @@ class QEncoder(nn.Module):
         else:
             frozen = tokens
             for block in blocks:
-                q = query_rows(block, frozen, q)
-                with torch.no_grad():
-                    frozen = block(frozen)
+                frozen, q = block_and_query_rows(block, frozen, q)
         return self.vision.finalize(frozen), self.vision.finalize_tokens(q)
 
     def frozen_embedding(self, tokens: Tensor) -> Tensor:
