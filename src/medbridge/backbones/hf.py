@@ -328,11 +328,11 @@ def register_family() -> None:
                      IMAGENET_STD, False, "Meta DINOv2 ViT-B/14 via transformers", arch="facebook/dinov2-base"),
         BackboneSpec("rad-dino", "transformers", f"hf-hub:{RAD_DINO}", 768, 12, 518, None, None, False,
                      "RAD-DINO: DINOv2 ViT-B/14 self-supervised on chest X-rays (vision only; mean/std from "
-                     "its preprocessor_config.json)", arch=RAD_DINO, licence="MSRLA (Microsoft Research licence)",
+                     "its preprocessor_config.json)", arch=RAD_DINO, licence="MSRLA",
                      tiny=_tiny_saved("rad-dino")),
         BackboneSpec("medsiglip", "transformers", f"hf-hub:{MEDSIGLIP}", 1152, 27, 448, *half, True,
                      "MedSigLIP: SigLIP So400m/14 + text tower trained on medical image-text pairs (aligned "
                      "text, up to 64 tokens; gated repo)", arch=MEDSIGLIP, aligned=True,
-                     licence="Health AI Developer Foundations terms of use", tiny=_tiny_saved("medsiglip")),
+                     licence="HAI-DEF terms of use", tiny=_tiny_saved("medsiglip")),
     ):
         register_backbone(spec)

@@ -173,6 +173,11 @@ def list_backbone_families() -> list[BackboneFamily]:
     return list(_FAMILIES.values())
 
 
+def specs_of(family: str) -> list[BackboneSpec]:
+    """The registered backbones of one family."""
+    return [s for s in list_backbones() if s.family == family]
+
+
 def get_spec(name: str) -> BackboneSpec:
     _ensure_builtins()
     if name not in _REGISTRY:
@@ -244,9 +249,9 @@ def detect_family(src: Source) -> tuple[BackboneFamily, ModelFiles]:
 
 def _registered(src: Source) -> BackboneSpec:
     spec = get_spec(src.name)
-    if src.kind == BUNDLED and spec.family != "bundled":
-        bundled = [s.name for s in list_backbones() if s.family == "bundled"]
-        raise BackboneError(f"{spec.name!r} is not bundled; bundled backbones: {', '.join(bundled)}")
+    bundled = specs_of(BUNDLED)  # bundled:NAME names an entry of the bundled family
+    if src.kind == BUNDLED and spec not in bundled:
+        raise BackboneError(f"{spec.name!r} is not bundled; bundled backbones: {', '.join(s.name for s in bundled)}")
     return spec
 
 
@@ -326,7 +331,7 @@ def tiny_builders() -> TinyBuilders:
     """A tiny random-init builder for every family and registered architecture (tests use these)."""
     builders: TinyBuilders = {}
     for family in list_backbone_families():
-        specs = [s for s in list_backbones() if s.family == family.name]
+        specs = specs_of(family.name)
         if family.tiny is not None:
             builders.update(family.tiny(specs))
         builders.update({f"tiny-{s.name}": s.tiny for s in specs if s.tiny is not None})
@@ -336,4 +341,4 @@ def tiny_builders() -> TinyBuilders:
 __all__ = ["BackboneFamily", "BackboneSpec", "ModelFiles", "availability", "create_backbone",
            "create_text_tower", "detect_family", "get_family", "get_spec", "hub_availability",
            "list_backbone_families", "list_backbones", "register_backbone", "register_backbone_family",
-           "tiny_builders"]
+           "specs_of", "tiny_builders"]

@@ -175,8 +175,8 @@ def save_tiny_medsiglip(folder: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     vision = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128, image_size=56,
                   patch_size=14)
-    text = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, vocab_size=30522,
-                max_position_embeddings=64)
+    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=30522,
+                max_position_embeddings=64)  # as in MedSigLIP, both towers share one width (no projection)
     SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval().save_pretrained(str(folder))
     _save_tokenizer(folder)
     proc = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 56, "width": 56},
