@@ -64,8 +64,9 @@ def hub_availability(spec: BackboneSpec) -> str:
     """Availability of hub weights: in the local hub cache or not (or a checkpoint file is needed)."""
     if spec.needs_checkpoint:
         return "needs checkpoint file (NAME@/path)"
-    return "yes (hub cache)" if _hf_cached(spec.hub_repo or "") else \
-        "no (hub download; offline: use local-dir: or NAME@file)"
+    if spec.hub_repo is None:
+        return "unknown (weights not from the hub)"
+    return "yes (hub cache)" if _hf_cached(spec.hub_repo) else "no (hub download; offline: use local-dir: or NAME@file)"
 
 
 @dataclass(frozen=True)
@@ -242,8 +243,7 @@ def detect_family(src: Source) -> tuple[BackboneFamily, ModelFiles]:
         if family.detect(files):
             return family, files
     where = f"local-dir:{src.path}" if src.is_local else src.raw
-    raise BackboneError(f"{where}: no backbone family recognises it (open_clip needs open_clip_config.json; timm "
-                        "and transformers need config.json); families: "
+    raise BackboneError(f"{where}: no backbone family recognises it; families and what they read: "
                         + "; ".join(f"{f.name} ({f.help})" for f in ranked))
 
 
