@@ -227,12 +227,13 @@ _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 def _processor_config(path_or_repo: str, local_files_only: bool) -> dict | None:
     """The checkpoint's preprocessor_config.json (a folder's or a hub repo's), or None when it has none."""
     import json
+    from pathlib import Path
 
     from transformers.utils import cached_file
 
     path = cached_file(path_or_repo, "preprocessor_config.json", local_files_only=local_files_only,
                        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
-    return json.loads(open(path).read()) if path else None
+    return json.loads(Path(path).read_text()) if path else None
 
 
 def _dinov2_preprocess(proc: dict, image_size: int | None) -> PreprocessConfig:
