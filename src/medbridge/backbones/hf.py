@@ -25,7 +25,7 @@ from .base import (
 class HFDinov2VisionTower(VisionTower):
     """``Dinov2Model``: embeddings (positions interpolated to the input size) -> layers -> layernorm -> CLS."""
 
-    def __init__(self, model: nn.Module, image_size: int = 224) -> None:
+    def __init__(self, model: nn.Module, image_size: int = 224, preprocess: PreprocessConfig | None = None) -> None:
         super().__init__()
         self.model = model
         cfg = model.config
@@ -33,7 +33,7 @@ class HFDinov2VisionTower(VisionTower):
         self.depth = cfg.num_hidden_layers
         self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         self.embed_dim = self.width
-        self.preprocess = PreprocessConfig(image_size, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+        self.preprocess = preprocess or PreprocessConfig(image_size, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
         self._blocks = nn.ModuleList(TokenBlock(b) for b in model.encoder.layer)
 
     def embed(self, pixels: Tensor) -> Tensor:
@@ -183,11 +183,15 @@ class HFTextTower(TextTower):
         return self.project(out.pooler_output)
 
 
-def wrap_transformers(name: str, model: nn.Module, tokenizer=None, image_size: int | None = None) -> Backbone:
-    """Wrap a loaded transformers model (Dinov2Model, CLIPModel, CLIPVisionModel, SiglipModel, BERT-like)."""
+def wrap_transformers(name: str, model: nn.Module, tokenizer=None, image_size: int | None = None,
+                      processor: dict | None = None) -> Backbone:
+    """Wrap a loaded transformers model (Dinov2Model, CLIPModel, CLIPVisionModel, SiglipModel, BERT-like).
+    ``processor``: the checkpoint's preprocessor_config.json, read for Dinov2 (whose config has no input size:
+    crop size, mean, std, resample); ``image_size`` overrides its size."""
     mtype = model.config.model_type
     if mtype == "dinov2":
-        return Backbone(name, HFDinov2VisionTower(model, image_size or 224))
+        return Backbone(name, HFDinov2VisionTower(model, image_size or 224,
+                                                  _dinov2_preprocess(processor, image_size) if processor else None))
     if mtype in ("clip", "siglip"):
         vision = HFClipVisionTower(model.vision_model, getattr(model, "visual_projection", None), kind=mtype)
         text = None
@@ -213,7 +217,33 @@ def create_transformers(name: str, path_or_repo: str, image_size: int | None = N
     tokenizer = None
     if cfg.model_type in ("clip", "siglip"):
         tokenizer = AutoTokenizer.from_pretrained(path_or_repo, local_files_only=local_files_only)
-    return wrap_transformers(name, model, tokenizer, image_size)
+    processor = _processor_config(path_or_repo, local_files_only) if cfg.model_type == "dinov2" else None
+    return wrap_transformers(name, model, tokenizer, image_size, processor)
+
+
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _processor_config(path_or_repo: str, local_files_only: bool) -> dict | None:
+    """The checkpoint's preprocessor_config.json (a folder's or a hub repo's), or None when it has none."""
+    import json
+    from pathlib import Path
+
+    from transformers.utils import cached_file
+
+    path = cached_file(path_or_repo, "preprocessor_config.json", local_files_only=local_files_only,
+                       _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def _dinov2_preprocess(proc: dict, image_size: int | None) -> PreprocessConfig:
+    """Input size (crop), mean and std from a Dinov2 checkpoint's image processor (RAD-DINO: its own values);
+    what is missing keeps the defaults (224, ImageNet mean/std, bicubic)."""
+    crop = proc.get("crop_size") or proc.get("size") or {}
+    size = crop if isinstance(crop, int) else crop.get("height") or crop.get("shortest_edge") or 224
+    return PreprocessConfig(int(image_size or size), tuple(proc.get("image_mean", IMAGENET_MEAN)),
+                            tuple(proc.get("image_std", IMAGENET_STD)),
+                            _RESAMPLE.get(proc.get("resample", 3), "bicubic"))
 
 
 def create_hf_text_tower(path_or_repo: str, local_files_only: bool = False) -> HFTextTower:
@@ -232,3 +262,78 @@ def create_hf_text_tower(path_or_repo: str, local_files_only: bool = False) -> H
     for p in tower.parameters():
         p.requires_grad_(False)
     return tower.eval()
+
+
+# ------------------------------------------------------------------------------------------------ registry entries
+#: transformers text-only encoders (mean-pooled sentence encoders): text towers to pair, not backbones
+SENTENCE_MODEL_TYPES = ("bert", "roberta", "mpnet", "xlm-roberta", "distilbert")
+RAD_DINO = "microsoft/rad-dino"
+MEDSIGLIP = "google/medsiglip-448"
+
+
+def _build(spec, checkpoint: str | None) -> Backbone:
+    return create_transformers(spec.name, spec.arch)
+
+
+def _load(name: str, files) -> Backbone:
+    src = files.source
+    if files.model_type in SENTENCE_MODEL_TYPES:
+        from .loading import BackboneError
+
+        raise BackboneError(f"{src.location} is a text-only encoder: pair it with a vision backbone, "
+                            f"e.g. 'dinov2-small+{src.raw}'")
+    return create_transformers(name, src.location, local_files_only=src.is_local)
+
+
+def _text(target) -> HFTextTower | None:
+    """A sentence encoder folder or repo (model_type bert, roberta, ...) as a text tower alone."""
+    if getattr(target, "model_type", None) not in SENTENCE_MODEL_TYPES:
+        return None
+    return create_hf_text_tower(target.source.location, local_files_only=target.source.is_local)
+
+
+def _tiny(specs) -> dict:
+    from . import tiny
+
+    return {"tiny-hf-dinov2": lambda: tiny.tiny_hf("dinov2"), "tiny-hf-clip": lambda: tiny.tiny_hf("clip"),
+            "tiny-hf-siglip": lambda: tiny.tiny_hf("siglip")}
+
+
+def _tiny_saved(kind: str):
+    def build() -> Backbone:
+        from .tiny import tiny_saved
+
+        return tiny_saved(kind)
+
+    return build
+
+
+def register_family() -> None:
+    """The ``transformers`` family: Dinov2, CLIP and SigLIP models (and sentence encoders as text towers) from
+    any repo or folder with a config.json that no other family claims; OpenAI CLIP, SigLIP, DINOv2, RAD-DINO and
+    MedSigLIP by name."""
+    from .registry import BackboneSpec, register_backbone, register_backbone_family
+
+    register_backbone_family(name="transformers", build=_build, load=_load, text=_text, tiny=_tiny,
+                             detect=lambda files: "config.json" in files.names, priority=-100,
+                             help="Dinov2 / CLIP / SigLIP / sentence encoders with a config.json (the catch-all)")
+    half = ((0.5,) * 3, (0.5,) * 3)
+    for spec in (
+        BackboneSpec("hf-clip-vit-b-16", "transformers", "hf-hub:openai/clip-vit-base-patch16", 768, 12, 224,
+                     OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, True, "OpenAI CLIP ViT-B/16 via transformers",
+                     arch="openai/clip-vit-base-patch16", aligned=True),
+        BackboneSpec("hf-siglip-b-16", "transformers", "hf-hub:google/siglip-base-patch16-224", 768, 12, 224,
+                     *half, True, "SigLIP ViT-B/16 via transformers", arch="google/siglip-base-patch16-224",
+                     aligned=True),
+        BackboneSpec("dinov2-base", "transformers", "hf-hub:facebook/dinov2-base", 768, 12, 224, IMAGENET_MEAN,
+                     IMAGENET_STD, False, "Meta DINOv2 ViT-B/14 via transformers", arch="facebook/dinov2-base"),
+        BackboneSpec("rad-dino", "transformers", f"hf-hub:{RAD_DINO}", 768, 12, 518, None, None, False,
+                     "RAD-DINO: DINOv2 ViT-B/14 self-supervised on chest X-rays (vision only; mean/std from "
+                     "its preprocessor_config.json)", arch=RAD_DINO, licence="MSRLA",
+                     tiny=_tiny_saved("rad-dino")),
+        BackboneSpec("medsiglip", "transformers", f"hf-hub:{MEDSIGLIP}", 1152, 27, 448, *half, True,
+                     "MedSigLIP: SigLIP So400m/14 + text tower trained on medical image-text pairs (aligned "
+                     "text, up to 64 tokens; gated repo)", arch=MEDSIGLIP, aligned=True,
+                     licence="HAI-DEF terms of use", tiny=_tiny_saved("medsiglip")),
+    ):
+        register_backbone(spec)

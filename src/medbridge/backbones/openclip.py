@@ -68,8 +68,7 @@ class OpenClipTextTower(TextTower):
         if getattr(text, "cls_emb", None) is not None:
             raise NotImplementedError("open_clip text towers with an appended CLS token (CoCa) are not supported")
         if not hasattr(text, "token_embedding"):
-            raise NotImplementedError(f"unsupported open_clip text tower {type(text).__name__} (HF text towers: "
-                                      "load the text model through transformers instead)")
+            raise NotImplementedError(f"unsupported open_clip text tower {type(text).__name__}")
         self.text = text
         self._model = model
         self.tokenizer = tokenizer
@@ -168,15 +167,60 @@ def _pool_text(x: Tensor, ids: Tensor, pooling: str, eos_id: int | None) -> Tens
     raise ValueError(f"unknown text pooling {pooling!r}")
 
 
+class OpenClipHFTextTower(TextTower):
+    """open_clip's ``HFTextEncoder`` (a transformers encoder such as BiomedCLIP's PubMedBERT): the encoder, open_clip's
+    own pooler (CLS, mean or max over the padding mask) and its projection (linear or MLP)."""
+
+    _POOLING = {"ClsPooler": "first", "ClsLastHiddenStatePooler": "first", "MeanPooler": "mean", "MaxPooler": "max"}
+
+    def __init__(self, model: nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.text = model.text
+        self._model = model
+        self.tokenizer = tokenizer
+        self.width = self.text.transformer.config.hidden_size
+        self.embed_dim = self.text.output_dim
+        self.pooling = self._POOLING.get(type(self.text.pooler).__name__, type(self.text.pooler).__name__)
+        self.max_length = getattr(tokenizer, "context_length", None) or self.text.context_length
+        self.pad_id = self.text.config.pad_token_id
+
+    def tokenize(self, texts: list[str]) -> TextTokens:
+        ids = self.tokenizer(list(texts)).to(self.device)
+        return TextTokens(ids, (ids != self.pad_id).long())  # HFTextEncoder's own mask
+
+    def token_embeddings(self, tokens: TextTokens) -> Tensor:
+        return self.text.transformer.get_input_embeddings()(tokens.input_ids)
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.text.transformer.encoder.layer
+
+    def encode_embeddings(self, embeddings: Tensor, tokens: TextTokens) -> TextFeatures:
+        out = self.text.transformer(inputs_embeds=embeddings, attention_mask=tokens.attention_mask)
+        pooled = self.text.pooler(out, tokens.attention_mask)
+        return TextFeatures(pooled, self.text.proj(pooled))
+
+    def projection_weight(self) -> tuple[Tensor, Tensor | None] | None:
+        proj = self.text.proj
+        if not isinstance(proj, nn.Linear):  # Identity or an MLP: no single linear map
+            return None
+        return proj.weight.detach(), None if proj.bias is None else proj.bias.detach()
+
+    def reference_encode(self, tokens: TextTokens) -> Tensor:
+        return self._model.encode_text(tokens.input_ids)
+
+
 def wrap_open_clip(name: str, model: nn.Module, tokenizer, aligned: bool = True) -> Backbone:
-    """Wrap a built open_clip model (``CLIP`` or ``CustomTextCLIP``) as a :class:`Backbone`."""
+    """Wrap a built open_clip model (``CLIP`` or ``CustomTextCLIP``, native or HF text tower) as a
+    :class:`Backbone`."""
     visual = model.visual
     if hasattr(visual, "trunk"):  # TimmModel: a timm ViT trunk plus an optional head
         vision: VisionTower = timm_vision_tower(visual.trunk, head=visual.head,
                                                 preprocess=_preprocess_of(visual, 224))
     else:
         vision = OpenClipVisionTower(visual)
-    text = OpenClipTextTower(model, tokenizer)
+    hf_text = hasattr(getattr(model, "text", None), "transformer") and hasattr(model.text, "pooler")
+    text = OpenClipHFTextTower(model, tokenizer) if hf_text else OpenClipTextTower(model, tokenizer)
     scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else None
     return Backbone(name, vision, text, logit_scale=scale, aligned=aligned)
 
@@ -193,3 +237,74 @@ def create_open_clip(name: str, arch: str, pretrained: str | None = None, checkp
         load_checkpoint_into(model, checkpoint)
     tokenizer = open_clip.get_tokenizer(arch)
     return wrap_open_clip(name, model, tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ registry entries
+def _build(spec, checkpoint: str | None) -> Backbone:
+    pretrained = None if checkpoint else spec.pretrained
+    return create_open_clip(spec.name, spec.arch, pretrained=pretrained, checkpoint=checkpoint)
+
+
+def _load(name: str, files) -> Backbone:
+    """An open_clip model from ``hf-hub:`` / ``local-dir:`` (open_clip_config.json + weights; open_clip reads both
+    forms itself, the tokenizer too)."""
+    import open_clip
+
+    uri = files.source.uri
+    return wrap_open_clip(name, open_clip.create_model(uri), open_clip.get_tokenizer(uri))
+
+
+def _tiny(specs) -> dict:
+    from functools import partial
+
+    from .tiny import tiny_open_clip
+
+    return {f"tiny-{s.name}": partial(tiny_open_clip, s.arch) for s in specs if s.tiny is None}
+
+
+def _tiny_biomedclip() -> Backbone:
+    from .tiny import tiny_biomedclip
+
+    return tiny_biomedclip()
+
+
+def register_family() -> None:
+    """The ``open_clip`` family: built-in architectures (+ pretrained tags or checkpoint files) and any
+    ``open_clip_config.json`` repo or folder; registered CLIP-style models, CheXzero and BiomedCLIP."""
+    from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from .registry import BackboneSpec, register_backbone, register_backbone_family
+
+    register_backbone_family(name="open_clip", build=_build, load=_load, tiny=_tiny, checkpoints=True,
+                             detect=lambda files: "open_clip_config.json" in files.names,
+                             help="open_clip architectures; repos/folders with open_clip_config.json")
+    oc = dict(family="open_clip", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, has_text=True, aligned=True)
+    for spec in (
+        BackboneSpec("clip-vit-b-16", source="hf-hub:timm/vit_base_patch16_clip_224.openai", vision_width=768,
+                     depth=12, image_size=224, description="OpenAI CLIP ViT-B/16 (paper's standard expert)",
+                     arch="ViT-B-16-quickgelu", pretrained="openai", **oc),
+        BackboneSpec("clip-vit-b-32", source="hf-hub:timm/vit_base_patch32_clip_224.openai", vision_width=768,
+                     depth=12, image_size=224, description="OpenAI CLIP ViT-B/32", arch="ViT-B-32-quickgelu",
+                     pretrained="openai", **oc),
+        BackboneSpec("chexzero", source="checkpoint file: chexzero@/path/to/best_64_5e-05_original_22000_0.864.pt",
+                     vision_width=768, depth=12, image_size=224,
+                     description="CheXzero (CLIP ViT-B/32 trained on MIMIC-CXR); weights from its .pt file",
+                     arch="ViT-B-32-quickgelu", needs_checkpoint=True, **oc),
+        BackboneSpec("metaclip-b-16", source="hf-hub:timm/vit_base_patch16_clip_224.metaclip_2pt5b",
+                     vision_width=768, depth=12, image_size=224, description="MetaCLIP ViT-B/16",
+                     arch="ViT-B-16-quickgelu", pretrained="metaclip_fullcc", **oc),
+        BackboneSpec("siglip-vit-b-16", "open_clip", "hf-hub:timm/ViT-B-16-SigLIP", 768, 12, 224, (0.5,) * 3,
+                     (0.5,) * 3, True, "SigLIP ViT-B/16 (timm trunk, MAP pooling, linear text head)",
+                     arch="ViT-B-16-SigLIP", pretrained="webli", aligned=True),
+        BackboneSpec("eva02-clip-b-16", source="hf-hub:timm/eva02_base_patch16_clip_224.merged2b_s8b_b131k",
+                     vision_width=768, depth=12, image_size=224,
+                     description="EVA-02-CLIP ViT-B/16 (timm EVA trunk, rotary positions)", arch="EVA02-B-16",
+                     pretrained="merged2b_s8b_b131k", **oc),
+        BackboneSpec("biomedclip", source=f"hf-hub:{BIOMEDCLIP}", vision_width=768, depth=12, image_size=224,
+                     description="BiomedCLIP: ViT-B/16 + PubMedBERT text, contrastive on PMC-15M figure-caption "
+                     "pairs (medical, aligned text)", arch=f"hf-hub:{BIOMEDCLIP}", licence="MIT",
+                     tiny=_tiny_biomedclip, **oc),
+    ):
+        register_backbone(spec)
+
+
+BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"

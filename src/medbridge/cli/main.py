@@ -22,26 +22,36 @@ def _fmt(values) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         return list_methods_table(args.json)
-    from ..backbones import availability, list_backbones
+    return list_backbones_table(args.json)
+
+
+def list_backbones_table(as_json: bool) -> int:
+    """``medbridge list backbones``: the registry's backbones (family, hub id, licence, text tower, offline?), then
+    the source forms and families that build unregistered models."""
+    from ..backbones import availability, list_backbone_families, list_backbones
+    from ..backbones.source import SOURCE_FORMS
 
     rows = []
     for s in list_backbones():
         rows.append({
-            "name": s.name, "family": s.family, "source": s.source,
+            "name": s.name, "family": s.family, "source": s.source, "hub": s.hub_repo,
             "width": s.vision_width, "depth": s.depth, "input": s.image_size,
             "mean": _fmt(s.mean), "std": _fmt(s.std), "text": "yes" if s.has_text else "no",
+            "aligned": "yes" if s.aligned else "no", "licence": s.licence or None,
             "offline": availability(s), "description": s.description,
         })
-    if args.json:
+    if as_json:
         print(json.dumps(rows, indent=1))
         return 0
-    cols = ["name", "family", "width", "depth", "input", "mean", "std", "text", "offline", "source"]
+    cols = ["name", "family", "width", "depth", "input", "mean", "std", "text", "aligned", "offline", "licence",
+            "source"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r[c] if r[c] is not None else "-").ljust(widths[c]) for c in cols))
-    print(f"\ndefault: {DEFAULT_BACKBONE}.  Also accepted: NAME@/path/to/checkpoint.pt, hf-hub:org/repo, "
-          "local-dir:/path, VISION+TEXT.")
+    print(f"\ndefault: {DEFAULT_BACKBONE}.  Source forms: " + ", ".join(form for form, _, _ in SOURCE_FORMS) + ".")
+    print("families: " + "; ".join(f"{f.name} ({f.help})" for f in list_backbone_families())
+          + ".  Add one: docs/adding-a-backbone.md.")
     return 0
 
 
@@ -89,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered components",
-                       description="List registered backbones (source, widths, input size, mean/std, text tower, "
-                                   "offline availability) or methods (group, options with defaults).",
+                       description="List registered backbones (family, source, widths, input size, mean/std, text "
+                                   "tower and whether it is aligned, offline availability, licence) or methods "
+                                   "(group, options with defaults).",
                        epilog="examples:\n  medbridge list backbones --json\n  medbridge list methods")
     p.add_argument("what", choices=["backbones", "methods"], help="what to list")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

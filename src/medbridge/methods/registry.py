@@ -99,14 +99,15 @@ def load_plugins(spec: str | None = None) -> None:
             raise OptionsError(f"MEDBRIDGE_PLUGINS: {item!r} failed: {type(exc).__name__}: {exc}") from exc
         if _registered_count() == before:
             raise OptionsError(f"MEDBRIDGE_PLUGINS: {item!r} registered nothing; a plugin hook calls "
-                               "medbridge.register_method(...) or medbridge.register_backbone(...)")
+                               "medbridge.register_method(...), register_backbone(...) or "
+                               "register_backbone_family(...)")
 
 
 def _registered_count() -> int:
-    """Methods plus backbones registered so far (a plugin hook must add at least one)."""
-    from ..backbones import list_backbones
+    """Methods, backbones and backbone families registered so far (a plugin hook must add at least one)."""
+    from ..backbones import list_backbone_families, list_backbones
 
-    return len(_REGISTRY) + len(list_backbones())
+    return len(_REGISTRY) + len(list_backbones()) + len(list_backbone_families())
 
 
 def default_method() -> str:
