@@ -15,6 +15,7 @@ _LAZY = {
                      "create_text_tower", "list_backbones", "register_backbone"], "medbridge.backbones"),
     **dict.fromkeys(["Method", "create_method", "list_methods", "load_method", "register_method", "save_method"],
                     "medbridge.methods"),
+    **dict.fromkeys(["DatasetSpec", "list_datasets", "load_dataset", "register_dataset"], "medbridge.data.datasets"),
     "DEFAULT_BACKBONE": "medbridge.defaults",
 }
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
         list_backbones,
         register_backbone,
     )
+    from .data.datasets import DatasetSpec, list_datasets, load_dataset, register_dataset
     from .defaults import DEFAULT_BACKBONE
     from .methods import Method, create_method, list_methods, load_method, register_method, save_method
 
@@ -50,4 +52,5 @@ __all__ = [
     "DEFAULT_BACKBONE", "Backbone", "BackboneError", "PreprocessConfig", "TextTower", "VisionTower",
     "create_backbone", "create_text_tower", "list_backbones", "register_backbone", "__version__",
     "Method", "create_method", "list_methods", "load_method", "register_method", "save_method",
+    "DatasetSpec", "list_datasets", "load_dataset", "register_dataset",
 ]

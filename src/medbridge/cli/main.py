@@ -22,6 +22,11 @@ def _fmt(values) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         return list_methods_table(args.json)
+    if args.what == "datasets":
+        from ..data.datasets.registry import datasets_table
+
+        print(datasets_table(args.json))
+        return 0
     from ..backbones import availability, list_backbones
 
     rows = []
@@ -90,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered components",
                        description="List registered backbones (source, widths, input size, mean/std, text tower, "
-                                   "offline availability) or methods (group, options with defaults).",
-                       epilog="examples:\n  medbridge list backbones --json\n  medbridge list methods")
-    p.add_argument("what", choices=["backbones", "methods"], help="what to list")
+                                   "offline availability), methods (group, options with defaults) or dataset "
+                                   "formats (expected files, default preset, citation).",
+                       epilog="examples:\n  medbridge list backbones --json\n  medbridge list methods\n"
+                              "  medbridge list datasets")
+    p.add_argument("what", choices=["backbones", "datasets", "methods"], help="what to list")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_list)
 

@@ -99,14 +99,16 @@ def load_plugins(spec: str | None = None) -> None:
             raise OptionsError(f"MEDBRIDGE_PLUGINS: {item!r} failed: {type(exc).__name__}: {exc}") from exc
         if _registered_count() == before:
             raise OptionsError(f"MEDBRIDGE_PLUGINS: {item!r} registered nothing; a plugin hook calls "
-                               "medbridge.register_method(...) or medbridge.register_backbone(...)")
+                               "medbridge.register_method(...), medbridge.register_backbone(...) or "
+                               "medbridge.register_dataset(...)")
 
 
 def _registered_count() -> int:
-    """Methods plus backbones registered so far (a plugin hook must add at least one)."""
+    """Methods, backbones and dataset formats registered so far (a plugin hook must add at least one)."""
     from ..backbones import list_backbones
+    from ..data.datasets.registry import registered_count
 
-    return len(_REGISTRY) + len(list_backbones())
+    return len(_REGISTRY) + len(list_backbones()) + registered_count()
 
 
 def default_method() -> str:
