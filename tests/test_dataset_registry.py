@@ -29,6 +29,11 @@ def example_code() -> str:
     return re.findall(r"```python\n(.*?)```", text, re.S)[-1]  # the example (the first block is the signature)
 
 
+def test_the_documented_example_is_short():
+    code = [line for line in example_code().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(code) <= 35
+
+
 @pytest.fixture
 def forget_format():
     """Formats a test registers are removed afterwards (the registry is process-wide)."""

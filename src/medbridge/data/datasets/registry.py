@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def _registry(plugins: bool = True) -> dict[str, DatasetSpec]:
     """The built-in formats, then (``plugins``) those of ``$MEDBRIDGE_PLUGINS``, each loaded once."""
     global _PLUGINS_LOADED
     _ensure_builtins()
-    if plugins and not _PLUGINS_LOADED:
+    if plugins and not _PLUGINS_LOADED and os.environ.get("MEDBRIDGE_PLUGINS", "").strip():
         _PLUGINS_LOADED = True
         from ...methods.registry import list_methods
 
