@@ -72,11 +72,11 @@ def _ensure_builtins() -> None:
         register_builtin_datasets()
 
 
-def _registry(plugins: bool = True) -> dict[str, DatasetSpec]:
-    """The built-in formats, then (``plugins``) those of ``$MEDBRIDGE_PLUGINS``, each loaded once."""
+def _registry() -> dict[str, DatasetSpec]:
+    """The built-in formats, then those of ``$MEDBRIDGE_PLUGINS``, each loaded once."""
     global _PLUGINS_LOADED
     _ensure_builtins()
-    if plugins and not _PLUGINS_LOADED and os.environ.get("MEDBRIDGE_PLUGINS", "").strip():
+    if not _PLUGINS_LOADED and os.environ.get("MEDBRIDGE_PLUGINS", "").strip():
         _PLUGINS_LOADED = True
         from ...methods.registry import list_methods
 
@@ -90,9 +90,9 @@ def registered_count() -> int:
     return len(_REGISTRY)
 
 
-def list_datasets(plugins: bool = True) -> list[str]:
-    """Registered format names, in registration order. ``plugins=False``: without running ``MEDBRIDGE_PLUGINS``."""
-    return list(_registry(plugins))
+def list_datasets() -> list[str]:
+    """Registered format names, in registration order."""
+    return list(_registry())
 
 
 def get_dataset(name: str) -> DatasetSpec:
