@@ -16,6 +16,7 @@ _LAZY = {
                      "register_backbone_family"], "medbridge.backbones"),
     **dict.fromkeys(["Method", "create_method", "list_methods", "load_method", "register_method", "save_method"],
                     "medbridge.methods"),
+    **dict.fromkeys(["DatasetSpec", "list_datasets", "load_dataset", "register_dataset"], "medbridge.data.datasets"),
     "DEFAULT_BACKBONE": "medbridge.defaults",
 }
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
         register_backbone,
         register_backbone_family,
     )
+    from .data.datasets import DatasetSpec, list_datasets, load_dataset, register_dataset
     from .defaults import DEFAULT_BACKBONE
     from .methods import Method, create_method, list_methods, load_method, register_method, save_method
 
@@ -55,4 +57,5 @@ __all__ = [
     "VisionTower", "create_backbone", "create_text_tower", "list_backbones", "register_backbone",
     "register_backbone_family", "__version__",
     "Method", "create_method", "list_methods", "load_method", "register_method", "save_method",
+    "DatasetSpec", "list_datasets", "load_dataset", "register_dataset",
 ]

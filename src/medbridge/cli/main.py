@@ -22,6 +22,11 @@ def _fmt(values) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         return list_methods_table(args.json)
+    if args.what == "datasets":
+        from ..data.datasets.registry import datasets_table
+
+        print(datasets_table(args.json))
+        return 0
     return list_backbones_table(args.json)
 
 
@@ -100,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered components",
                        description="List registered backbones (family, source, widths, input size, mean/std, text "
-                                   "tower and whether it is aligned, offline availability, licence) or methods "
-                                   "(group, options with defaults).",
-                       epilog="examples:\n  medbridge list backbones --json\n  medbridge list methods")
-    p.add_argument("what", choices=["backbones", "methods"], help="what to list")
+                                   "tower and whether it is aligned, offline availability, licence), methods "
+                                   "(group, options with defaults) or dataset formats (expected files, default "
+                                   "preset, citation).",
+                       epilog="examples:\n  medbridge list backbones --json\n  medbridge list methods\n"
+                              "  medbridge list datasets")
+    p.add_argument("what", choices=["backbones", "datasets", "methods"], help="what to list")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_list)
 

@@ -33,8 +33,8 @@ def add_common_data(p: argparse.ArgumentParser, required: bool = True, default: 
     p.add_argument("--data", required=required, default=default,
                    help="dataset folder (official layout) or CSV/TSV file" + (f" (default: {default})" if default
                                                                               else ""))
-    p.add_argument("--format", default="auto", help="nih, mimic-cxr, chexpert, chexpert-plus, rsna, covidx, csv, "
-                                                    "folder, or auto (detect; default)")
+    p.add_argument("--format", default="auto", help="a registered dataset format (medbridge list datasets; plugins "
+                                                    "add their own) or auto (detect from the files; default)")
 
 
 def add_output_flags(p: argparse.ArgumentParser) -> None:
@@ -58,13 +58,21 @@ def add_config_args(p: argparse.ArgumentParser, presets: list[str]) -> None:
 
 
 def build_run_config(args: argparse.Namespace):
+    from ..data.datasets.registry import default_preset, get_dataset
     from ..engine.config import load_config
 
     overrides = list(args.set or [])
     if args.data:
         overrides.append(f"data.path={args.data}")
     if args.format and args.format != "auto":
+        get_dataset(args.format)  # an unknown format: one line with close matches (plugins are loaded by now)
         overrides.append(f"data.format={args.format}")
+    preset = args.preset
+    found = default_preset(args.format, args.data) if args.data and not preset and not args.config else None
+    if found:
+        preset = found[1]
+        print(f"medbridge: {found[0]} data: using the dataset's default preset {preset!r} (--preset or --config "
+              "chooses another)", file=sys.stderr)
     if getattr(args, "method", None):
         overrides.append(f"method={args.method}")
     if getattr(args, "backbone", None):
@@ -80,7 +88,7 @@ def build_run_config(args: argparse.Namespace):
         overrides.append(f"train.cache={args.cache}")
     if getattr(args, "cache_budget", None):
         overrides.append(f"train.cache_budget={args.cache_budget}")
-    return load_config(args.preset, args.config, overrides)
+    return load_config(preset, args.config, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -99,15 +99,17 @@ def load_plugins(spec: str | None = None) -> None:
             raise OptionsError(f"MEDBRIDGE_PLUGINS: {item!r} failed: {type(exc).__name__}: {exc}") from exc
         if _registered_count() == before:
             raise OptionsError(f"MEDBRIDGE_PLUGINS: {item!r} registered nothing; a plugin hook calls "
-                               "medbridge.register_method(...), register_backbone(...) or "
-                               "register_backbone_family(...)")
+                               "medbridge.register_method(...), register_backbone(...), "
+                               "register_backbone_family(...) or register_dataset(...)")
 
 
 def _registered_count() -> int:
-    """Methods, backbones and backbone families registered so far (a plugin hook must add at least one)."""
+    """Methods, backbones, backbone families and dataset formats registered so far (a plugin hook must add at
+    least one)."""
     from ..backbones import list_backbone_families, list_backbones
+    from ..data.datasets.registry import registered_count
 
-    return len(_REGISTRY) + len(list_backbones()) + len(list_backbone_families())
+    return len(_REGISTRY) + len(list_backbones()) + len(list_backbone_families()) + registered_count()
 
 
 def default_method() -> str:

@@ -20,6 +20,7 @@ from ..table import (
     require_columns,
     resolve_inside,
 )
+from .registry import has_any_file, register_dataset
 
 CITATION = ("Irvin J. et al. CheXpert: a large chest radiograph dataset with uncertainty labels and expert "
             "comparison. AAAI 2019.")
@@ -165,3 +166,15 @@ def load_chexpert_plus(root: str | Path, *, label_source: str = "impression", un
     return build_table("chexpert-plus", root, CHEXPERT_LABELS, meta, targets, citation=CITATION_PLUS,
                        check_files=check_files, source=str(csv), origins=origins,
                        notes={"label_source": label_source, "uncertain": uncertain, "blank": blank})
+
+
+def register() -> None:
+    """Register ``chexpert`` and ``chexpert-plus`` (called by ``register_builtin_datasets``). CheXpert Plus is
+    tried first: its folder may hold CheXpert's ``train.csv`` too."""
+    register_dataset("chexpert", load_chexpert, has_any_file("train.csv"), CITATION,
+                     description="CheXpert v1.0 / v1.0-small: 14 labels, official train/valid",
+                     files=("train.csv", "valid.csv", "train/", "valid/"))
+    register_dataset("chexpert-plus", load_chexpert_plus, has_any_file(PLUS_CSV), CITATION_PLUS,
+                     description="CheXpert Plus: 14 CheXbert labels, official train/valid, reports",
+                     files=(PLUS_CSV, "chexbert_labels/{impression,findings,report}_fixed.json", "PNG/"),
+                     priority=10)

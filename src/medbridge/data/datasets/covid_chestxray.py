@@ -17,6 +17,7 @@ from ..table import (
     require_columns,
     resolve_inside,
 )
+from .registry import register_dataset
 
 CITATION = ("Cohen J. P., Morrison P., Dao L., Roth K., Duong T. Q., Ghassemi M. COVID-19 Image Data Collection: "
             "Prospective Predictions Are the Future. arXiv:2006.11988 (2020). "
@@ -223,4 +224,13 @@ def load_covid_chestxray(root: str | Path, *, views="frontal", labels=None, chec
                        notes=notes, check_files=check_files, source=str(csv), origins=origins)
 
 
-__all__ = ["CITATION", "PARENT", "load_covid_chestxray", "is_covid_chestxray", "finding_path", "ancestors"]
+def register() -> None:
+    """Register the ``covid-chestxray`` format (called by ``register_builtin_datasets``)."""
+    register_dataset("covid-chestxray", load_covid_chestxray, is_covid_chestxray, CITATION,
+                     description="COVID-19 Image Data Collection: finding hierarchy (16 labels), patient split",
+                     files=(f"{METADATA_FILE} (columns {', '.join(COLUMNS)})", "images/"))
+
+
+
+__all__ = ["CITATION", "PARENT", "load_covid_chestxray", "is_covid_chestxray", "finding_path", "ancestors",
+           "register"]

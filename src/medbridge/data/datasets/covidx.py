@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..table import DatasetError, ImageTable, build_table, read_text, resolve_inside
+from .registry import has_any_file, register_dataset
 
 CITATION = ("Wu Y. et al. COVIDx CXR-4: an expanded multi-institutional open-source benchmark dataset for chest "
             "X-ray image-based computer-aided COVID-19 diagnostics. arXiv:2311.17677 (2023).")
@@ -50,3 +51,10 @@ def load_covidx(root: str | Path, *, check_files: bool = True) -> ImageTable:
     meta["report"] = None
     return build_table("covidx", root, LABELS, meta.drop(columns="target"), meta[["target"]].to_numpy(),
                        citation=CITATION, check_files=check_files, source=str(root / "train.txt"), origins=origins)
+
+
+def register() -> None:
+    """Register the ``covidx`` format (called by ``register_builtin_datasets``)."""
+    register_dataset("covidx", load_covidx, has_any_file("train.txt", "test.txt"), CITATION,
+                     description="COVIDx CXR-4: COVID-19, official train/val/test",
+                     files=("train.txt", "val.txt", "test.txt", "train/", "val/", "test/"))

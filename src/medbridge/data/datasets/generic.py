@@ -23,6 +23,7 @@ from ..table import (
     resolve_inside,
     shorten,
 )
+from .registry import register_dataset
 
 IMAGE_COLUMNS = ("path", "image", "image_path", "filename", "file", "Path", "Image Index")
 KNOWN_COLUMNS = {"patient_id", "patient", "report", "view", "split", "study_id", "case_id", "age", "sex"}
@@ -181,3 +182,23 @@ def load_folder(root: str | Path, *, check_files: bool = True, name: str | None 
     return build_table(name or root.name, root, classes, pd.DataFrame(rows), np.stack(targets),
                        check_files=check_files, source=str(root),
                        notes={"broken_links": [str(f) for f in broken]} if broken else None)
+
+
+def is_label_file(path: Path) -> bool:
+    """A file given as the dataset: a generic label CSV/TSV."""
+    return path.is_file()
+
+
+def is_class_folders(path: Path) -> bool:
+    """A folder with sub-folders: one class per folder (the fallback, tried last)."""
+    return path.is_dir() and any(d.is_dir() for d in path.iterdir())
+
+
+def register() -> None:
+    """Register ``csv`` and ``folder`` (called by ``register_builtin_datasets``)."""
+    register_dataset("csv", load_csv, is_label_file,
+                     description="any CSV/TSV: an image column plus one column per label (or a |-list column)",
+                     files=("a CSV/TSV file (path/image/filename, label columns; patient_id, report, view, split, "
+                            "case_id optional)",), priority=100)
+    register_dataset("folder", load_folder, is_class_folders, description="one folder per class",
+                     files=("<class>/*.png|jpg|dcm",), priority=-100)

@@ -18,6 +18,7 @@ from ..table import (
     require_columns,
     resolve_inside,
 )
+from .registry import has_any_file, register_dataset
 
 CITATION = ("Johnson A.E.W. et al. MIMIC-CXR-JPG, a large publicly available database of labeled chest radiographs. "
             "arXiv:1901.07042 (2019); MIMIC-CXR, Scientific Data 6:317 (2019). PhysioNet credentialed access.")
@@ -114,3 +115,12 @@ def load_mimic(root: str | Path, *, labeler: str = "chexpert", uncertain: str = 
     return build_table("mimic-cxr", root, CHEXPERT_LABELS, out, targets, citation=CITATION, check_files=check_files,
                        source=str(meta_csv), origins=origins,
                        notes={"labeler": labeler, "uncertain": uncertain, "blank": blank})
+
+
+def register() -> None:
+    """Register the ``mimic-cxr`` format (called by ``register_builtin_datasets``)."""
+    register_dataset("mimic-cxr", load_mimic,
+                     has_any_file("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"), CITATION,
+                     description="MIMIC-CXR-JPG: 14 CheXpert labels per study, official split, reports",
+                     files=("mimic-cxr-2.0.0-{metadata,split,chexpert|negbio}.csv(.gz)",
+                            "files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg", "sXXXXXXXX.txt reports (optional)"))

@@ -20,6 +20,7 @@ from ..table import (
     require_columns,
     resolve_inside,
 )
+from .registry import has_any_file, register_dataset
 
 CITATION = ("Wang X. et al. ChestX-ray8: Hospital-scale chest X-ray database and benchmarks on weakly-supervised "
             "classification and localization of common thorax diseases. CVPR 2017. Data: NIH Clinical Center.")
@@ -85,3 +86,11 @@ def load_nih(root: str | Path, *, include_no_finding: bool = False, check_files:
                          "sex": frame["Patient Gender"]})
     return build_table("nih", root, labels, meta, targets, citation=CITATION, check_files=check_files,
                        source=str(csv), origins=origins)
+
+
+def register() -> None:
+    """Register the ``nih`` format (called by ``register_builtin_datasets``)."""
+    register_dataset("nih", load_nih, has_any_file(*ENTRY_FILES), CITATION,
+                     description="NIH ChestX-ray14: 14 findings, official train/test lists",
+                     files=(" or ".join(ENTRY_FILES), "images_0XX/*.png", "train_val_list.txt + test_list.txt "
+                            "(optional)"))

@@ -18,6 +18,7 @@ from ..table import (
     require_columns,
     resolve_inside,
 )
+from .registry import register_dataset
 
 CITATION = ("Peking University / Shanggong Medical Technology. ODIR-2019: Ocular Disease Intelligent Recognition "
             "grand challenge, https://odir2019.grand-challenge.org (2019); Li N. et al. A benchmark of ocular "
@@ -205,3 +206,11 @@ def load_odir(root: str | Path, *, check_files: bool = True) -> ImageTable:
     return build_table("odir", root, LABELS, meta, eye_targets, citation=CITATION, prompt_names=PROMPT_NAMES,
                        check_files=check_files, source=str(sheet), origins=[origins[i] for i in order],
                        case_targets=(ids.tolist(), patient), notes={"default_unit": "case", "challenge": "odir"})
+
+
+def register() -> None:
+    """Register the ``odir`` format and its default preset (called by ``register_builtin_datasets``)."""
+    register_dataset("odir", load_odir, is_odir, CITATION,
+                     description="ODIR-5K fundus photographs: 8 labels per patient (both eyes: one case)",
+                     files=(f"{SHEET_NAMES[0]} (or Kaggle's full_df.csv)", "Training Images/{ID}_left.jpg, "
+                            "{ID}_right.jpg (or preprocessed_images/)"), preset="odir")

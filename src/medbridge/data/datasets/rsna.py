@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..table import DatasetError, ImageTable, build_table, read_csv, require_columns, resolve_inside
+from .registry import has_any_file, register_dataset
 
 CITATION = ("Shih G. et al. Augmenting the National Institutes of Health chest radiograph dataset with expert "
             "annotations of possible pneumonia. Radiology: Artificial Intelligence 1(1), 2019.")
@@ -56,3 +57,10 @@ def load_rsna(root: str | Path, *, read_views: bool = False, check_files: bool =
                          "boxes": boxes.to_numpy().astype(int)})
     return build_table("rsna-pneumonia", root, LABELS, meta, per_image.to_numpy()[:, None], citation=CITATION,
                        check_files=check_files, source=str(csv), origins=origins)
+
+
+def register() -> None:
+    """Register the ``rsna`` format (called by ``register_builtin_datasets``)."""
+    register_dataset("rsna", load_rsna, has_any_file("stage_2_train_labels.csv"), CITATION,
+                     description="RSNA Pneumonia Detection Challenge (DICOM): Pneumonia, patient split",
+                     files=("stage_2_train_labels.csv", "stage_2_train_images/<patientId>.dcm"))
