@@ -10,8 +10,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from .. import __version__
 from ..defaults import DEFAULT_BACKBONE, list_presets
+from ..version import __version__
 from .run_commands import SHARED_SAMPLE, add_run_commands
 
 

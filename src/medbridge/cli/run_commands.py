@@ -71,7 +71,9 @@ def build_run_config(args: argparse.Namespace):
         overrides.append("backbones=" + json.dumps(args.backbone))
     also = [m.strip() for m in (getattr(args, "also", None) or "").split(",") if m.strip()]
     if getattr(args, "with_probe", False):
-        also.append("linear-probe")
+        from ..methods.registry import probe_method
+
+        also.append(probe_method())
     if also:
         overrides.append("companions=" + json.dumps(list(dict.fromkeys(also))))
     if getattr(args, "split_file", None):
@@ -387,7 +389,8 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--split-file", help="reuse a split.json from another run")
     p.add_argument("--also", metavar="METHODS", help="comma-separated methods fitted beside --method on the same "
                                                      "split (and frozen features when they can read them)")
-    p.add_argument("--with-probe", action="store_true", help="same as --also linear-probe")
+    p.add_argument("--with-probe", action="store_true",
+                   help="also fit the registered probe (the linear probe) beside --method")
     add_stats_args(p)
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")

@@ -15,7 +15,7 @@ from ..data.cases import case_or_image_table
 from ..data.datasets.generic import describe_broken_links, image_files
 from ..data.images import IMAGE_SUFFIXES
 from ..data.table import DatasetError, shorten
-from ..methods.api import Method
+from ..methods.api import Method, TextPrompted, require
 from ..methods.registry import load_method, method_folder, model_run_folder
 from .calibration import apply_calibration, load_calibrator
 from .features import cache_root_from
@@ -69,6 +69,7 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
         raise DatasetError(f"{table.name}: the {split!r} split is empty")
     alignment = None
     if label_space == "data":
+        require(method, TextPrompted, "scoring other label names (--label-space data needs a text-prompted method)")
         method = method.with_label_names(list(table.labels), list(table.prompt_names))
     elif label_space == "model":
         if list(table.labels) != method.labels:

@@ -19,7 +19,7 @@ def register_builtin_methods() -> None:
 
     register_method("medbridge", MedBridgeOptions, MedBridgeMethod,
                     description="MedBridge: query tokens in frozen ViTs, focal views, MoE, label prompts")
-    register_method("linear-probe", ProbeConfig, LinearProbe,
+    register_method("linear-probe", ProbeConfig, LinearProbe, probe=True,
                     description="logistic regression on the frozen pooled embeddings (C chosen on validation)")
     for name, feature_class in BASELINES.items():
         register_method(name, baseline_options_class(feature_class), baseline_method_class(feature_class),
