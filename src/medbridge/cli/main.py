@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Sequence
 
 from ..defaults import DEFAULT_BACKBONE, list_presets
-from ..version import __version__
+from ..version import PROGRAM, __version__
 from .run_commands import SHARED_SAMPLE, add_run_commands
 
 
@@ -78,14 +78,14 @@ def cmd_check_backbone(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="medbridge",
+        prog=PROGRAM,
         description="Adapt frozen foundation vision(-language) models to multi-label medical image classification.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  medbridge demo\n  medbridge train --data /data/nih --out runs/nih\n"
                "  medbridge eval runs/nih --data /data/nih --json\n  medbridge predict runs/nih image.dcm\n"
                "  medbridge list backbones",
     )
-    parser.add_argument("--version", action="version", version=f"medbridge {__version__}")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered components",
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ..engine import model_card
 
-    model_card.COMMAND = ["medbridge", *(sys.argv[1:] if argv is None else argv)]  # for the run's report.md
+    model_card.COMMAND = [PROGRAM, *(sys.argv[1:] if argv is None else argv)]  # for the run's report.md
     try:
         if os.environ.get("MEDBRIDGE_PLUGINS", "").strip():  # after parsing: --help/--version never run plugins
             from ..methods.registry import list_methods
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_unexpected(exc: BaseException) -> bool:
     """Errors that are not medbridge's own messages (a library's RuntimeError, say) get a hint about -v."""
-    return type(exc).__module__.split(".")[0] not in ("medbridge", "builtins")
+    return type(exc).__module__.split(".")[0] not in (PROGRAM, "builtins")
 
 
 if __name__ == "__main__":  # pragma: no cover

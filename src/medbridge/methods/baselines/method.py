@@ -217,5 +217,5 @@ def baseline_method_class(feature_class: type[FeatureMethod]) -> type[BaselineMe
     """The method class registered for one baseline."""
     doc = (feature_class.__doc__ or feature_class.__name__).strip().splitlines()[0]
     return type(f"{feature_class.__name__}Method", (BaselineMethod,), {
-        "feature_class": feature_class, "name": feature_class.name, "__doc__": doc,
+        "feature_class": feature_class, "name": feature_class.name, "__doc__": doc, "__module__": __name__,
         "seed_dependent": feature_class.seed_dependent})
