@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from ..defaults import DEFAULT_BACKBONE, list_presets
 from ..version import PROGRAM, __version__
+from .options import add_shared_options, apply_shared_options
 from .run_commands import SHARED_SAMPLE, add_run_commands
 
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  medbridge list backbones --json\n  medbridge list methods")
     p.add_argument("what", choices=["backbones", "methods"], help="what to list")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_shared_options(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("check-backbone", help="sanity-check a backbone's embeddings on real X-rays",
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone name or source string")
     p.add_argument("--data", default=SHARED_SAMPLE, help="folder with NIH-style images/ (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    add_shared_options(p)
     p.set_defaults(func=cmd_check_backbone)
 
     add_run_commands(sub, list_presets())
@@ -137,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..engine import model_card
 
     model_card.COMMAND = [PROGRAM, *(sys.argv[1:] if argv is None else argv)]  # for the run's report.md
+    apply_shared_options(args)
     try:
         if os.environ.get("MEDBRIDGE_PLUGINS", "").strip():  # after parsing: --help/--version never run plugins
             from ..methods.registry import list_methods
