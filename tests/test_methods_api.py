@@ -291,6 +291,9 @@ def test_the_documented_example_method_trains_end_to_end_through_the_cli(tmp_pat
         assert main(["predict", str(out), str(image), "--json"]) == 0
         probs = json.loads(capsys.readouterr().out)[0]["probabilities"]
         assert set(probs) == {"Pneumonia", "Infiltration", "Effusion"}
+        explain = tmp_path / "explain"  # the example is Explainable: per-label heat-map overlays
+        assert main(["predict", str(out), str(image), "--explain", str(explain), "--quiet"]) == 0
+        assert sorted(explain.rglob("*.png"))
         python = load_method(out).predict([image])  # the Python API gives the CLI's numbers
         np.testing.assert_allclose(python[0], [probs[k] for k in load_method(out).labels], atol=1e-6)
     finally:
