@@ -235,6 +235,17 @@ def test_capabilities_are_declared_and_ensembles_have_their_members(clip):
     assert probe.prompt_names == NAMES and mb.prompt_names == NAMES
 
 
+def test_registry_builtin_and_legacy_import_no_cycle_and_the_registry_not_the_package_root():
+    src = REPO / "src" / "medbridge" / "methods"
+
+    def imports(name: str) -> set[tuple[int, str | None]]:
+        tree = ast.parse((src / f"{name}.py").read_text())
+        return {(n.level, n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert (2, None) not in imports("registry")  # `from .. import x`: the package root
+    assert not {(1, "registry")} & (imports("builtin") | imports("legacy"))  # only the registry imports them
+
+
 def test_options_are_validated_by_the_registered_dataclass():
     with pytest.raises(OptionsError, match=r"method_options.linear-probe.Cs: unknown option; allowed: \['C', "):
         create_method("linear-probe", {"Cs": [1]}, labels=LABELS)

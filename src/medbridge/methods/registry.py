@@ -82,7 +82,7 @@ def _registry() -> dict[str, MethodEntry]:
         _BUILTINS_LOADED = True
         from .builtin import register_builtin_methods
 
-        register_builtin_methods()
+        register_builtin_methods(register_method)
         load_plugins()
     return _REGISTRY
 
