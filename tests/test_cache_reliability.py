@@ -165,7 +165,8 @@ def tiny_method():
     builders = tiny_builders()
     cfg = MedBridgeConfig(labels=["a", "b", "c"], backbones=["tiny"], num_queries=4, attention="isolated", t1=1,
                           focal=FocalConfig(region_size=0.5, stride=1.0, num_crops=2))
-    return MedBridgeMethod(MedBridgeModel(cfg, [builders["tiny-hf-dinov2"]()], text=builders["tiny-hf-clip"]().text))
+    model = MedBridgeModel(cfg, [builders["tiny-hf-dinov2"]()], text=builders["tiny-hf-clip"]().text)
+    return MedBridgeMethod.from_model(model)
 
 
 @pytest.mark.slow

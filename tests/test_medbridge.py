@@ -152,7 +152,7 @@ def test_adapter_round_trip_and_wrong_backbone(tmp_path):
         for p in model.trainable_parameters().values():
             p.add_(torch.randn_like(p) * 0.05)
     model.fit_feature_norms([torch.randn(20, 2, b.vision.embed_dim) * 3 + 1 for b in model.backbones])
-    save_method(MedBridgeMethod(model), tmp_path)
+    save_method(MedBridgeMethod.from_model(model), tmp_path)
     assert {f.name for f in tmp_path.iterdir()} == {"adapter.safetensors", "adapter.json"}
     px = _pixels(model)
     loaded = load_method(tmp_path, [B["tiny-clip-vit-b-16"](), B["tiny-hf-dinov2"]()]).model

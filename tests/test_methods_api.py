@@ -246,6 +246,20 @@ def test_registry_builtin_and_legacy_import_no_cycle_and_the_registry_not_the_pa
     assert not {(1, "registry")} & (imports("builtin") | imports("legacy"))  # only the registry imports them
 
 
+def test_medbridge_method_takes_the_base_signature_and_wraps_a_model_by_from_model(clip):
+    from medbridge.methods.medbridge.method import MedBridgeMethod
+
+    built = create_method("medbridge", TINY_OPTIONS["medbridge"], backbones=[clip], labels=LABELS)
+    again = MedBridgeMethod(built.options, [clip], LABELS, NAMES, built.focal)  # Method's own signature
+    assert again.saved_options() == built.saved_options() and again.prompt_names == NAMES
+    wrapped = MedBridgeMethod.from_model(built.model)
+    assert wrapped.model is built.model and wrapped.labels == LABELS and wrapped.score_labels is None
+    with pytest.warns(DeprecationWarning, match=r"MedBridgeMethod\(model\) is deprecated: use "
+                                                r"MedBridgeMethod.from_model\(model\)"):
+        old = MedBridgeMethod(built.model)
+    assert old.model is built.model and old.labels == LABELS
+
+
 def test_options_are_validated_by_the_registered_dataclass():
     with pytest.raises(OptionsError, match=r"method_options.linear-probe.Cs: unknown option; allowed: \['C', "):
         create_method("linear-probe", {"Cs": [1]}, labels=LABELS)

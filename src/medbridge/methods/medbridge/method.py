@@ -122,16 +122,19 @@ class MedBridgeMethod(TextPrompted, Explainable, Method):
     name = "medbridge"
     case_views = True  # a case's views (all its images') pool through the view attention (paper Sec. 3.2)
 
-    def __init__(self, options: MedBridgeOptions, backbones: list[Backbone], labels: list[str],
-                 prompt_names: list[str], focal: FocalConfig, *, model: MedBridgeModel | None = None) -> None:
-        """The base signature; ``model``: an existing model to wrap (its config then gives the options, and
-        ``labels`` / ``prompt_names`` other than its own are scored through the prompts: ``eval --label-space
-        data``)."""
+    def __init__(self, options: MedBridgeOptions, backbones: list[Backbone] | None = None,
+                 labels: list[str] | None = None, prompt_names: list[str] | None = None,
+                 focal: FocalConfig | None = None, *, model: MedBridgeModel | None = None) -> None:
+        """The base signature (every argument needed unless ``model`` is given); ``model``: an existing model to
+        wrap (its config gives the options, and ``labels`` / ``prompt_names`` other than its own are scored through
+        the prompts: ``eval --label-space data``)."""
         if isinstance(options, MedBridgeModel):  # medbridge 0.1: MedBridgeMethod(model)
             warnings.warn("MedBridgeMethod(model) is deprecated: use MedBridgeMethod.from_model(model)",
                           DeprecationWarning, stacklevel=2)
             model, options = options, None
         if model is None:
+            if backbones is None or labels is None or prompt_names is None or focal is None:
+                raise TypeError("MedBridgeMethod needs options, backbones, labels, prompt_names and focal, or model=")
             model = _new_model(options, backbones, labels, prompt_names, focal)
         cfg = model.config
         options = MedBridgeOptions(**{f.name: getattr(cfg, f.name) for f in fields(MedBridgeOptions)})
@@ -147,9 +150,7 @@ class MedBridgeMethod(TextPrompted, Explainable, Method):
     @classmethod
     def from_model(cls, model: MedBridgeModel) -> MedBridgeMethod:
         """The method around an existing :class:`MedBridgeModel` (options, labels and views from its config)."""
-        cfg = model.config
-        return cls(None, list(model.backbones), list(cfg.labels), list(cfg.names), cfg.focal,  # type: ignore[arg-type]
-                   model=model)
+        return cls(None, model=model)  # type: ignore[arg-type]
 
     @classmethod
     def check_options(cls, options: dict | None, where: str = "options") -> MedBridgeOptions:
