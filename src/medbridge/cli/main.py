@@ -48,14 +48,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def list_methods_table(as_json: bool) -> int:
     """``medbridge list methods``: the registry's methods with their group, options and description."""
-    from ..methods.api import describe_options
+    from ..methods.api import CAPABILITIES, describe_options
     from ..methods.registry import get_method, list_methods
 
     rows = []
     for name in list_methods():
         e = get_method(name)
         rows.append({"name": name, "group": e.group or "-", "folder": e.method_class.folder(),
-                     "text_prompted": e.method_class.text_prompted, "description": e.description,
+                     "text_prompted": e.method_class.text_prompted, "capabilities": [
+                         c.__name__ for c in CAPABILITIES if issubclass(e.method_class, c)],
+                     "description": e.description,
                      "options": describe_options(e.options_class)})
     if as_json:
         print(json.dumps(rows, indent=1, default=str))

@@ -402,6 +402,10 @@ class FitsMembers(ABC):
     members: nn.ModuleList
 
 
+#: the optional capabilities a method class may declare (``medbridge list methods --json`` lists them)
+CAPABILITIES: tuple[type, ...] = (ClosedFormFit, TextPrompted, Explainable)
+
+
 def missing_hooks(method_class: type) -> list[str]:
     """The hooks ``method_class`` lacks to be registered: abstract ones, and the shared loop's unless it fits in
     closed form."""
@@ -419,6 +423,7 @@ def require(method: Method, capability: type, what: str) -> None:
                                  f"(medbridge.methods.api.{capability.__name__})")
 
 
-__all__ = ["LOOP_HOOKS", "REQUIRED_HOOKS", "CacheSpec", "ClosedFormFit", "Explainable", "FitsMembers", "Method",
-           "NonFiniteLoss", "NotApplicableError", "Optimization", "OptionsError", "TextPrompted", "TrainingData",
-           "describe_options", "missing_hooks", "option_fields", "options_dict", "parse_options", "require"]
+__all__ = ["CAPABILITIES", "LOOP_HOOKS", "REQUIRED_HOOKS", "CacheSpec", "ClosedFormFit", "Explainable", "FitsMembers",
+           "Method", "NonFiniteLoss", "NotApplicableError", "Optimization", "OptionsError", "TextPrompted",
+           "TrainingData", "describe_options", "missing_hooks", "option_fields", "options_dict", "parse_options",
+           "require"]

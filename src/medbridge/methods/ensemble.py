@@ -26,7 +26,7 @@ class SeedEnsemble(FitsMembers, Method):
     An ensemble has the capabilities of its members (:class:`TextPrompted`, :class:`Explainable`): ``SeedEnsemble(
     members)`` builds the subclass that declares the members' ones."""
 
-    def __new__(cls, members: list[Method]) -> SeedEnsemble:
+    def __new__(cls, members: list[Method] | None = None) -> SeedEnsemble:  # None: copy.deepcopy
         if cls is SeedEnsemble and members:
             cls = _with_capabilities(tuple(c for c in _CAPABILITIES if isinstance(members[0], c)))
         return super().__new__(cls)
