@@ -69,13 +69,14 @@ def test_files_of_the_previous_formats_still_load_and_score_the_same(name):
     """Fixtures written by medbridge 0.1's per-kind formats (tests/fixtures/legacy/make_legacy.py)."""
     expected = json.loads((LEGACY / "expected_scores.json").read_text())
     clip = tiny_open_clip("ViT-B-16-quickgelu", seed=3)
-    method = load_method(LEGACY / name, [clip])
+    with pytest.warns(DeprecationWarning, match=r"a medbridge 0\.1 file .*writes it as adapter\.json"):
+        method = load_method(LEGACY / name, [clip])
     size = expected["image_size"]
     px = [torch.randn(2, 1, 3, size, size, generator=torch.Generator().manual_seed(expected["pixels_seed"]))]
     scores, _ = method.scores_views(px)
     np.testing.assert_allclose(scores, np.array(expected["scores"][name]), atol=1e-6)
     if name == "medbridge":  # the only legacy kind that recorded backbone fingerprints
-        with pytest.raises(Exception, match="backbone 0"):
+        with pytest.raises(Exception, match="backbone 0"), pytest.warns(DeprecationWarning):
             load_method(LEGACY / name, [tiny_open_clip("ViT-B-16-quickgelu", seed=4)])
 
 

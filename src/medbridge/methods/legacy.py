@@ -72,6 +72,8 @@ def _read_legacy(folder: Path) -> dict:
                "labels": meta["labels"], "prompt_names": meta["names"], "focal": {"num_crops": 0},
                "backbones": None, "sources": [meta["backbone"]], "info": {"fit": meta.get("fit", {})},
                "weights": folder / "baseline.safetensors"}
+    warnings.warn(f"{where}: a medbridge 0.1 file ({meta['format']}); medbridge.save_method(load_method(folder), "
+                  "folder) writes it as adapter.json (medbridge-method/2)", DeprecationWarning, stacklevel=4)
     if "weights_sha256" not in meta:  # medbridge 0.1 files written before weight digests
         log.warning("%s: no weights_sha256 beside it (a medbridge 0.1 file): the weights cannot be checked",
                     out["weights"])
