@@ -189,8 +189,10 @@ def test_the_method_scan_catches_isinstance_and_folder_names():
 
 
 def test_a_method_missing_a_required_hook_fails_at_registration_naming_it():
-    from medbridge.methods.api import ClosedFormFit, Method
+    from medbridge.methods.api import REQUIRED_HOOKS, ClosedFormFit, Method
     from medbridge.methods.registry import _REGISTRY, register_method
+
+    assert sorted(Method.__abstractmethods__) == sorted(REQUIRED_HOOKS)
 
     class NoViews(Method):
         def cache_spec(self, n_views): ...
