@@ -58,9 +58,9 @@ def train_medbridge(model, cache, targets, rows, cfg, out, val_rows=None, **kwar
     """The shared training loop on a bare MedBridgeModel (tests of the loop itself)."""
     from medbridge.engine.trainer import fit_method
     from medbridge.methods.api import TrainingData
-    from medbridge.methods.medbridge.method import MedBridgeMethod, MedBridgeOptions
+    from medbridge.methods.medbridge.method import MedBridgeMethod
 
-    method = MedBridgeMethod(model, MedBridgeOptions())
+    method = MedBridgeMethod.from_model(model)
     val = np.zeros(0, dtype=int) if val_rows is None else np.asarray(val_rows)
     return fit_method(method, TrainingData(cache, targets, np.asarray(rows), val), cfg, out, **kwargs)
 

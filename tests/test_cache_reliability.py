@@ -165,7 +165,8 @@ def tiny_method():
     builders = tiny_builders()
     cfg = MedBridgeConfig(labels=["a", "b", "c"], backbones=["tiny"], num_queries=4, attention="isolated", t1=1,
                           focal=FocalConfig(region_size=0.5, stride=1.0, num_crops=2))
-    return MedBridgeMethod(MedBridgeModel(cfg, [builders["tiny-hf-dinov2"]()], text=builders["tiny-hf-clip"]().text))
+    model = MedBridgeModel(cfg, [builders["tiny-hf-dinov2"]()], text=builders["tiny-hf-clip"]().text)
+    return MedBridgeMethod.from_model(model)
 
 
 @pytest.mark.slow
@@ -215,7 +216,7 @@ def test_train_refuses_a_cache_over_budget_in_one_line(tmp_path, nih_sample, cap
     data = nih_subset_csv(nih_sample, tmp_path / "d.csv", n=12)
     argv = ["train", "--data", str(data), "--backbone", save_tiny_clip(tmp_path / "clip"), "--out",
             str(tmp_path / "run"), "--quiet", "--set", f"train.cache_dir={tmp_path / 'cache'}", "--set",
-            "train.workers=0", "--set", "model.focal.num_crops=0", "--cache", "full", "--cache-budget", "40K"]
+            "train.workers=0", "--set", "focal.num_crops=0", "--cache", "full", "--cache-budget", "40K"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medbridge: error: train.cache=full: the cache needs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -20,7 +21,7 @@ def tiny_run(tmp_path_factory, nih_sample):
     out = root / "run"
     argv = ["train", "--data", str(data), "--backbone", backbone, "--out", str(out), "--with-probe", "--quiet",
             "--set", "train.epochs=2", "--set", f"train.cache_dir={root / 'cache'}", "--set", "train.workers=0",
-            "--set", "model.focal.region_size=512", "--set", "model.focal.stride=512",
+            "--set", "focal.region_size=512", "--set", "focal.stride=512",
             "--set", "data.fractions=[0.5,0.2,0.3]"]
     assert main(argv) == 0
     return {"root": root, "data": data, "out": out, "argv": argv, "backbone": backbone}
@@ -119,10 +120,10 @@ def test_train_config_error_exit_code(tmp_path, capsys, nih_sample):
 def test_benchmark_and_ablate_commands(tiny_run, tmp_path, capsys):
     common = ["--data", str(tiny_run["data"]), "--set", "train.epochs=1", "--set",
               f"train.cache_dir={tiny_run['root'] / 'cache'}", "--set", "train.workers=0",
-              "--set", "model.focal.stride=512", "--set", "data.fractions=[0.5,0.2,0.3]", "--quiet"]
+              "--set", "focal.stride=512", "--set", "data.fractions=[0.5,0.2,0.3]", "--quiet"]
     out = tmp_path / "bench"
     assert main(["benchmark", *common, "--backbone", tiny_run["backbone"], "--methods",
-                 "medbridge,zero-shot,coop,mma,mmrl", "--seeds", "0,1", "--set", "baseline.epochs=1",
+                 "medbridge,zero-shot,coop,mma,mmrl", "--seeds", "0,1", "--set", "method_options.baseline.epochs=1",
                  "--out", str(out)]) == 0
     text = (out / "results.md").read_text()
     for m in ("medbridge", "zero-shot", "coop"):
@@ -140,8 +141,9 @@ def test_benchmark_and_ablate_commands(tiny_run, tmp_path, capsys):
     assert "| medbridge | 2 |" in table and f"{mean:.2f} ±" in table and len(pd.read_csv(tmp_path / "c.csv")) == 2
     # MMA end to end on the 4-block tiny CLIP (adapters from block 2): train, save, evaluate, predict
     mma = tmp_path / "mma"
-    assert main(["train", *common, "--backbone", tiny_run["backbone"], "--method", "mma", "--set", "baseline.first=2",
-                 "--set", "baseline.epochs=1", "--out", str(mma)]) == 0
+    assert main(["train", *common, "--backbone", tiny_run["backbone"], "--method", "mma",
+                 "--set", "method_options.baseline.first=2", "--set", "method_options.baseline.epochs=1",
+                 "--out", str(mma)]) == 0
     assert (mma / "mma" / "adapter.safetensors").is_file()
     capsys.readouterr()
     assert main(["eval", str(mma), "--data", str(tiny_run["data"]), "--json", "--workers", "0",
@@ -151,12 +153,57 @@ def test_benchmark_and_ablate_commands(tiny_run, tmp_path, capsys):
     assert res["method"] == "mma" and res["macro"]["auroc"] == pytest.approx(run["macro"]["auroc"], abs=1e-6)
     study = tmp_path / "study.yaml"
     study.write_text("base: demo\nseeds: [0]\nbaselines: [linear-probe]\nstudies:\n  alpha:\n"
-                     "    - {name: a0, set: {model.frozen_weight: 0.0}}\n"
-                     "    - {name: a1, set: {model.frozen_weight: 1.0}}\n")
+                     "    - {name: a0, set: {method_options.medbridge.frozen_weight: 0.0}}\n"
+                     "    - {name: a1, set: {method_options.medbridge.frozen_weight: 1.0}}\n")
     abl = tmp_path / "abl"
     assert main(["ablate", "--study", str(study), *common, "--set", "data.format=csv", "--set",
-                 f"model.backbones=[\"{tiny_run['backbone']}\"]", "--out", str(abl)]) == 0
+                 f"backbones=[\"{tiny_run['backbone']}\"]", "--out", str(abl)]) == 0
     md = (abl / "ablations.md").read_text()
     assert "**(best val)**" in md and "| a0" in md and "| a1" in md and (abl / "ablation_alpha.png").is_file()
     assert main(["ablate", "--study", str(study), "--data", str(tiny_run["data"]), "--out", str(abl),
                  "--no-train", "--quiet"]) == 0  # summarising again reuses the finished runs
+
+
+def test_every_verb_takes_the_shared_options_the_same_way():
+    """-v/--quiet on every verb; --device, --workers, --set and --n-boot, where a verb has them, with one meaning."""
+    import argparse
+
+    from medbridge.cli.main import build_parser
+
+    def verbs(p: argparse.ArgumentParser, path: tuple = ()):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, p
+        for a in subs:
+            for name, sub in a.choices.items():
+                yield from verbs(sub, (*path, name))
+
+    shared = {"verbose", "quiet", "device", "workers", "set", "n_boot"}
+    found: dict[str, set] = {}
+    seen = dict(verbs(build_parser()))
+    assert {("collect",), ("eval",), ("cache", "ls"), ("serve",), ("train",), ("demo",)} <= set(seen)
+    for path, p in seen.items():
+        dests = {a.dest: a for a in p._actions}
+        assert {"verbose", "quiet"} <= set(dests), path
+        for dest in shared & set(dests):
+            a = dests[dest]
+            found.setdefault(dest, set()).add((tuple(a.option_strings), a.help, a.type, a.default))
+    assert all(len(v) == 1 for v in found.values()), {k: v for k, v in found.items() if len(v) > 1}
+    assert {"device", "workers", "set", "n_boot"} <= set(found)
+    args = build_parser().parse_args(["collect", "runs/a", "-v", "--n-boot", "0"])
+    assert args.verbose and args.n_boot == 0
+    assert build_parser().parse_args(["eval", "runs/a", "--data", "d", "--quiet"]).quiet
+    serve = build_parser().parse_args(["serve", "runs/a", "--workers", "2"])  # serve's --workers: processes
+    assert serve.server_workers == 2 and serve.device is None
+
+
+def test_cli_help_teaches_only_current_config_keys(capsys):
+    from medbridge.cli.main import build_parser
+
+    parser = build_parser()
+    texts = [parser.format_help()]
+    for a in parser._actions:
+        if hasattr(a, "choices") and isinstance(a.choices, dict):
+            texts += [sub.format_help() for sub in a.choices.values()]
+    legacy = re.compile(r"(?<![\w.])(model|probe|baseline)\.[a-z_]+")
+    assert not [m.group(0) for t in texts for m in legacy.finditer(t)]

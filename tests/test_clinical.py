@@ -183,7 +183,7 @@ def calibrated_run(tmp_path_factory, nih_sample):
 
     argv = ["train", "--data", str(data), "--backbone", backbone, "--out", str(root / "run"), "--with-probe",
             "--quiet", "--n-boot", "100", "--set", "train.epochs=1", "--set", f"train.cache_dir={root / 'cache'}",
-            "--set", "train.workers=0", "--set", "model.focal.region_size=512", "--set", "model.focal.stride=512",
+            "--set", "train.workers=0", "--set", "focal.region_size=512", "--set", "focal.stride=512",
             "--set", "eval.calibrate=platt"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(calibration, "fit_calibrator", spy)

@@ -23,7 +23,7 @@ def cv_run(tmp_path_factory, nih_sample):
     backbone = save_tiny_clip(root / "tiny-clip")
     common = ["--data", str(data), "--backbone", backbone, "--quiet", "--n-boot", "200",
               "--set", "train.epochs=1", "--set", f"train.cache_dir={root / 'cache'}", "--set", "train.workers=0",
-              "--set", "model.focal.region_size=512", "--set", "model.focal.stride=512"]
+              "--set", "focal.region_size=512", "--set", "focal.stride=512"]
     out = root / "run"
     assert main(["train", *common, "--cv", "3", "--with-probe", "--out", str(out)]) == 0
     return {"root": root, "data": data, "out": out, "common": common}

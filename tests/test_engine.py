@@ -230,20 +230,56 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
 
 
 # --------------------------------------------------------------------------- config
-def test_config_errors_name_key_and_allowed_values(tmp_path):
-    cfg = load_config("demo", overrides=["train.lr=1e-3", "model.num_queries=16", "model.focal.num_crops=4"])
+def test_keys_of_medbridge_0_1_still_work_with_a_warning_naming_the_new_key(tmp_path):
+    with pytest.warns(DeprecationWarning) as caught:
+        cfg = load_config("demo", overrides=["train.lr=1e-3", "model.num_queries=16", "model.focal.num_crops=4",
+                                             "probe.max_iter=50"])
     assert cfg.train.lr == 1e-3 and cfg.options_for("medbridge")["num_queries"] == 16
-    assert cfg.focal["num_crops"] == 4  # legacy keys (model.*) are read into the current form
+    assert cfg.focal["num_crops"] == 4 and cfg.options_for("linear-probe")["max_iter"] == 50
+    assert [str(w.message) for w in caught] == [
+        "config key 'model.num_queries' is a medbridge 0.1 key: use 'method_options.medbridge.num_queries'",
+        "config key 'model.focal.num_crops' is a medbridge 0.1 key: use 'focal.num_crops'",
+        "config key 'probe.max_iter' is a medbridge 0.1 key: use 'method_options.linear-probe.max_iter'"]
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  num_queries: 4\n  backbones: [dinov2-small]\nbaseline:\n  epochs: 2\n")
+    with pytest.warns(DeprecationWarning, match="'baseline.epochs' is a medbridge 0.1 key: use "
+                                                "'method_options.baseline.epochs'"):
+        cfg = load_config(None, [str(old)])
+    assert cfg.options_for("medbridge")["num_queries"] == 4 and cfg.backbones == ["dinov2-small"]
+
+
+def test_n_boot_is_a_run_setting_saved_with_the_run(tmp_path):
+    import os
+
+    from medbridge.cli.main import build_parser
+    from medbridge.cli.run_commands import build_run_config
+    from medbridge.engine.config import save_config
+
+    assert load_config().eval.n_boot == 1000
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--n-boot", "7", "--device", "cpu",
+                                      "--workers", "0"])
+    cfg = build_run_config(args)
+    assert (cfg.eval.n_boot, cfg.train.device, cfg.train.workers) == (7, "cpu", 0)
+    assert "MEDBRIDGE_N_BOOT" not in os.environ  # no side channel
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "n_boot: 7" in (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"eval.n_boot: -1 is not >= 0"):
+        load_config(overrides=["eval.n_boot=-1"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "run", "--data", "d", "--n-boot", "-3"])
+
+
+def test_config_errors_name_key_and_allowed_values(tmp_path):
     cfg = load_config("demo", overrides=["method_options.medbridge.num_queries=12", "focal.num_crops=2"])
     assert cfg.options_for("medbridge")["num_queries"] == 12 and cfg.focal["num_crops"] == 2
     with pytest.raises(ConfigError, match=r"train.schedule: 'warm' is not one of constant, cosine"):
         load_config(overrides=["train.schedule=warm"])
     with pytest.raises(ConfigError, match=r"method_options.medbridge.bogus: unknown option; allowed: \["):
-        load_config(overrides=["model.bogus=1"])
+        load_config(overrides=["method_options.medbridge.bogus=1"])
     with pytest.raises(ConfigError, match=r"method_options.coop.num_queries: unknown option; allowed: \["):
         load_config(overrides=["method=coop", "method_options.coop.num_queries=1"])
     with pytest.raises(ConfigError, match=r"attention must be 'joint' or 'isolated'"):
-        load_config(overrides=["model.attention=both"])
+        load_config(overrides=["method_options.medbridge.attention=both"])
     with pytest.raises(ConfigError, match=r"train: .*'lrr'.*allowed keys"):
         load_config(overrides=["train.lrr=1"])
     with pytest.raises(ConfigError, match=r"preset 'nope' not found; available: \[.*'demo'"):
@@ -256,15 +292,15 @@ def test_config_errors_name_key_and_allowed_values(tmp_path):
     with pytest.raises(ConfigError, match="method 'cop' is not registered; did you mean coop"):
         load_config(overrides=["method=cop"])
     with pytest.raises(ConfigError, match="focal mode must be"):
-        load_config(overrides=["model.focal.mode=grid"])
+        load_config(overrides=["focal.mode=grid"])
 
 
 def test_study_settings_become_overrides_that_keep_null_lists_and_booleans():
     from medbridge.engine.ablation import _overrides
     from medbridge.engine.config import load_config
 
-    setting = {"model.focal.num_crops": None, "model.focal.stride": 512, "train.lr": 1.0e-3,
-               "model.view_attention": False, "model.backbones": ["a", "b"], "model.focal.mode": "sliding"}
+    setting = {"focal.num_crops": None, "focal.stride": 512, "train.lr": 1.0e-3,
+               "method_options.medbridge.view_attention": False, "backbones": ["a", "b"], "focal.mode": "sliding"}
     cfg = load_config("demo", None, _overrides(setting))
     assert cfg.focal["num_crops"] is None and cfg.focal["stride"] == 512
     assert cfg.train.lr == 1.0e-3 and cfg.options_for("medbridge")["view_attention"] is False

@@ -89,7 +89,8 @@ def test_q0_frozen_only_equals_zero_shot_cosine(name):
     with torch.no_grad():
         out = model([x])
         img = F.normalize(bb.vision.reference_forward(x[:, 0]), dim=-1)
-        prompts = [f"a radiology image with {n}." for n in ["effusion", "pleural thickening", "cardiomegaly"]]
+        # names from the one readable-name rule (medbridge.methods.prompts.prompt_name), as a dataset run names them
+        prompts = [f"a radiology image with {n}." for n in ["pleural effusion", "pleural thickening", "cardiomegaly"]]
         txt = F.normalize(bb.text.reference_encode(bb.text.tokenize(prompts)), dim=-1)
     assert model.text_head.init == "model text projection"
     torch.testing.assert_close(out.logits, img @ txt.t(), atol=1e-5, rtol=1e-5)
@@ -152,7 +153,7 @@ def test_adapter_round_trip_and_wrong_backbone(tmp_path):
         for p in model.trainable_parameters().values():
             p.add_(torch.randn_like(p) * 0.05)
     model.fit_feature_norms([torch.randn(20, 2, b.vision.embed_dim) * 3 + 1 for b in model.backbones])
-    save_method(MedBridgeMethod(model), tmp_path)
+    save_method(MedBridgeMethod.from_model(model), tmp_path)
     assert {f.name for f in tmp_path.iterdir()} == {"adapter.safetensors", "adapter.json"}
     px = _pixels(model)
     loaded = load_method(tmp_path, [B["tiny-clip-vit-b-16"](), B["tiny-hf-dinov2"]()]).model

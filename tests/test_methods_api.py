@@ -69,13 +69,14 @@ def test_files_of_the_previous_formats_still_load_and_score_the_same(name):
     """Fixtures written by medbridge 0.1's per-kind formats (tests/fixtures/legacy/make_legacy.py)."""
     expected = json.loads((LEGACY / "expected_scores.json").read_text())
     clip = tiny_open_clip("ViT-B-16-quickgelu", seed=3)
-    method = load_method(LEGACY / name, [clip])
+    with pytest.warns(DeprecationWarning, match=r"a medbridge 0\.1 file .*writes it as adapter\.json"):
+        method = load_method(LEGACY / name, [clip])
     size = expected["image_size"]
     px = [torch.randn(2, 1, 3, size, size, generator=torch.Generator().manual_seed(expected["pixels_seed"]))]
     scores, _ = method.scores_views(px)
     np.testing.assert_allclose(scores, np.array(expected["scores"][name]), atol=1e-6)
     if name == "medbridge":  # the only legacy kind that recorded backbone fingerprints
-        with pytest.raises(Exception, match="backbone 0"):
+        with pytest.raises(Exception, match="backbone 0"), pytest.warns(DeprecationWarning):
             load_method(LEGACY / name, [tiny_open_clip("ViT-B-16-quickgelu", seed=4)])
 
 
@@ -130,17 +131,136 @@ def test_a_baseline_under_two_gloo_processes_equals_one_process(clip, tmp_path):
         torch.testing.assert_close(ddp[n], p.detach(), atol=1e-5, rtol=1e-4, msg=n)
 
 
+def _method_classes() -> set[str]:
+    """Names of the classes methods/ defines deriving from Method (the interface and its capabilities excepted)."""
+    from medbridge.methods.api import Method
+
+    found, todo = set(), [Method]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    return {c.__name__ for c in found if c.__module__.startswith("medbridge.methods.")
+            and c.__module__ != "medbridge.methods.api"}
+
+
+def names_of_methods(tree: ast.AST, names: set[str], classes: set[str]) -> list[str]:
+    """What a module names of the methods: string literals equal to a method's name or folder, and isinstance /
+    issubclass checks against a method class."""
+    found = sorted({f"{n.value!r} (line {n.lineno})" for n in ast.walk(tree)
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names})
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("isinstance", "issubclass") \
+                and len(n.args) == 2:
+            used = {x.id for x in ast.walk(n.args[1]) if isinstance(x, ast.Name)} | {
+                x.attr for x in ast.walk(n.args[1]) if isinstance(x, ast.Attribute)}
+            found += [f"{n.func.id}(..., {c}) (line {n.lineno})" for c in sorted(used & classes)]
+    return found
+
+
 def test_the_engine_names_no_method_and_methods_never_import_the_engine():
-    names = set(list_methods())
-    for path in sorted((REPO / "src" / "medbridge" / "engine").glob("*.py")):
+    from medbridge.methods.registry import get_method
+
+    names = set(list_methods()) | {get_method(m).method_class.folder() for m in list_methods()}
+    classes = _method_classes()
+    assert {"MedBridgeMethod", "LinearProbe", "SeedEnsemble", "CoOpMethod"} <= classes  # the scan sees them
+    src = REPO / "src" / "medbridge"
+    for path in sorted(p for d in ("engine", "serve", "cli") for p in (src / d).rglob("*.py")):
         tree = ast.parse(path.read_text())
-        literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-        assert not (names & literals), f"{path.name} names methods {sorted(names & literals)}"
+        assert not names_of_methods(tree, names, classes), f"{path.relative_to(src)} names methods"
         imports = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-        assert not [m for m in imports if re.search(r"methods\.(medbridge|linear_probe|baselines)", m)], path.name
+        assert not [m for m in imports if re.search(r"methods\.(medbridge|linear_probe|baselines|ensemble)", m)], path
     for path in (REPO / "src" / "medbridge" / "methods").rglob("*.py"):
         assert "engine" not in {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(path.read_text()))
                                 if isinstance(n, ast.ImportFrom) and n.level >= 2}, path
+
+
+def test_the_method_scan_catches_isinstance_and_folder_names():
+    """The scan above on code that names methods the three ways it must catch."""
+    code = ("from medbridge.methods.ensemble import SeedEnsemble\n"
+            "def f(m, folder):\n"
+            "    if isinstance(m, SeedEnsemble) or issubclass(type(m), (int, medbridge.LinearProbe)):\n"
+            "        return folder / 'linear_probe'\n"
+            "    return 'medbridge'\n")
+    found = names_of_methods(ast.parse(code), {"medbridge", "linear_probe"}, {"SeedEnsemble", "LinearProbe"})
+    assert found == ["'linear_probe' (line 4)", "'medbridge' (line 5)", "isinstance(..., SeedEnsemble) (line 3)",
+                     "issubclass(..., LinearProbe) (line 3)"]
+
+
+def test_a_method_missing_a_required_hook_fails_at_registration_naming_it():
+    from medbridge.methods.api import REQUIRED_HOOKS, ClosedFormFit, Method
+    from medbridge.methods.registry import _REGISTRY, register_method
+
+    assert sorted(Method.__abstractmethods__) == sorted(REQUIRED_HOOKS)
+
+    class NoViews(Method):
+        def cache_spec(self, n_views): ...
+        def scores_cached(self, cache, rows, device="cpu"): ...
+        def read_batch(self, cache, rows, device): ...
+        def training_loss(self, batch, targets, reports): ...
+
+    with pytest.raises(TypeError, match=r"^register_method\('no-views'\): NoViews does not implement scores_views$"):
+        register_method("no-views", object, NoViews)
+    with pytest.raises(TypeError, match="abstract method 'scores_views'|abstract method scores_views"):
+        NoViews(None, [], ["a"], ["a"], None)  # and it cannot be built either
+
+    class NoLoop(Method):
+        def cache_spec(self, n_views): ...
+        def scores_cached(self, cache, rows, device="cpu"): ...
+        def scores_views(self, pixels): ...
+
+    with pytest.raises(TypeError, match=r"NoLoop does not implement read_batch, training_loss \(.*ClosedFormFit"):
+        register_method("no-loop", object, NoLoop)
+
+    class ClosedForm(ClosedFormFit, NoLoop):
+        def fit_closed_form(self, data): ...
+
+    try:
+        assert register_method("closed-form", object, ClosedForm) is ClosedForm
+    finally:
+        _REGISTRY.pop("closed-form", None)
+    assert not {"no-views", "no-loop"} & set(_REGISTRY)
+
+
+def test_capabilities_are_declared_and_ensembles_have_their_members(clip):
+    from medbridge.methods.api import ClosedFormFit, Explainable, FitsMembers, TextPrompted
+
+    mb = create_method("medbridge", TINY_OPTIONS["medbridge"], backbones=[clip], labels=LABELS, ensemble=2)
+    probe = create_method("linear-probe", {}, backbones=[clip], labels=LABELS)
+    coop = create_method("coop", {}, backbones=[clip], labels=LABELS, ensemble=2)
+    assert isinstance(mb, FitsMembers) and isinstance(mb, TextPrompted) and isinstance(mb, Explainable)
+    assert mb.text_prompted and type(mb).__name__ == "SeedEnsemble"
+    assert isinstance(coop, FitsMembers) and isinstance(coop, Explainable) and not isinstance(coop, TextPrompted)
+    assert isinstance(probe, ClosedFormFit) and not isinstance(probe, (TextPrompted, FitsMembers))
+    assert isinstance(mb.with_label_names(["Edema"], ["edema"]), TextPrompted)
+    # one readable-name rule: the one dataset runs use (Effusion prompts "pleural effusion")
+    assert probe.prompt_names == NAMES and mb.prompt_names == NAMES
+
+
+def test_registry_builtin_and_legacy_import_no_cycle_and_the_registry_not_the_package_root():
+    src = REPO / "src" / "medbridge" / "methods"
+
+    def imports(name: str) -> set[tuple[int, str | None]]:
+        tree = ast.parse((src / f"{name}.py").read_text())
+        return {(n.level, n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert (2, None) not in imports("registry")  # `from .. import x`: the package root
+    assert not {(1, "registry")} & (imports("builtin") | imports("legacy"))  # only the registry imports them
+
+
+def test_medbridge_method_takes_the_base_signature_and_wraps_a_model_by_from_model(clip):
+    from medbridge.methods.medbridge.method import MedBridgeMethod
+
+    built = create_method("medbridge", TINY_OPTIONS["medbridge"], backbones=[clip], labels=LABELS)
+    again = MedBridgeMethod(built.options, [clip], LABELS, NAMES, built.focal)  # Method's own signature
+    assert again.saved_options() == built.saved_options() and again.prompt_names == NAMES
+    wrapped = MedBridgeMethod.from_model(built.model)
+    assert wrapped.model is built.model and wrapped.labels == LABELS and wrapped.score_labels is None
+    with pytest.warns(DeprecationWarning, match=r"MedBridgeMethod\(model\) is deprecated: use "
+                                                r"MedBridgeMethod.from_model\(model\)"):
+        old = MedBridgeMethod(built.model)
+    assert old.model is built.model and old.labels == LABELS
 
 
 def test_options_are_validated_by_the_registered_dataclass():
@@ -199,6 +319,9 @@ def test_the_documented_example_method_trains_end_to_end_through_the_cli(tmp_pat
         assert main(["predict", str(out), str(image), "--json"]) == 0
         probs = json.loads(capsys.readouterr().out)[0]["probabilities"]
         assert set(probs) == {"Pneumonia", "Infiltration", "Effusion"}
+        explain = tmp_path / "explain"  # the example is Explainable: per-label heat-map overlays
+        assert main(["predict", str(out), str(image), "--explain", str(explain), "--quiet"]) == 0
+        assert sorted(explain.rglob("*.png"))
         python = load_method(out).predict([image])  # the Python API gives the CLI's numbers
         np.testing.assert_allclose(python[0], [probs[k] for k in load_method(out).labels], atol=1e-6)
     finally:

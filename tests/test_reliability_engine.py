@@ -26,7 +26,7 @@ def run(tmp_path_factory, nih_sample):
     out = root / "run"
     argv = ["train", "--data", str(data), "--backbone", f"{vision}+minilm-l6", "--out", str(out), "--with-probe",
             "--quiet", "--set", "train.epochs=1", "--set", f"train.cache_dir={root / 'cache'}",
-            "--set", "train.workers=0", "--set", "model.focal.num_crops=0", "--set", "data.fractions=[0.5,0.2,0.3]"]
+            "--set", "train.workers=0", "--set", "focal.num_crops=0", "--set", "data.fractions=[0.5,0.2,0.3]"]
     assert main(argv) == 0
     return {"root": root, "data": data, "out": out, "argv": argv, "cache": str(root / "cache")}
 

@@ -16,7 +16,7 @@ def setup(tmp_path_factory, nih_sample):
     data = nih_subset_csv(nih_sample, root / "data" / "labels.csv", n=24)
     common = ["--backbone", save_tiny_clip(root / "clip"), "--quiet", "--method", "linear-probe",
               "--set", f"train.cache_dir={root / 'cache'}", "--set", "train.workers=0",
-              "--set", "model.focal.num_crops=0", "--set", "data.fractions=[0.5,0.2,0.3]"]
+              "--set", "focal.num_crops=0", "--set", "data.fractions=[0.5,0.2,0.3]"]
     return {"root": root, "data": data, "common": common}
 
 

@@ -35,7 +35,7 @@ def tiny_run(tmp_path_factory, nih_sample):
     backbone = save_tiny_clip(root / "tiny-clip")
     common = ["--data", str(data), "--backbone", backbone, "--quiet", "--set", "train.epochs=1",
               "--set", f"train.cache_dir={root / 'cache'}", "--set", "train.workers=0",
-              "--set", "model.focal.region_size=512", "--set", "model.focal.stride=512",
+              "--set", "focal.region_size=512", "--set", "focal.stride=512",
               "--set", "data.fractions=[0.5,0.2,0.3]"]
     assert main(["train", *common, "--out", str(root / "run"), "--with-probe"]) == 0
     assert main(["train", *common, "--out", str(root / "adapter-run"), "--method", "clip-adapter"]) == 0

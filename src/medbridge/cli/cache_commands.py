@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .options import add_shared_options
+
 
 def _root(args: argparse.Namespace):
     from ..engine.features import cache_root_from
@@ -99,4 +101,5 @@ def add_cache_command(sub) -> None:
         else:
             a.add_argument("keys", nargs="*", help="cache keys or unique key prefixes (from `medbridge cache ls`)")
             a.add_argument("--all", action="store_true", help="remove every cache under the root")
+        add_shared_options(a)
         a.set_defaults(func=func)

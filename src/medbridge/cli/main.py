@@ -10,8 +10,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from .. import __version__
 from ..defaults import DEFAULT_BACKBONE, list_presets
+from ..version import PROGRAM, __version__
+from .options import add_shared_options, apply_shared_options
 from .run_commands import SHARED_SAMPLE, add_run_commands
 
 
@@ -62,14 +63,16 @@ def list_backbones_table(as_json: bool) -> int:
 
 def list_methods_table(as_json: bool) -> int:
     """``medbridge list methods``: the registry's methods with their group, options and description."""
-    from ..methods.api import describe_options
+    from ..methods.api import CAPABILITIES, describe_options
     from ..methods.registry import get_method, list_methods
 
     rows = []
     for name in list_methods():
         e = get_method(name)
         rows.append({"name": name, "group": e.group or "-", "folder": e.method_class.folder(),
-                     "text_prompted": e.method_class.text_prompted, "description": e.description,
+                     "text_prompted": e.method_class.text_prompted, "capabilities": [
+                         c.__name__ for c in CAPABILITIES if issubclass(e.method_class, c)],
+                     "description": e.description,
                      "options": describe_options(e.options_class)})
     if as_json:
         print(json.dumps(rows, indent=1, default=str))
@@ -93,14 +96,14 @@ def cmd_check_backbone(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="medbridge",
+        prog=PROGRAM,
         description="Adapt frozen foundation vision(-language) models to multi-label medical image classification.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  medbridge demo\n  medbridge train --data /data/nih --out runs/nih\n"
                "  medbridge eval runs/nih --data /data/nih --json\n  medbridge predict runs/nih image.dcm\n"
                "  medbridge list backbones",
     )
-    parser.add_argument("--version", action="version", version=f"medbridge {__version__}")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered components",
@@ -112,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  medbridge list datasets")
     p.add_argument("what", choices=["backbones", "datasets", "methods"], help="what to list")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_shared_options(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("check-backbone", help="sanity-check a backbone's embeddings on real X-rays",
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone name or source string")
     p.add_argument("--data", default=SHARED_SAMPLE, help="folder with NIH-style images/ (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    add_shared_options(p)
     p.set_defaults(func=cmd_check_backbone)
 
     add_run_commands(sub, list_presets())
@@ -154,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ..engine import model_card
 
-    model_card.COMMAND = ["medbridge", *(sys.argv[1:] if argv is None else argv)]  # for the run's report.md
+    model_card.COMMAND = [PROGRAM, *(sys.argv[1:] if argv is None else argv)]  # for the run's report.md
+    apply_shared_options(args)
     try:
         if os.environ.get("MEDBRIDGE_PLUGINS", "").strip():  # after parsing: --help/--version never run plugins
             from ..methods.registry import list_methods
@@ -172,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_unexpected(exc: BaseException) -> bool:
     """Errors that are not medbridge's own messages (a library's RuntimeError, say) get a hint about -v."""
-    return type(exc).__module__.split(".")[0] not in ("medbridge", "builtins")
+    return type(exc).__module__.split(".")[0] not in (PROGRAM, "builtins")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
+from .options import add_shared_options, config_overrides
 from .outputs import removed_on_failure
 
 SHARED_SAMPLE = "../shared/data/nih-cxr14-sample"
@@ -19,14 +19,10 @@ TRAIN_EXAMPLES = """examples:
   medbridge train --data /data/nih --format nih --out runs/nih-medbridge
   medbridge train --preset cross-domain --data /data/mimic-cxr-jpg --out runs/mimic --set data.label_fraction=0.1
   medbridge train --data labels.csv --method linear-probe --out runs/lp
-  medbridge train --data /data/nih --out runs/nih --set model.num_queries=16 --set train.lr=1e-3
+  medbridge train --data /data/nih --out runs/nih --set method_options.medbridge.num_queries=16 --set train.lr=1e-3
   medbridge train ... --resume          # continue an interrupted run in the same --out folder
   torchrun --nproc_per_node 4 -m medbridge train ...   # data-parallel on 4 GPUs
 presets: {presets}"""
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
 
 def add_common_data(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
@@ -37,17 +33,10 @@ def add_common_data(p: argparse.ArgumentParser, required: bool = True, default: 
                                                     "add their own) or auto (detect from the files; default)")
 
 
-def add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
-
-
 def add_config_args(p: argparse.ArgumentParser, presets: list[str]) -> None:
-    """--preset / --config / --set / --backbone: the layers of a run's configuration."""
+    """--preset / --config / --backbone: the layers of a run's configuration (--set: the shared options)."""
     p.add_argument("--preset", help=f"config preset: {', '.join(presets)} or a YAML path")
     p.add_argument("--config", action="append", help="YAML config file(s) applied after the preset")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override, e.g. train.lr=1e-3, model.num_queries=16, data.label_fraction=0.1")
     p.add_argument("--backbone", action="append", help="backbone source(s); several = mixture of experts")
     from ..defaults import CACHE_MODES
 
@@ -61,7 +50,7 @@ def build_run_config(args: argparse.Namespace):
     from ..data.datasets.registry import default_preset, get_dataset
     from ..engine.config import load_config
 
-    overrides = list(args.set or [])
+    overrides = config_overrides(args)
     if args.data:
         overrides.append(f"data.path={args.data}")
     if args.format and args.format != "auto":
@@ -79,7 +68,9 @@ def build_run_config(args: argparse.Namespace):
         overrides.append("backbones=" + json.dumps(args.backbone))
     also = [m.strip() for m in (getattr(args, "also", None) or "").split(",") if m.strip()]
     if getattr(args, "with_probe", False):
-        also.append("linear-probe")
+        from ..methods.registry import probe_method
+
+        also.append(probe_method())
     if also:
         overrides.append("companions=" + json.dumps(list(dict.fromkeys(also))))
     if getattr(args, "split_file", None):
@@ -94,7 +85,6 @@ def build_run_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from ..engine.run import train_run
 
-    _setup_logging(args.verbose)
     cfg = build_run_config(args)
     try:
         with removed_on_failure(args.out):
@@ -124,7 +114,6 @@ def cmd_train_cv(args: argparse.Namespace) -> int:
     """``train --cv K``: patient-level K-fold cross-validation into one run folder."""
     from ..engine.cv import cv_headline, run_cv
 
-    _setup_logging(args.verbose)
     cfg = build_run_config(args)
     if cfg.data.split_file:
         raise ValueError("--cv and --split-file exclude each other: cross-validation makes its own patient folds")
@@ -145,45 +134,21 @@ def _train_or_cv(args: argparse.Namespace) -> int:
     return cmd_train_cv(args) if getattr(args, "cv", None) else cmd_train(args)
 
 
-class _NBoot(argparse.Action):
-    """``--n-boot N``: bootstrap resamples for every interval of this command (via ``$MEDBRIDGE_N_BOOT``)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        import os
-
-        if values < 0:
-            parser.error(f"{option_string} must be >= 0 (0: no intervals), got {values}")
-        os.environ["MEDBRIDGE_N_BOOT"] = str(values)
-        setattr(namespace, self.dest, values)
-
-
-def add_device_args(p: argparse.ArgumentParser, amp: bool = False) -> None:
-    """``--device`` (auto: CUDA when present), ``--workers`` (decode processes; default from the cores) and,
-    for commands that score images directly, ``--no-amp``."""
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="image-decoding worker processes (default: cores - 1, at most 8)")
-    if amp:
-        p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of bf16 autocast")
-
-
-def add_stats_args(p: argparse.ArgumentParser, cv: bool = True) -> None:
-    p.add_argument("--n-boot", type=int, action=_NBoot, metavar="N",
-                   help="patient-bootstrap resamples for the 95%% intervals (default 1000; 0: none)")
-    if cv:
-        p.add_argument("--cv", type=int, metavar="K", help="patient-level K-fold cross-validation (K >= 2) instead "
-                                                           "of one train/val/test split")
+def add_cv_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cv", type=int, metavar="K", help="patient-level K-fold cross-validation (K >= 2) instead "
+                                                       "of one train/val/test split")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..engine.evaluate import evaluate_on
+    from ..engine.stats import DEFAULT_N_BOOT
     from ..methods.inference import resolve_workers
 
-    _setup_logging(args.verbose)
     res = evaluate_on(args.run, args.data, format=args.format, split=args.split, split_file=args.split_file,
-                      approximate=args.approximate, label_space=args.label_space, device=args.device,
-                      cache_dir=args.cache_dir, workers=resolve_workers(args.workers), progress=not args.json,
-                      unit=args.unit)
+                      approximate=args.approximate, label_space=args.label_space, device=args.device or "auto",
+                      cache_dir=args.cache_dir, workers=resolve_workers(args.workers),
+                      progress=not (args.json or args.quiet), unit=args.unit,
+                      n_boot=DEFAULT_N_BOOT if args.n_boot is None else args.n_boot)
     if args.json:
         print(json.dumps(res, default=float))
         return 0
@@ -240,7 +205,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..io import atomic_write_bytes
     from ..methods.registry import load_method, model_run_folder
 
-    _setup_logging(args.verbose)
     images = collect_images(args.inputs)
     out = check_predict_out(args.out, images, args.overwrite) if args.out else None
     if args.explain:
@@ -262,7 +226,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows[0]["labels"] = [lab for lab, p in rows[0]["probabilities"].items() if p >= thresholds.get(lab, 0.5)]
     else:
         rows = predict_images(method, images, thresholds, args.batch_size, args.skip_unreadable,
-                              device=resolve_device(args.device, "--device"), workers=args.workers,
+                              device=resolve_device(args.device or "auto", "--device"), workers=args.workers,
                               amp=not args.no_amp, progress=not args.quiet, calibrator=calibrator)
     if args.explain:  # per-label heat-map overlays (medbridge serve's explanations) as PNGs
         from ..serve.explain import write_explanations
@@ -297,7 +261,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..engine.config import load_config
     from ..engine.cv import cv_headline, run_cv
 
-    _setup_logging(args.verbose)
     data = Path(args.data or SHARED_SAMPLE)
     if not any((data / f).is_file() for f in ENTRY_FILES):
         where = f"no NIH ChestX-ray14 data at {data}" if args.data else "no --data given and no NIH sample here"
@@ -306,7 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = [f"data.path={data}", f"train.seed={args.seed}", f"data.split_seed={args.seed}",
-                 f"train.epochs={args.epochs}"] + list(args.set or [])
+                 f"train.epochs={args.epochs}"] + config_overrides(args)
     cfg = load_config("demo", None, overrides)
     size = cfg.train.ensemble_for(cfg.method)
     method = cfg.method + (f" (seed ensemble of {size})" if size > 1 else "")
@@ -331,6 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from ..engine.report import collect_runs, paper_table
+    from ..engine.stats import DEFAULT_N_BOOT
 
     frame = collect_runs([Path(f) for f in args.runs])
     if args.csv:
@@ -339,14 +303,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if args.paired:
         from ..engine.benchmark import paired_rows
 
-        print("\n" + paired_rows(frame))
+        print("\n" + paired_rows(frame, DEFAULT_N_BOOT if args.n_boot is None else args.n_boot))
     return 0
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from ..engine.benchmark import run_benchmark
 
-    _setup_logging(args.verbose)
     args.method = None
     cfg = build_run_config(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -369,10 +332,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from ..engine.ablation import run_ablations, summarise
 
-    _setup_logging(args.verbose)
     frame = run_ablations(args.study, args.data, args.out, only=args.only.split(",") if args.only else None,
                           seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
-                          extra=args.set, progress=not args.quiet, train=not args.no_train)
+                          extra=config_overrides(args), progress=not args.quiet, train=not args.no_train)
     text = summarise(frame, Path(args.out))
     from ..io import atomic_write_bytes
 
@@ -395,11 +357,12 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--split-file", help="reuse a split.json from another run")
     p.add_argument("--also", metavar="METHODS", help="comma-separated methods fitted beside --method on the same "
                                                      "split (and frozen features when they can read them)")
-    p.add_argument("--with-probe", action="store_true", help="same as --also linear-probe")
-    add_stats_args(p)
+    p.add_argument("--with-probe", action="store_true",
+                   help="also fit the registered probe (the linear probe) beside --method")
+    add_cv_arg(p)
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
-    add_output_flags(p)
+    add_shared_options(p, device=True, config=True, n_boot=True)
     p.set_defaults(func=_train_or_cv)
 
     p = sub.add_parser("eval", help="metrics of a trained adapter/probe on a dataset (also another dataset)",
@@ -420,11 +383,9 @@ def add_run_commands(sub, presets: list[str]) -> None:
                    help="also map approximate label counterparts (Nodule/Mass->Lung Lesion, ...)")
     p.add_argument("--label-space", choices=["model", "data"], default="model",
                    help="score the model's labels (default) or the dataset's own label names via prompts")
-    add_device_args(p)
     p.add_argument("--cache-dir", help="frozen-activation cache folder")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    add_stats_args(p, cv=False)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (no progress bars)")
+    add_shared_options(p, device=True, n_boot=True)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="probabilities and labels for images (PNG/JPEG/DICOM, files or folders)",
@@ -438,15 +399,15 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--json", action="store_true", help="print full JSON (probabilities, gate, per-view votes)")
     p.add_argument("--batch-size", type=int, default=16, help="images per model call (default: %(default)s)")
-    add_device_args(p, amp=True)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of bf16 autocast")
     p.add_argument("--skip-unreadable", action="store_true", help="report unreadable images instead of failing")
     p.add_argument("--case", action="store_true", help="the inputs are the images of ONE case (e.g. a patient's "
                                                        "left and right fundus photographs, a study's PA and "
                                                        "lateral): one prediction for them together")
     p.add_argument("--explain", metavar="DIR", help="also write heat-map overlays (PNG) of each image's positive "
-                                                    "and 3 most probable labels into DIR")
-    p.add_argument("-v", "--verbose", action="store_true")
+                                                    "and 3 most probable labels into DIR (methods with "
+                                                    "explanations: medbridge list methods --json)")
+    add_shared_options(p, device=True)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("collect", help="collect run folders' metrics into a paper-style table",
@@ -457,7 +418,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--paired", action="store_true",
                    help="paired macro AUROC difference of every (run, method) to the first, on the same test images "
                         "(runs with the same split, or --cv runs with the same folds), with interval and p-value")
-    add_stats_args(p, cv=False)
+    add_shared_options(p, n_boot=True)
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("benchmark", help="compare methods on the same data, split, seeds and backbone",
@@ -472,8 +433,8 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (split + initialisation)")
     p.add_argument("--out", required=True, help="benchmark folder (finished runs inside are reused)")
     add_config_args(p, presets)
-    add_stats_args(p)
-    add_output_flags(p)
+    add_cv_arg(p)
+    add_shared_options(p, device=True, config=True, n_boot=True)
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("ablate", help="run an ablation study (settings x seeds) and tabulate/plot it",
@@ -487,8 +448,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--only", help="comma-separated study names to run")
     p.add_argument("--no-train", action="store_true", help="only summarise the runs that have finished")
     p.add_argument("--seeds", help="comma-separated seeds (default: the study's)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
-    add_output_flags(p)
+    add_shared_options(p, device=True, config=True, n_boot=True)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="THE main job: MedBridge vs linear probe on the real NIH sample",
@@ -504,10 +464,7 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cv", type=int, default=5, metavar="K", help="patient folds (default: %(default)s)")
-    p.add_argument("--n-boot", type=int, action=_NBoot, metavar="N",
-                   help="patient-bootstrap resamples for the 95%% intervals (default 1000)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
-    add_output_flags(p)
+    add_shared_options(p, device=True, config=True, n_boot=True)
     p.set_defaults(func=cmd_demo)

@@ -15,6 +15,7 @@ from ..methods.api import NotApplicableError
 from .config import RunConfig, config_from_dict
 from .report import collect_runs, paper_table, save_figure
 from .run import train_run
+from .stats import DEFAULT_N_BOOT
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def run_benchmark(base: RunConfig, methods: list[str], seeds: list[int], out: st
     if not done:
         raise NotApplicableError("no method could run: " + "; ".join(f"{k}: {v}" for k, v in not_applicable.items()))
     frame = collect_runs(done)
-    paired = paired_to_first(done, methods, seeds, cv)
+    paired = paired_to_first(done, methods, seeds, cv, base.eval.n_boot)
     atomic_write_bytes(out / "results.csv", frame.to_csv(index=False).encode())
     dataset = frame["dataset"].iloc[0]
     bar_chart(frame, out / "results.png", f"{dataset}: macro AUROC, mean ± std over seeds {seeds}")
@@ -103,9 +104,10 @@ def run_benchmark(base: RunConfig, methods: list[str], seeds: list[int], out: st
             "paired": paired, "results": str(out / "results.md")}
 
 
-def paired_to_first(done: list[Path], methods: list[str], seeds: list[int], cv: int | None) -> str:
+def paired_to_first(done: list[Path], methods: list[str], seeds: list[int], cv: int | None,
+                    n_boot: int = DEFAULT_N_BOOT) -> str:
     """Markdown table: per seed, every method minus the first finished one on the same images."""
-    from .stats import default_n_boot, fmt_diff, verdict
+    from .stats import fmt_diff, verdict
 
     by_name = {Path(d).name: Path(d) for d in done}
     ran = [m for m in methods if any(f"{m}-s{s}" in by_name for s in seeds)]
@@ -119,12 +121,12 @@ def paired_to_first(done: list[Path], methods: list[str], seeds: list[int], cv: 
             b_dir = by_name.get(f"{m}-s{seed}")
             if a_dir is None or b_dir is None:
                 continue
-            pair = paired_difference(a_dir, base, b_dir, m, default_n_boot())
+            pair = paired_difference(a_dir, base, b_dir, m, n_boot)
             lines.append(f"| {seed} | {base} - {m} | {fmt_diff(pair)} | {verdict(pair, base, m)} |")
     return "\n".join(lines)
 
 
-def paired_difference(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int | None = None) -> dict:
+def paired_difference(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int = DEFAULT_N_BOOT) -> dict:
     """Paired macro AUROC difference ``a - b`` of two finished runs scored on the same test images: two
     single-split runs with the same split (patient bootstrap), or two ``--cv`` runs with the same folds (mean over
     folds, bootstrap stratified by fold)."""
@@ -162,7 +164,7 @@ def _run_table(run_dir: Path, no_split_file: bool = False):
     return table
 
 
-def _paired_split(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int | None) -> dict:
+def _paired_split(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int) -> dict:
     """Paired bootstrap of two single-split runs with the same split (same test images)."""
     from .stats import paired_bootstrap
 
@@ -174,7 +176,7 @@ def _paired_split(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int | None) 
     return paired_bootstrap(sa, sb, table.targets[rows], table.labels, table.patient_ids[rows], n_boot)
 
 
-def _paired_cv(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int | None) -> dict:
+def _paired_cv(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int) -> dict:
     """Mean-over-folds paired difference of two CV runs with the same folds (bootstrap stratified by fold)."""
     import json
 
@@ -197,7 +199,7 @@ def _paired_cv(a_dir: Path, a: str, b_dir: Path, b: str, n_boot: int | None) -> 
     return cv_bootstrap(folds, table.labels, n_boot, 0, ["a", "b"])["paired"]["a - b"]
 
 
-def paired_rows(frame: pd.DataFrame, n_boot: int | None = None) -> str:
+def paired_rows(frame: pd.DataFrame, n_boot: int = DEFAULT_N_BOOT) -> str:
     """Markdown: every (run, method) of a collect table minus the first one, paired on the same test images."""
     from .stats import fmt_diff, verdict
 

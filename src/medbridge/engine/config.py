@@ -16,6 +16,7 @@ from ..fieldcheck import FieldTypeError, check_fields
 from ..methods.api import OptionsError
 from ..methods.legacy import LEGACY_SECTIONS, migrate_legacy_config, migrate_legacy_key
 from ..methods.registry import check_method_options, default_method, get_method, list_methods, method_groups
+from .stats import DEFAULT_N_BOOT
 
 
 class ConfigError(ValueError):
@@ -109,12 +110,15 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     calibrate: str = "none"  # post-hoc calibration fitted on validation: none, temperature, platt (per class)
+    n_boot: int = DEFAULT_N_BOOT  # patient-bootstrap resamples per 95% interval (0: no intervals); --n-boot
 
     def validate(self) -> None:
         from .calibration import KINDS
 
         if self.calibrate not in KINDS:
             raise ConfigError(f"eval.calibrate: {self.calibrate!r} is not one of {', '.join(KINDS)}")
+        if self.n_boot < 0:
+            raise ConfigError(f"eval.n_boot: {self.n_boot} is not >= 0 (0: no intervals)")
 
 
 @dataclass
@@ -262,7 +266,7 @@ def config_from_dict(d: dict) -> RunConfig:
                         backbones=list(d.get("backbones") or [DEFAULT_BACKBONE]), focal=dict(d.get("focal") or {}),
                         method_options=dict(d.get("method_options") or {}),
                         companions=list(d.get("companions") or []),
-                        eval=EvalConfig(**(d.get("eval") or {})))
+                        eval=EvalConfig(**_coerce("eval", EvalConfig, d.get("eval") or {})))
     except TypeError as exc:  # unknown field in a section
         section = next((n for n, c in (("data", DataConfig), ("eval", EvalConfig)) if c.__name__ in str(exc)), "train")
         allowed = [f.name for f in fields({"data": DataConfig, "eval": EvalConfig}.get(section, TrainConfig))]

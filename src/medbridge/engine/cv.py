@@ -29,10 +29,10 @@ from .config import RunConfig, config_from_dict, save_config
 from .metrics import evaluate_scores
 from .report import ci_sentence, paired_table, plot_reliability, plot_roc, summary_table, write_json
 from .stats import (
+    DEFAULT_N_BOOT,
     MIN_CASES,
     bootstrap_metrics,
     cv_bootstrap,
-    default_n_boot,
     delong_per_class,
     fmt_ci,
     fmt_class,
@@ -90,9 +90,10 @@ def cv_splits(table: ImageTable, k: int, seed: int = 0, fractions=(0.7, 0.1, 0.2
 
 
 def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-           progress: bool = True, backbones=None, n_boot: int | None = None) -> dict:
+           progress: bool = True, backbones=None) -> dict:
     """Train and evaluate ``cfg`` (its method and companions) on each of ``k`` patient folds in
-    ``out/fold-<f>/`` (finished folds are reused with ``resume``), then write the cross-validated results."""
+    ``out/fold-<f>/`` (finished folds are reused with ``resume``), then write the cross-validated results
+    (intervals from ``cfg.eval.n_boot`` resamples)."""
     from .run import prepare_data, prepare_out, train_run
 
     out = Path(out)
@@ -115,7 +116,7 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
             print(f"fold {f + 1}/{k}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test "
                   f"{unit}", flush=True)
         train_run(config_from_dict(d), fold_dir, overwrite=True, progress=progress, backbones=backbones)
-    summary = summarise_cv(out, table, k, n_boot=n_boot, seed=cfg.data.split_seed)
+    summary = summarise_cv(out, table, k, n_boot=cfg.eval.n_boot, seed=cfg.data.split_seed)
     summary["timings"]["total_s"] = time.perf_counter() - t0
     write_json(out / "metrics.json", summary)
     return summary
@@ -135,14 +136,13 @@ def load_fold_predictions(run_dir: Path, table: ImageTable, method: str) -> tupl
     return rows, scores, thresholds
 
 
-def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int | None = None, seed: int = 0) -> dict:
+def summarise_cv(out: Path, table: ImageTable, k: int, n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict:
     """Out-of-fold predictions, per-fold and mean-over-folds metrics with fold-stratified patient-bootstrap
     intervals, pooled (labelled) metrics, paired differences to the first method, calibration before/after and
     subgroups; writes every output."""
     from . import model_card as card
     from .subgroups import group_columns, subgroup_results
 
-    n_boot = default_n_boot() if n_boot is None else n_boot
     labels = list(table.labels)
     fold_metrics = [json.loads((out / f"fold-{f}" / "metrics.json").read_text()) for f in range(k)]
     methods = list(fold_metrics[0]["methods"])

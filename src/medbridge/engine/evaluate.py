@@ -15,12 +15,13 @@ from ..data.cases import case_or_image_table
 from ..data.datasets.generic import describe_broken_links, image_files
 from ..data.images import IMAGE_SUFFIXES
 from ..data.table import DatasetError, shorten
-from ..methods.api import Method
+from ..methods.api import Method, TextPrompted, require
 from ..methods.registry import load_method, method_folder, model_run_folder
 from .calibration import apply_calibration, load_calibrator
 from .features import cache_root_from
 from .metrics import evaluate_scores
 from .run import method_scores, resolve_device
+from .stats import DEFAULT_N_BOOT, bootstrap_metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,14 @@ def run_thresholds(folder: Path, method: str) -> dict | None:
 def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto", split: str | None = None,
                 split_file: str | None = None, options: dict | None = None, approximate: bool = False,
                 label_space: str = "model", device: str = "auto", cache_dir: str | None = None,
-                workers: int = 2, progress: bool = True, unit: str | None = None) -> dict:
+                workers: int = 2, progress: bool = True, unit: str | None = None,
+                n_boot: int = DEFAULT_N_BOOT) -> dict:
     """Metrics of a trained method on a dataset (per image or per case: ``unit``, default the run's
     ``data.unit``). ``split``: test/val/train/all (default: the run's own test
     split when ``data`` is the dataset it was trained on, else all images: cross-dataset zero-shot).
     ``label_space``: "model" (the method's labels; the dataset is aligned onto them, NaN where it has no
-    counterpart) or "data" (MedBridge only: the dataset's own label names become prompts)."""
+    counterpart) or "data" (text-prompted methods only: the dataset's own label names become prompts). Intervals:
+    ``n_boot`` patient-bootstrap resamples (0: none)."""
     folder = model_run_folder(method_dir)  # a cross-validation folder: its first fold's model and split
     method = load_method(folder)
     table = load_dataset(format, data, **(options or {}))
@@ -69,6 +72,7 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
         raise DatasetError(f"{table.name}: the {split!r} split is empty")
     alignment = None
     if label_space == "data":
+        require(method, TextPrompted, "scoring other label names (--label-space data needs a text-prompted method)")
         method = method.with_label_names(list(table.labels), list(table.prompt_names))
     elif label_space == "model":
         if list(table.labels) != method.labels:
@@ -82,9 +86,8 @@ def evaluate_on(method_dir: str | Path, data: str | Path, *, format: str = "auto
     calibrator = load_calibrator(method_folder(folder), method.labels) if label_space == "model" else None
     scores = apply_calibration(calibrator, scores, method.labels)  # the run's thresholds are on this scale
     res = evaluate_scores(scores, table.targets[rows], method.labels, thresholds)
-    from .stats import bootstrap_metrics
-
-    res["ci"] = bootstrap_metrics(scores, table.targets[rows], method.labels, table.patient_ids[rows], thresholds)
+    res["ci"] = bootstrap_metrics(scores, table.targets[rows], method.labels, table.patient_ids[rows], thresholds,
+                                  n_boot)
     res.update({"method": method.name, "dataset": table.name, "data": str(data), "split": split,
                 "calibration": calibrator["kind"] if calibrator else "none",
                 "threshold_source": "validation split of the training run" if thresholds else "none (oracle only)",

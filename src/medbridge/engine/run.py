@@ -60,7 +60,7 @@ def prepare_data(dc: DataConfig) -> tuple[ImageTable | CaseTable, Split]:
 RUN_MARKER = ".medbridge-run"
 #: keys of a run's config that may change on --resume: where/how things run, not what is computed
 RESUMABLE_CHANGES = ("train.workers", "train.device", "train.cache_dir", "train.checkpoint_every",
-                     "train.eval_batch_size")
+                     "train.eval_batch_size", "eval.n_boot")
 
 
 def is_run_folder(out: Path) -> bool:
@@ -347,13 +347,13 @@ def write_outputs(out: Path, table: ImageTable, test_rows, results, scores, para
                   split: Split, raw: dict | None = None) -> dict:
     from . import model_card as card
     from .report import ci_sentence, paired_table, plot_reliability
-    from .stats import bootstrap_metrics, default_n_boot, delong_per_class, paired_bootstrap
+    from .stats import bootstrap_metrics, delong_per_class, paired_bootstrap
     from .subgroups import group_columns, subgroup_markdown, subgroup_results
 
     labels = list(table.labels)
     targets = table.targets[test_rows]
     patients = table.patient_ids[test_rows]
-    n_boot, boot_seed = default_n_boot(), 0
+    n_boot, boot_seed = cfg.eval.n_boot, 0
     paired = {}
     if len(test_rows) and n_boot:  # 95% patient-bootstrap intervals; paired differences to the first method
         for method, s in scores.items():

@@ -14,7 +14,6 @@ out of that resample's macro mean and counted in ``dropped``."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -24,16 +23,8 @@ LEVEL = 0.95
 MIN_CASES = 5  # fewer positives or negatives than this in a test part: "n too small", no interval is shown
 
 
-def default_n_boot() -> int:
-    """Resamples per interval: ``$MEDBRIDGE_N_BOOT`` (set by ``--n-boot``) or 1000."""
-    value = os.environ.get("MEDBRIDGE_N_BOOT", "1000")
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"MEDBRIDGE_N_BOOT / --n-boot must be an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise ValueError(f"MEDBRIDGE_N_BOOT / --n-boot must be >= 0, got {n}")
-    return n
+#: resamples per interval unless a run's ``eval.n_boot`` (``--n-boot``) says otherwise
+DEFAULT_N_BOOT = 1000
 
 
 def patient_inverse(patient_ids: Iterable) -> tuple[np.ndarray, int]:
@@ -169,11 +160,10 @@ def _summarise(per_class: dict[str, np.ndarray], labels, n_boot: int, seed, n_pa
 
 
 def bootstrap_metrics(scores, targets, labels, patient_ids, thresholds: dict | None = None,
-                      n_boot: int | None = None, seed: int = 0) -> dict:
+                      n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict:
     """95% patient-bootstrap intervals of every macro and per-class metric of ``evaluate_scores``.
     ``dropped``: per class, the number of resamples without a positive or negative (left out of those
     resamples' macro mean)."""
-    n_boot = default_n_boot() if n_boot is None else n_boot
     labels = list(labels)
     if n_boot == 0:
         return {"n_boot": 0}
@@ -183,13 +173,12 @@ def bootstrap_metrics(scores, targets, labels, patient_ids, thresholds: dict | N
     return _summarise(per_class, labels, n_boot, seed, n_patients)
 
 
-def paired_bootstrap(scores_a, scores_b, targets, labels, patient_ids, n_boot: int | None = None, seed: int = 0,
+def paired_bootstrap(scores_a, scores_b, targets, labels, patient_ids, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
                      metric: str = "auroc") -> dict:
     """Difference a - b of the macro (and per-class) ``metric`` of two methods scored on the same images, with
     its patient-bootstrap interval and two-sided p-value (both methods scored on the same draw)."""
     from .metrics import evaluate_scores
 
-    n_boot = default_n_boot() if n_boot is None else n_boot
     labels = list(labels)
     full_a, full_b = evaluate_scores(scores_a, targets, labels), evaluate_scores(scores_b, targets, labels)
     diff = full_a["macro"][metric] - full_b["macro"][metric]
@@ -272,7 +261,7 @@ def fold_seed(seed: int, fold: int) -> list[int]:
     return [int(seed), 104729, int(fold)]
 
 
-def cv_bootstrap(folds: list[dict], labels, n_boot: int | None = None, seed: int = 0,
+def cv_bootstrap(folds: list[dict], labels, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
                  methods: list[str] | None = None) -> dict:
     """Mean-over-folds metrics with a patient bootstrap stratified by fold (patients are redrawn within each
     fold; every method is scored on the same draws). ``folds[k] = {"targets": (n_k, C), "patients": (n_k,),
@@ -281,7 +270,6 @@ def cv_bootstrap(folds: list[dict], labels, n_boot: int | None = None, seed: int
     method to the first, with interval and p-value."""
     from .metrics import evaluate_scores
 
-    n_boot = default_n_boot() if n_boot is None else n_boot
     labels = list(labels)
     methods = methods or list(folds[0]["scores"])
     per_fold = {m: [] for m in methods}
@@ -411,4 +399,4 @@ def verdict(pair: dict, a: str, b: str) -> str:
 __all__ = ["METRICS", "bootstrap_metrics", "paired_bootstrap", "delong_test", "delong_per_class", "delong_covariance",
            "cv_bootstrap", "resampled_metrics", "image_counts_for", "draw_patients", "weighted_auroc", "interval",
            "bootstrap_p", "fmt_ci", "fmt_class", "fmt_diff", "too_small", "MIN_CASES", "fmt_p", "verdict",
-           "default_n_boot"]
+           "DEFAULT_N_BOOT"]

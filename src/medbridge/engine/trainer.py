@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_write_bytes, load_torch_checkpoint
-from ..methods.api import Method, NonFiniteLoss, Optimization, TrainingData
-from ..methods.ensemble import SeedEnsemble
+from ..methods.api import ClosedFormFit, FitsMembers, Method, NonFiniteLoss, Optimization, TrainingData
 from .config import TrainConfig
 from .distributed import average_gradients, broadcast_flag, broadcast_parameters, world
 from .metrics import evaluate_scores
@@ -92,9 +91,10 @@ def fit_method(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Pa
 
     The batch order depends only on ``cfg.seed`` and the epoch and the schedule only on the step, so a resumed
     run reproduces an uninterrupted one exactly. ``stop_after`` (steps) simulates an interruption (tests).
-    A :class:`SeedEnsemble` is fitted member by member (member i with seed ``cfg.seed + i``, checkpoints in
-    ``run_dir/member-i``); its history is the members' records, each tagged with its member."""
-    if isinstance(method, SeedEnsemble):
+    A method made of members (:class:`FitsMembers`: seed ensembles) is fitted member by member (member i with seed
+    ``cfg.seed + i``, checkpoints in ``run_dir/member-i``); its history is the members' records, each tagged with
+    its member. A :class:`ClosedFormFit` method is fitted by its ``fit_closed_form`` unless that returns None."""
+    if isinstance(method, FitsMembers):
         return _fit_members(method, data, cfg, Path(run_dir), device, resume, progress_bar, stop_after)
     rank, _ = world()
     run_dir = Path(run_dir)
@@ -104,7 +104,7 @@ def fit_method(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Pa
     method.to(device)
     method.prepare(data)  # deterministic: the same on resume and on every rank
     t0 = time.perf_counter()
-    info = method.fit_closed_form(data)
+    info = method.fit_closed_form(data) if isinstance(method, ClosedFormFit) else None
     if info is not None:
         record = {"event": "fit", "seconds": time.perf_counter() - t0, **_jsonable(info)}
         if rank == 0:
@@ -114,7 +114,7 @@ def fit_method(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Pa
     return _loop(method, data, cfg, run_dir, device, resume, progress_bar, stop_after)
 
 
-def _fit_members(ensemble: SeedEnsemble, data: TrainingData, cfg: TrainConfig, run_dir: Path, device: str,
+def _fit_members(ensemble: FitsMembers, data: TrainingData, cfg: TrainConfig, run_dir: Path, device: str,
                  resume: bool, progress_bar: bool, stop_after: int | None) -> list[dict]:
     """Fit the members in turn; ``stop_after`` counts the steps of all members (a finished member resumed from
     its checkpoint takes no new step)."""

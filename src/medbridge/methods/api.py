@@ -10,6 +10,7 @@ the cache or from views, and saves/loads it through one file format (``adapter.s
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -162,20 +163,28 @@ def options_dict(options: Any) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the interface
-class Method(nn.Module):
+#: the hooks every method implements (abstract: a class missing one cannot be registered or built)
+REQUIRED_HOOKS = ("cache_spec", "scores_cached", "scores_views")
+#: the shared training loop's hooks, required unless the method derives from :class:`ClosedFormFit`
+LOOP_HOOKS = ("read_batch", "training_loss")
+
+
+class Method(nn.Module, metaclass=ABCMeta):
     """A trainable classifier on frozen backbones, for a list of labels.
 
-    Set by :func:`register_method`: ``name`` and ``options_class``. A subclass implements :meth:`build`,
-    :meth:`cache_spec`, :meth:`scores_cached`, :meth:`scores_views` and either :meth:`fit_closed_form` or
-    :meth:`optimization` + :meth:`read_batch` + :meth:`training_loss` (the shared loop then gives it checkpoints,
-    ``--resume``, torchrun data parallelism, bf16 autocast on GPU and a NaN guard).
+    Set by :func:`register_method`: ``name`` and ``options_class``. A subclass implements the abstract
+    :meth:`cache_spec`, :meth:`scores_cached` and :meth:`scores_views`, and either derives from
+    :class:`ClosedFormFit` (:meth:`ClosedFormFit.fit_closed_form`) or implements :meth:`read_batch` +
+    :meth:`training_loss` (+ :meth:`optimization`) for the shared loop, which gives it checkpoints, ``--resume``,
+    torchrun data parallelism, bf16 autocast on GPU and a NaN guard. Optional capabilities are the mixins below
+    (:class:`Explainable`, :class:`TextPrompted`, :class:`ClosedFormFit`); the engine checks them, never a class.
     """
 
     name: ClassVar[str] = ""
     options_class: ClassVar[type] = object
     #: sub-folder of a run folder the method is saved in (default: its name)
     folder_name: ClassVar[str | None] = None
-    #: scores any label names through text prompts (``eval --label-space data``)
+    #: scores any label names through text prompts (derived: True for :class:`TextPrompted` methods)
     text_prompted: ClassVar[bool] = False
     #: its fit depends on the training seed (initialisation, batch order): ``train.ensemble`` trains several
     seed_dependent: ClassVar[bool] = True
@@ -183,6 +192,10 @@ class Method(nn.Module):
     #: own view pooling combines them: MedBridge). False (default rule): each image is scored alone, trained with
     #: its case's labels, and a case's score is the sigmoid of the mean of its images' logits (engine/cases.py)
     case_views: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.text_prompted = issubclass(cls, TextPrompted)
 
     def __init__(self, options: Any, backbones: list[Backbone], labels: list[str], prompt_names: list[str],
                  focal: FocalConfig) -> None:
@@ -222,21 +235,23 @@ class Method(nn.Module):
     def folder(cls) -> str:
         return cls.folder_name or cls.name
 
+    @abstractmethod
     def cache_spec(self, n_views: int) -> CacheSpec:
-        raise NotImplementedError
+        """What frozen activations to cache for ``n_views`` views per image (required)."""
 
     def reads(self, spec: CacheSpec, n_views: int) -> bool:
         """Whether this method can read its inputs from another method's cache (a companion method fitted beside
         the run's method reuses its cache when it can); default: the same cache."""
         return spec.parts == self.cache_spec(n_views).parts
 
+    @abstractmethod
     def scores_cached(self, cache: Any, rows: np.ndarray, device: str = "cpu") -> np.ndarray:
-        """Sigmoid scores [len(rows), L] from cached activations."""
-        raise NotImplementedError
+        """Sigmoid scores [len(rows), L] from cached activations (required)."""
 
+    @abstractmethod
     def scores_views(self, pixels: list[Tensor]) -> tuple[np.ndarray, dict]:
-        """Scores [B, L] from views (one tensor [B, N, 3, S, S] per backbone) and details for explanations."""
-        raise NotImplementedError
+        """Scores [B, L] from views (one tensor [B, N, 3, S, S] per backbone) and details for explanations
+        (required)."""
 
     def predict(self, images: list, batch_size: int = 8, device: str = "auto", workers: int | None = None,
                 amp: bool = True, progress: bool = False) -> np.ndarray:
@@ -270,29 +285,10 @@ class Method(nn.Module):
             per_image = [self.scores_views([e.pixels.unsqueeze(0) for e in v])[0][0] for v in views]
         return mean_logit(np.stack(per_image))
 
-    def with_label_names(self, labels: list[str], prompt_names: list[str]) -> Method:
-        """The same trained method scoring other label names (text-prompted methods only)."""
-        raise NotApplicableError(f"{self.name} only knows its trained labels; scoring other label names needs a "
-                                 "text-prompted method (e.g. medbridge)")
-
-    # -- explanations (gradient x activation on the frozen towers' tokens; medbridge predict --explain, serve)
-    def explain_top_block(self, expert: int) -> int:
-        """The deepest block whose input tokens every path of the method still sees (for expert ``expert``)."""
-        return self.backbones[expert].vision.depth - 1
-
-    def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
-        """Logits [b, L] from the frozen tokens entering block ``layers[k]`` of each expert ([b*n, T, width],
-        ``n`` views per image), differentiable with respect to those tokens."""
-        raise NotApplicableError(f"{self.name} does not implement explanations (logits_from_tokens)")
-
     # -- fitting
     def prepare(self, data: TrainingData) -> None:
         """Deterministic set-up from the training data before fitting (statistics, label-free init); runs again
         on resume, before the checkpoint is restored."""
-
-    def fit_closed_form(self, data: TrainingData) -> dict | None:
-        """Fit without the mini-batch loop (a probe, a full-batch method); return None to use the loop."""
-        return None
 
     def optimization(self, defaults: Optimization) -> Optimization:
         """The loop's optimiser and schedule; ``defaults`` come from the run's ``train`` section."""
@@ -304,9 +300,11 @@ class Method(nn.Module):
         return [{"params": list(self.trainable_parameters().values())}]
 
     def read_batch(self, cache: Any, rows: np.ndarray, device: str) -> Any:
+        """A training batch of cached inputs for ``rows`` on ``device`` (the shared loop)."""
         raise NotImplementedError(f"{self.name} does not train through the shared loop")
 
     def training_loss(self, batch: Any, targets: Tensor, reports: list | None) -> Tensor:
+        """The loss of one batch (the shared loop)."""
         raise NotImplementedError(f"{self.name} does not train through the shared loop")
 
     def training_step(self, batch: Any, targets: Tensor, reports: list | None, optimizer: torch.optim.Optimizer,
@@ -367,5 +365,65 @@ class Method(nn.Module):
         return int(sum(p.numel() for p in self.trainable_parameters().values()))
 
 
-__all__ = ["CacheSpec", "Method", "NonFiniteLoss", "NotApplicableError", "Optimization", "OptionsError",
-           "TrainingData", "describe_options", "option_fields", "options_dict", "parse_options"]
+# ------------------------------------------------------------------------------------------------ capabilities
+class ClosedFormFit(ABC):
+    """Capability: fits without the mini-batch loop (the probe, LP++, zero-shot)."""
+
+    @abstractmethod
+    def fit_closed_form(self, data: TrainingData) -> dict | None:
+        """Fit and return what to log; None: this configuration trains through the shared loop instead."""
+
+
+class TextPrompted(ABC):
+    """Capability: scores any label names through text prompts (``eval --label-space data``)."""
+
+    @abstractmethod
+    def with_label_names(self, labels: list[str], prompt_names: list[str]) -> Method:
+        """The same trained method scoring other label names."""
+
+
+class Explainable(ABC):
+    """Capability: gradient x activation explanations on the frozen towers' tokens (``predict --explain``, serve)."""
+
+    def explain_top_block(self, expert: int) -> int:
+        """The deepest block whose input tokens every path of the method still sees (for expert ``expert``)."""
+        return self.backbones[expert].vision.depth - 1  # type: ignore[attr-defined]
+
+    @abstractmethod
+    def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
+        """Logits [b, L] from the frozen tokens entering block ``layers[k]`` of each expert ([b*n, T, width],
+        ``n`` views per image), differentiable with respect to those tokens."""
+
+
+class FitsMembers(ABC):
+    """Capability: made of ``members`` (methods) that the engine fits one after another, member i with the training
+    seed + i in ``member-i/`` (seed ensembles)."""
+
+    members: nn.ModuleList
+
+
+#: the optional capabilities a method class may declare (``medbridge list methods --json`` lists them)
+CAPABILITIES: tuple[type, ...] = (ClosedFormFit, TextPrompted, Explainable)
+
+
+def missing_hooks(method_class: type) -> list[str]:
+    """The hooks ``method_class`` lacks to be registered: abstract ones, and the shared loop's unless it fits in
+    closed form."""
+    missing = sorted(getattr(method_class, "__abstractmethods__", ()))
+    if not issubclass(method_class, ClosedFormFit):
+        missing += [h for h in LOOP_HOOKS if getattr(method_class, h) is getattr(Method, h)]
+    return missing
+
+
+def require(method: Method, capability: type, what: str) -> None:
+    """Refuse ``what`` for a method without ``capability`` (one line naming the method and the missing hook)."""
+    if not isinstance(method, capability):
+        hooks = sorted(getattr(capability, "__abstractmethods__", ()))
+        raise NotApplicableError(f"{method.name} does not support {what}: it does not implement {', '.join(hooks)} "
+                                 f"(medbridge.methods.api.{capability.__name__})")
+
+
+__all__ = ["CAPABILITIES", "LOOP_HOOKS", "REQUIRED_HOOKS", "CacheSpec", "ClosedFormFit", "Explainable", "FitsMembers",
+           "Method", "NonFiniteLoss", "NotApplicableError", "Optimization", "OptionsError", "TextPrompted",
+           "TrainingData", "describe_options", "missing_hooks", "option_fields", "options_dict", "parse_options",
+           "require"]

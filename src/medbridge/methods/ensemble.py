@@ -17,11 +17,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .api import CacheSpec, Method, NotApplicableError, TrainingData
+from .api import CacheSpec, Explainable, FitsMembers, Method, NotApplicableError, TextPrompted, TrainingData
 
 
-class SeedEnsemble(Method):
-    """Members of one method, with the same backbones, labels and views; scores = mean of their probabilities."""
+class SeedEnsemble(FitsMembers, Method):
+    """Members of one method, with the same backbones, labels and views; scores = mean of their probabilities.
+
+    An ensemble has the capabilities of its members (:class:`TextPrompted`, :class:`Explainable`): ``SeedEnsemble(
+    members)`` builds the subclass that declares the members' ones."""
+
+    def __new__(cls, members: list[Method] | None = None) -> SeedEnsemble:  # None: copy.deepcopy
+        if cls is SeedEnsemble and members:
+            cls = _with_capabilities(tuple(c for c in _CAPABILITIES if isinstance(members[0], c)))
+        return super().__new__(cls)
 
     def __init__(self, members: list[Method]) -> None:
         if len(members) < 2:
@@ -32,7 +40,6 @@ class SeedEnsemble(Method):
         super().__init__(first.options, first.backbones, first.labels, first.prompt_names, first.focal)
         self.members = nn.ModuleList(members)
         self.name = first.name  # the member method: what configs, run folders and saved files name
-        self.text_prompted = first.text_prompted
         self.case_views = first.case_views
 
     @property
@@ -63,20 +70,6 @@ class SeedEnsemble(Method):
                    if all(isinstance(d.get(k), np.ndarray) and d[k].shape == outs[0][1][k].shape for _, d in outs)}
         return np.mean([s for s, _ in outs], axis=0), details
 
-    def with_label_names(self, labels: list[str], prompt_names: list[str]) -> SeedEnsemble:
-        return SeedEnsemble([m.with_label_names(labels, prompt_names) for m in self.members])
-
-    def explain_top_block(self, expert: int) -> int:
-        return min(m.explain_top_block(expert) for m in self.members)
-
-    def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
-        """The members' mean logits (the explained quantity of an ensemble), from tokens of the shared towers."""
-        shared = all(x is y for m in self.members for x, y in zip(m.backbones, self.backbones))
-        if not shared:  # e.g. fine-tuned towers: member 0's tokens are not the other members' tokens
-            raise NotApplicableError(f"explanations of a {self.name} ensemble: its members run their own tuned towers"
-                                     "; explain one member's saved model instead (train with train.ensemble=1)")
-        return torch.stack([m.logits_from_tokens(tokens, layers, b, n) for m in self.members]).mean(0)
-
     # -- saved
     def saved_options(self) -> dict:
         return self.members[0].saved_options()
@@ -96,6 +89,43 @@ class SeedEnsemble(Method):
     def restore_info(self, info: dict) -> None:
         for m, i in zip(self.members, info.get("members", [])):
             m.restore_info(i)
+
+
+class _TextPromptedEnsemble(TextPrompted):
+    """The members' prompts, each member scoring the new label names."""
+
+    def with_label_names(self, labels: list[str], prompt_names: list[str]) -> SeedEnsemble:
+        return SeedEnsemble([m.with_label_names(labels, prompt_names) for m in self.members])  # type: ignore[attr-defined]
+
+
+class _ExplainableEnsemble(Explainable):
+    """Explanations of the members' mean logits."""
+
+    def explain_top_block(self, expert: int) -> int:
+        return min(m.explain_top_block(expert) for m in self.members)  # type: ignore[attr-defined]
+
+    def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
+        """The members' mean logits (the explained quantity of an ensemble), from tokens of the shared towers."""
+        members = self.members  # type: ignore[attr-defined]
+        shared = all(x is y for m in members for x, y in zip(m.backbones, self.backbones))  # type: ignore[attr-defined]
+        if not shared:  # e.g. fine-tuned towers: member 0's tokens are not the other members' tokens
+            raise NotApplicableError(f"explanations of a {self.name} ensemble: its members run their own tuned "  # type: ignore[attr-defined]
+                                     "towers; explain one member's saved model instead (train with train.ensemble=1)")
+        return torch.stack([m.logits_from_tokens(tokens, layers, b, n) for m in members]).mean(0)
+
+
+#: capability -> the ensemble's implementation of it
+_CAPABILITIES: dict[type, type] = {TextPrompted: _TextPromptedEnsemble, Explainable: _ExplainableEnsemble}
+_CLASSES: dict[tuple[type, ...], type[SeedEnsemble]] = {}
+
+
+def _with_capabilities(capabilities: tuple[type, ...]) -> type[SeedEnsemble]:
+    """The SeedEnsemble subclass declaring ``capabilities`` (made once per combination)."""
+    if capabilities not in _CLASSES:
+        mixins = tuple(_CAPABILITIES[c] for c in capabilities)
+        _CLASSES[capabilities] = type("SeedEnsemble", (*mixins, SeedEnsemble), {"__doc__": SeedEnsemble.__doc__,
+                                                                              "__module__": __name__})
+    return _CLASSES[capabilities]
 
 
 def build_members(build: Any, size: int, seed: int) -> list[Method]:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..backbones.base import Backbone
 from ..data.focal import FocalConfig
-from .api import CacheSpec, Method, OptionsError, TrainingData
+from .api import CacheSpec, ClosedFormFit, Explainable, Method, OptionsError, TrainingData
 from .frozen_features import embedding_cache_spec, frozen_embeddings, has_embeddings, read_embeddings
 from .selection import macro_auroc
 
@@ -48,7 +48,7 @@ def probe_features(frozen: list[Tensor], features: str, has_whole: bool = True) 
     return torch.cat(parts, dim=-1)
 
 
-class LinearProbe(Method):
+class LinearProbe(Explainable, ClosedFormFit, Method):
     """Linear probe: logits = ((x - mean) / std) @ W.T + b on the frozen embeddings (logistic regression)."""
 
     name = "linear-probe"

@@ -20,7 +20,7 @@ from ..backbones import Backbone, create_backbone
 from ..backbones.base import backbone_fingerprint
 from ..data.focal import FocalConfig
 from ..io import CorruptFileError, atomic_write_bytes, load_tensors, read_json, save_tensors
-from .api import Method, OptionsError
+from .api import LOOP_HOOKS, ClosedFormFit, Method, OptionsError, missing_hooks
 from .ensemble import SeedEnsemble, build_members
 
 WEIGHTS = "adapter.safetensors"
@@ -44,6 +44,7 @@ class MethodEntry:
     method_class: type[Method]
     group: str | None  # e.g. "baseline": options under method_options.baseline apply to every member
     description: str
+    probe: bool = False  # the companion ``--with-probe`` adds
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
@@ -51,17 +52,27 @@ _BUILTINS_LOADED = False
 
 
 def register_method(name: str, options_class: type, method_class: type[Method], *, group: str | None = None,
-                    description: str = "", replace: bool = False) -> type[Method]:
+                    description: str = "", replace: bool = False, probe: bool = False) -> type[Method]:
     """Make ``method_class`` (configured by the dataclass ``options_class``) available as ``name`` to the CLI,
-    configs, training, evaluation, prediction and loading."""
+    configs, training, evaluation, prediction and loading. ``probe``: the companion ``--with-probe`` fits
+    beside a run's method (the last method registered with it wins). A class missing a required hook is refused
+    with a message naming the hook."""
     if not isinstance(method_class, type) or not issubclass(method_class, Method):
         raise TypeError(f"register_method({name!r}): {method_class!r} does not derive from medbridge.Method")
+    missing = missing_hooks(method_class)
+    if missing:
+        loop = [h for h in missing if h in LOOP_HOOKS]
+        hint = (f" ({', '.join(loop)}: the shared training loop's hooks; a method fitted without the loop derives "
+                f"from medbridge.methods.api.{ClosedFormFit.__name__} and implements fit_closed_form)" if loop else "")
+        raise TypeError(f"register_method({name!r}): {method_class.__name__} does not implement "
+                        f"{', '.join(missing)}{hint}")
     if name in _REGISTRY and not replace and _REGISTRY[name].method_class is not method_class:
         raise ValueError(f"a method named {name!r} is registered already ({_REGISTRY[name].method_class.__name__})")
     method_class.name = name  # the name saved files and configs use
     method_class.options_class = options_class
     doc = (method_class.__doc__ or "").strip().splitlines()
-    _REGISTRY[name] = MethodEntry(name, options_class, method_class, group, description or (doc[0] if doc else ""))
+    _REGISTRY[name] = MethodEntry(name, options_class, method_class, group, description or (doc[0] if doc else ""),
+                                  probe)
     return method_class
 
 
@@ -71,7 +82,7 @@ def _registry() -> dict[str, MethodEntry]:
         _BUILTINS_LOADED = True
         from .builtin import register_builtin_methods
 
-        register_builtin_methods()
+        register_builtin_methods(register_method)
         load_plugins()
     return _REGISTRY
 
@@ -117,6 +128,14 @@ def default_method() -> str:
     return "medbridge"
 
 
+def probe_method() -> str:
+    """The companion ``--with-probe`` fits beside a run's method: the method registered with ``probe=True``."""
+    probes = [e.name for e in _registry().values() if e.probe]
+    if not probes:
+        raise OptionsError("--with-probe: no method is registered as the probe (register_method(..., probe=True))")
+    return probes[-1]
+
+
 def list_methods() -> list[str]:
     """Registered method names, in registration order."""
     return list(_registry())
@@ -153,13 +172,13 @@ def create_method(name: str, options: dict | None = None, *, backbones: list[Bac
     ``ensemble`` > 1: a :class:`SeedEnsemble` of that many members (member i >= 1 initialised with ``seed + i``;
     a method that is not ``seed_dependent`` stays single)."""
     from ..backbones import DEFAULT_BACKBONE
-    from .medbridge.text_head import readable_name
+    from .prompts import prompt_name
 
     entry = get_method(name)
     opts = entry.method_class.check_options(options, f"method_options.{name}")
     bbs = [b if isinstance(b, Backbone) else create_backbone(b) for b in (backbones or [DEFAULT_BACKBONE])]
     focal = focal if isinstance(focal, FocalConfig) else FocalConfig(**(focal or {}))
-    names = list(prompt_names) if prompt_names else [readable_name(x) for x in labels]
+    names = list(prompt_names) if prompt_names else [prompt_name(x) for x in labels]
     if ensemble > 1 and entry.method_class.seed_dependent:
         return SeedEnsemble(build_members(lambda: entry.method_class.build(opts, bbs, list(labels), names, focal),
                                           ensemble, seed))
@@ -168,7 +187,7 @@ def create_method(name: str, options: dict | None = None, *, backbones: list[Bac
 
 def save_method(method: Method, folder: str | Path, extra: dict | None = None) -> Path:
     """``adapter.safetensors`` (the method's tensors, never a frozen backbone) + ``adapter.json``, atomically."""
-    from .. import __version__
+    from ..version import __version__
 
     folder = Path(folder)
     digest = save_tensors(folder / WEIGHTS, method.state_tensors())
@@ -232,12 +251,12 @@ def model_run_folder(folder: str | Path) -> Path:
     return folder
 
 
-def method_folder(folder: str | Path) -> Path:
-    """The folder holding a saved method: ``folder`` itself, or in a run folder the run's method (config.yaml),
-    else the first saved method found in it."""
+def saved_method_in(folder: str | Path) -> Path | None:
+    """The folder of the saved method that ``folder`` holds: ``folder`` itself, in a run folder the run's method
+    (named in its config.yaml), else the first registered method's folder found in it; None when it holds none."""
     from .legacy import LEGACY_CONFIGS
 
-    folder = model_run_folder(folder)
+    folder = Path(folder)
     markers = (CONFIG, *LEGACY_CONFIGS)
     if any((folder / m).is_file() for m in markers):
         return folder
@@ -253,21 +272,30 @@ def method_folder(folder: str | Path) -> Path:
         if primary in _registry():
             order.append(folder / get_method(primary).method_class.folder())
     order += [folder / e.method_class.folder() for e in _registry().values()]
-    for cand in order:
-        if any((cand / m).is_file() for m in markers):
-            return cand
-    raise FileNotFoundError(f"{folder}: no trained method found (expected {CONFIG} directly or in a method folder "
-                            "of a run folder, e.g. medbridge/ or linear_probe/)")
+    return next((cand for cand in order if any((cand / m).is_file() for m in markers)), None)
+
+
+def method_folder(folder: str | Path) -> Path:
+    """The folder holding a saved method: ``folder`` itself, or in a run folder the run's method (config.yaml),
+    else the first saved method found in it (a cross-validation folder: its first fold's)."""
+    folder = model_run_folder(folder)
+    found = saved_method_in(folder)
+    if found is None:
+        raise FileNotFoundError(f"{folder}: no trained method found (expected {CONFIG} directly or in a method "
+                                "folder of a run folder, e.g. medbridge/ or linear_probe/)")
+    return found
 
 
 def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> Method:
     """A saved method (a method folder or a run folder), on ``backbones`` (default: built from the saved names),
-    with the backbones' fingerprints and the weights' digest checked."""
-    from .legacy import load_legacy
+    with the backbones' fingerprints and the weights' digest checked. Files of medbridge 0.1 are read through
+    ``methods/legacy.py`` into the same form."""
+    from .legacy import read_legacy
 
     folder = method_folder(folder)
     if not (folder / CONFIG).is_file():
-        return load_legacy(folder, backbones)
+        meta = read_legacy(folder)
+        return _build_saved(folder, meta.pop("where"), meta, meta.pop("weights"), backbones)
     where = folder / CONFIG
     meta = read_json(where, "method config")
     if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, *OLD_FORMATS):
@@ -286,20 +314,28 @@ def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> 
     else:
         log.warning("%s: format %s has no digest of its labels and options (saved before they had one): they are "
                     "checked against the weights' shapes only", where, meta["format"])
+    return _build_saved(folder, where, meta, folder / WEIGHTS, backbones)
+
+
+def _build_saved(folder: Path, where: Path, meta: dict, weights: Path, backbones: list[Backbone] | None) -> Method:
+    """A method from the fields of a saved ``adapter.json`` (``backbones``: fingerprints to check, or None for
+    files that kept none; ``sources``: backbone source strings, default the fingerprints' names)."""
     check_labels(str(where), meta["labels"], meta["prompt_names"])
-    kinds = {"method": str, "options": dict, "backbones": list, "info": dict}
+    checked = meta["backbones"] is not None
+    kinds = {"method": str, "options": dict, **({"backbones": list} if checked else {}), "info": dict}
     wrong = [k for k, t in kinds.items() if k in meta and not isinstance(meta[k], t)]
     if wrong:
         raise CorruptFileError(f"{where}: field(s) {wrong} of the wrong type (expected "
                                f"{', '.join(kinds[k].__name__ for k in wrong)})")
     entry = get_method(meta["method"])
-    if not meta["backbones"] or not all(isinstance(fp, dict) and isinstance(fp.get("name"), str)
-                                        for fp in meta["backbones"]):
+    if checked and (not meta["backbones"] or not all(isinstance(fp, dict) and isinstance(fp.get("name"), str)
+                                                     for fp in meta["backbones"])):
         raise CorruptFileError(f"{where}: backbones must be one or more fingerprints with a name")
-    bbs = backbones or [create_backbone(fp["name"]) for fp in meta["backbones"]]
-    check_backbones(folder, meta["backbones"], bbs)
+    bbs = backbones or [create_backbone(s) for s in meta.get("sources") or [fp["name"] for fp in meta["backbones"]]]
+    if checked:
+        check_backbones(folder, meta["backbones"], bbs)
     opts = entry.method_class.check_options(meta["options"], f"{where}: options")
-    tensors = load_tensors(folder / WEIGHTS, meta["weights_sha256"])
+    tensors = load_tensors(weights, meta["weights_sha256"])
     size = meta.get("ensemble", 1)
     members_saved = 1 + max((int(n[6:].split(".")[0]) for n in tensors
                              if n.startswith("member") and n[6:].split(".")[0].isdigit()), default=0)
@@ -316,10 +352,10 @@ def load_method(folder: str | Path, backbones: list[Backbone] | None = None) -> 
         method.restore_info(meta.get("info", {}))
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
         raise CorruptFileError(f"{where}: field 'info' does not fit a {entry.name} ({type(exc).__name__})") from exc
-    method.load_state_tensors(tensors, str(folder / WEIGHTS))
+    method.load_state_tensors(tensors, str(weights))
     return method.eval()
 
 
 __all__ = ["AdapterMismatchError", "MethodEntry", "check_method_options", "create_method", "get_method",
-           "list_methods", "load_method", "method_folder", "method_groups", "model_run_folder", "register_method",
-           "save_method"]
+           "list_methods", "load_method", "method_folder", "method_groups", "model_run_folder", "probe_method",
+           "register_method", "saved_method_in", "save_method"]

@@ -23,6 +23,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..version import PROGRAM
 from .decode import UploadError, UploadLimits, decode_upload
 from .explain import DEFAULT_LAYER
 from .limits import RequestBudget, allowed_hosts, check_explain_count, host_allowed
@@ -165,7 +166,7 @@ def create_app(run_or_adapter: str | Path | Predictor, token: str | None = None,
         yield
         batcher.close()
 
-    app = FastAPIOffline(title="medbridge", version="1", static_url="/docs-assets", lifespan=lifespan,
+    app = FastAPIOffline(title=PROGRAM, version="1", static_url="/docs-assets", lifespan=lifespan,
                          description=f"Multi-label predictions of a trained {predictor.method.name} adapter, with "
                                      "per-label heat maps. Send images to POST /v1/predict.")
     app.state.predictor, app.state.batcher = predictor, batcher

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..cli.options import add_shared_options
+
 ENV_PREFIX = "MEDBRIDGE_SERVE_"
 
 
@@ -22,24 +24,24 @@ def add_serve_command(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=os.environ.get(ENV_PREFIX + "TOKEN"),
                    help=f"bearer token for /v1 (default: ${ENV_PREFIX}TOKEN); required off loopback")
-    p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model copy")
+    p.add_argument("--server-workers", "--workers", dest="server_workers", type=int, default=1,
+                   help="server processes, each with its own model copy (--workers: its former name)")
     p.add_argument("--max-upload-mb", type=float, default=64, help="largest request body (default: %(default)s)")
     p.add_argument("--max-megapixels", type=float, default=40, help="largest decoded image (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=16, help="images per model call (micro-batching)")
     p.add_argument("--max-pending", type=int, default=64, help="images allowed to wait; beyond: 503")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_shared_options(p, device=True, workers=False)
     p.set_defaults(func=cmd_serve)
 
 
 def _settings(args: argparse.Namespace) -> dict:
     return {"RUN": args.run, "HOST": args.host, "TOKEN": args.token or "", "MAX_BYTES": str(int(args.max_upload_mb
             * 1024 * 1024)), "MAX_PIXELS": str(int(args.max_megapixels * 1e6)), "MAX_BATCH": str(args.max_batch),
-            "MAX_PENDING": str(args.max_pending), "DEVICE": args.device}
+            "MAX_PENDING": str(args.max_pending), "DEVICE": args.device or "auto"}
 
 
 def app_from_env():
-    """The app a uvicorn worker process builds from ``MEDBRIDGE_SERVE_*`` (``--workers`` > 1)."""
+    """The app a uvicorn worker process builds from ``MEDBRIDGE_SERVE_*`` (``--server-workers`` > 1)."""
     from .app import create_app
     from .decode import UploadLimits
 
@@ -58,8 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import check_bind
 
-    if args.workers < 1 or args.port < 0 or args.max_batch < 1 or args.max_pending < 1:
-        raise ValueError("--workers, --max-batch and --max-pending must be >= 1, --port >= 0")
+    if args.server_workers < 1 or args.port < 0 or args.max_batch < 1 or args.max_pending < 1:
+        raise ValueError("--server-workers, --max-batch and --max-pending must be >= 1, --port >= 0")
     for option, value in (("--max-upload-mb", args.max_upload_mb), ("--max-megapixels", args.max_megapixels)):
         if not value > 0 or value == float("inf"):  # NaN fails both
             raise ValueError(f"{option} must be a number > 0, got {value}")
@@ -67,9 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.update({ENV_PREFIX + k: v for k, v in _settings(args).items()})
     level = "info" if args.verbose else "warning"
     print(f"medbridge serve: {args.run} on http://{args.host}:{args.port}/ (API docs: /docs)", flush=True)
-    if args.workers == 1:
+    if args.server_workers == 1:
         uvicorn.run(app_from_env(), host=args.host, port=args.port, log_level=level)
     else:
         uvicorn.run("medbridge.serve.cli:app_from_env", factory=True, host=args.host, port=args.port,
-                    workers=args.workers, log_level=level)
+                    workers=args.server_workers, log_level=level)
     return 0

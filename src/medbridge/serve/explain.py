@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.focal import focal_views
-from ..methods.api import Method
+from ..methods.api import Explainable, Method, require
 
 #: Default explained layer: None = the deepest block input every path of the method still runs through (MedBridge's
 #: T1, where its queries join; the last block for a probe or pooled-feature baseline; a prefix-caching baseline's
@@ -39,7 +39,8 @@ def _towers(method: Method) -> list:
 
 def explained_layers(method: Method, layer: int | None = DEFAULT_LAYER) -> list[int]:
     """The block index whose input tokens are explained, per expert (``layer`` clamped to what the method runs;
-    None: the deepest)."""
+    None: the deepest); refused for a method without explanations (not :class:`Explainable`)."""
+    require(method, Explainable, "explanations (predict --explain, the service's heat maps)")
     tops = [method.explain_top_block(k) for k in range(len(method.backbones))]
     return [top if layer is None else max(0, min(layer, top)) for top in tops]
 

@@ -20,9 +20,9 @@ from ..engine.calibration import apply_calibration, load_calibrator
 from ..engine.evaluate import run_thresholds
 from ..engine.run import resolve_device
 from ..io import read_json
-from ..methods.api import Method
+from ..methods.api import Explainable, Method
 from ..methods.inference import score_views
-from ..methods.registry import load_method, method_folder
+from ..methods.registry import load_method, method_folder, saved_method_in
 from .decisions import decide
 from .explain import DEFAULT_LAYER, explained_layers, heat_maps
 
@@ -107,8 +107,7 @@ def resolve_cv_fold(folder: Path) -> tuple[Path, Path | None]:
     was trained on (K-1)/K of the data; serve ``RUN/fold-<f>`` to choose another."""
     folds = sorted((f for f in folder.glob("fold-*") if f.is_dir() and (f / "metrics.json").is_file()),
                    key=lambda f: int(f.name.split("-")[1]) if f.name.split("-")[1].isdigit() else 1 << 30)
-    has_method = any((folder / n).is_dir() for n in ("medbridge", "linear_probe")) or any(folder.glob("*_config.json"))
-    if folds and not has_method:
+    if folds and saved_method_in(folder) is None:
         log.warning("%s is a cross-validation run: serving the model of %s", folder, folds[0].name)
         return folds[0], folder
     return folder, None
@@ -142,7 +141,8 @@ class Predictor:
                 "focal": m.focal.to_dict(),
                 "explanation": {"method": "gradient x (activation - mean-image activation) on the frozen tower's "
                                           "patch tokens",
-                                "layer": explained_layers(m, self.explain_layer)},
+                                "layer": explained_layers(m, self.explain_layer)}
+                if isinstance(m, Explainable) else None,
                 "training_data": None, "metrics": None}
         run = run_folder_of(self.folder)
         if run is None:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ...backbones.base import Backbone
 from ..heads import masked_bce
-from ..medbridge.text_head import DEFAULT_TEMPLATE
+from ..prompts import DEFAULT_TEMPLATE
 from .base import ClipHead, FeatureMethod, Hparams, backbone_scale, require_aligned_text, zero_shot_text
 
 

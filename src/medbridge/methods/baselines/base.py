@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ...backbones.base import Backbone, TextTower
 from ..api import NonFiniteLoss, NotApplicableError
 from ..heads import masked_bce
-from ..medbridge.text_head import DEFAULT_TEMPLATE
+from ..prompts import DEFAULT_TEMPLATE
 
 DEFAULT_SCALE = 1 / 0.07  # CLIP's initial temperature; used when a backbone has no logit scale of its own
 
@@ -75,6 +75,13 @@ def backbone_scale(backbone: Backbone) -> float:
 def zero_shot_text(text: TextTower, names: list[str], template: str = DEFAULT_TEMPLATE) -> Tensor:
     """w_j^zs: projected text features of the template prompts [L, E] (frozen)."""
     return text.encode_text([template.format(n) for n in names]).projected.detach()
+
+
+class PrefixCaching:
+    """Capability of a feature method that reads the vision tokens after the first ``cache_prefix_blocks`` frozen
+    blocks of the whole image (MMA, MMRL) instead of the pooled embedding: those tokens are what is cached."""
+
+    cache_prefix_blocks: int
 
 
 class FeatureMethod(nn.Module):

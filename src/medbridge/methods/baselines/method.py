@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from ...backbones.base import Backbone, backbone_fingerprint
 from ...data.focal import FocalConfig
-from ..api import CacheSpec, Method, Optimization, TrainingData, parse_options
+from ..api import CacheSpec, ClosedFormFit, Explainable, Method, Optimization, TrainingData, parse_options
 from ..frozen_features import embedding_cache_spec
-from .base import FeatureMethod, Hparams
+from .base import FeatureMethod, Hparams, PrefixCaching
 
 HPARAM_HELP = {"optimizer": "sgd (momentum 0.9) or adamw", "lr": "learning rate", "weight_decay": "weight decay",
                "epochs": "epochs", "batch_size": "mini-batch size",
@@ -52,7 +52,7 @@ def baseline_options_class(feature_class: type[FeatureMethod]) -> type:
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
     if "template" not in seen:
-        from ..medbridge.text_head import DEFAULT_TEMPLATE
+        from ..prompts import DEFAULT_TEMPLATE
 
         specs.append(("template", "str", dataclasses.field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt"})))
     # __post_init__ in the namespace: the generated __init__ only calls one that exists when the class is made
@@ -97,7 +97,7 @@ def prefix_cache_spec(backbone: Backbone, blocks: int) -> CacheSpec:
     return CacheSpec(parts, {"e0.prefix": (1, n_tokens, v.width)}, compute, focal, [v.preprocess])
 
 
-class BaselineMethod(Method):
+class BaselineMethod(Explainable, ClosedFormFit, Method):
     """A feature-space baseline: the whole image at the backbone's input size, its frozen pooled embedding (or
     the tokens after the first blocks for MMA/MMRL) -> the baseline's logits."""
 
@@ -116,18 +116,23 @@ class BaselineMethod(Method):
         return parse_options(cls.options_class, options, where)
 
     @property
+    def prefix_blocks(self) -> int | None:
+        """Frozen blocks before the cached tokens (:class:`PrefixCaching` baselines), None: the pooled embedding."""
+        return self.method.cache_prefix_blocks if isinstance(self.method, PrefixCaching) else None
+
+    @property
     def hparams(self) -> Hparams:
         return Hparams(**{f.name: getattr(self.options, f.name) for f in dataclasses.fields(Hparams)})
 
     # -- cache
     def cache_spec(self, n_views: int) -> CacheSpec:
-        blocks = getattr(self.method, "cache_prefix_blocks", None)
+        blocks = self.prefix_blocks
         if blocks is None:
             return embedding_cache_spec([self.method.backbone], self.focal, 1)
         return prefix_cache_spec(self.method.backbone, blocks)
 
     def features_cached(self, cache: Any, rows: np.ndarray) -> Tensor:
-        name = "e0.frozen" if getattr(self.method, "cache_prefix_blocks", None) is None else "e0.prefix"
+        name = "e0.frozen" if self.prefix_blocks is None else "e0.prefix"
         return cache.read(rows, [name])[name][:, 0].float()
 
     def _device(self) -> torch.device:
@@ -178,19 +183,19 @@ class BaselineMethod(Method):
         """From the whole-image view [B, 1, 3, S, S] directly (what the cache stores, without building its spec and
         its shape probe for every batch)."""
         v = self.method.backbone.vision
-        blocks = getattr(self.method, "cache_prefix_blocks", None)
+        blocks = self.prefix_blocks
         with torch.no_grad():
             x = v.run_blocks(v.embed(pixels[0][:, 0]), 0, blocks)
             return torch.sigmoid(self.method(x if blocks is not None else v.finalize(x)).float()).cpu().numpy(), {}
 
     # -- explanations
     def explain_top_block(self, expert: int) -> int:
-        blocks = getattr(self.method, "cache_prefix_blocks", None)
+        blocks = self.prefix_blocks
         return self.method.backbone.vision.depth - 1 if blocks is None else blocks
 
     def logits_from_tokens(self, tokens: list[Tensor], layers: list[int], b: int, n: int) -> Tensor:
         v, x, start = self.method.backbone.vision, tokens[0], layers[0]
-        blocks = getattr(self.method, "cache_prefix_blocks", None)
+        blocks = self.prefix_blocks
         return self.method(v.finalize(v.run_blocks(x, start)) if blocks is None else v.run_blocks(x, start, blocks))
 
     # -- saved
@@ -212,5 +217,5 @@ def baseline_method_class(feature_class: type[FeatureMethod]) -> type[BaselineMe
     """The method class registered for one baseline."""
     doc = (feature_class.__doc__ or feature_class.__name__).strip().splitlines()[0]
     return type(f"{feature_class.__name__}Method", (BaselineMethod,), {
-        "feature_class": feature_class, "name": feature_class.name, "__doc__": doc,
+        "feature_class": feature_class, "name": feature_class.name, "__doc__": doc, "__module__": __name__,
         "seed_dependent": feature_class.seed_dependent})

@@ -16,8 +16,16 @@ from torch import Tensor, nn
 
 from ...backbones.base import Backbone
 from ...backbones.query_rows import block_input_norm
-from ..medbridge.text_head import DEFAULT_TEMPLATE
-from .base import ClipHead, FeatureMethod, Hparams, NotApplicableError, backbone_scale, require_aligned_text
+from ..prompts import DEFAULT_TEMPLATE
+from .base import (
+    ClipHead,
+    FeatureMethod,
+    Hparams,
+    NotApplicableError,
+    PrefixCaching,
+    backbone_scale,
+    require_aligned_text,
+)
 
 
 def _kaiming(layer: nn.Linear) -> nn.Linear:
@@ -26,7 +34,7 @@ def _kaiming(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
-class MMA(FeatureMethod):
+class MMA(PrefixCaching, FeatureMethod):
     name = "mma"
     default_hparams = Hparams(optimizer="sgd", lr=0.0015, epochs=5, batch_size=16, warmup_epochs=0)
     cache_prefix_blocks = 4  # the engine caches vision tokens after this many blocks

@@ -20,11 +20,19 @@ from torch import Tensor, nn
 
 from ...backbones.base import Backbone
 from ..heads import masked_bce
-from ..medbridge.text_head import DEFAULT_TEMPLATE
-from .base import ClipHead, FeatureMethod, Hparams, NotApplicableError, backbone_scale, require_aligned_text
+from ..prompts import DEFAULT_TEMPLATE
+from .base import (
+    ClipHead,
+    FeatureMethod,
+    Hparams,
+    NotApplicableError,
+    PrefixCaching,
+    backbone_scale,
+    require_aligned_text,
+)
 
 
-class MMRL(FeatureMethod):
+class MMRL(PrefixCaching, FeatureMethod):
     name = "mmrl"
     default_hparams = Hparams(optimizer="adamw", lr=1e-3, weight_decay=5e-4, epochs=50, batch_size=32)
 

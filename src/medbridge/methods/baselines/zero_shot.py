@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ...backbones.base import Backbone
-from ..medbridge.text_head import DEFAULT_TEMPLATE
+from ..prompts import DEFAULT_TEMPLATE
 from .base import ClipHead, FeatureMethod, backbone_scale, require_aligned_text, zero_shot_text
 
 

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from ...backbones.base import Backbone, backbone_fingerprint
 from ...data.focal import FocalConfig
 from ...extras import MissingExtraError, require
-from ..api import CacheSpec, Method, NotApplicableError, Optimization, OptionsError, TrainingData
+from ..api import CacheSpec, Explainable, Method, NotApplicableError, Optimization, OptionsError, TrainingData
 
 PIXELS = "e0.pixels"
 #: fine-tuning sees the whole image only (the tower's resolution)
@@ -137,7 +137,7 @@ def augment_pixels(x: Tensor, generator: torch.Generator, hflip: bool) -> Tensor
     return (out - mean) * contrast.view(b, 1, 1, 1).to(x) + mean + brightness.view(b, 1, 1, 1).to(x)
 
 
-class FineTuneMethod(Method):
+class FineTuneMethod(Explainable, Method):
     """Fine-tuning of a vision tower with a linear head on its pooled embedding (see the module docstring)."""
 
     #: which weights train: "all", "last-blocks" or "lora" (set by the registered subclasses)

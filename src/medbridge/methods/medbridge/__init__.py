@@ -6,7 +6,7 @@ from .model import MedBridgeConfig, MedBridgeModel, MedBridgeOutput
 from .moe import ExpertMixture
 from .pooling import ViewPooling
 from .qencoder import QEncoder
-from .text_head import LabelTextHead, readable_name
+from .text_head import LabelTextHead
 
 __all__ = ["build_medbridge", "MedBridgeConfig", "MedBridgeMethod", "MedBridgeModel", "MedBridgeOptions",
-           "MedBridgeOutput", "ExpertMixture", "ViewPooling", "QEncoder", "LabelTextHead", "readable_name"]
+           "MedBridgeOutput", "ExpertMixture", "ViewPooling", "QEncoder", "LabelTextHead"]

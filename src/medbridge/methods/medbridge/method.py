@@ -3,6 +3,7 @@ scoring from the cache or from views, and the saved tensors (the adapter)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -12,7 +13,17 @@ from torch import Tensor
 
 from ...backbones.base import Backbone, backbone_fingerprint
 from ...data.focal import FocalConfig
-from ..api import CacheSpec, Method, NotApplicableError, OptionsError, TrainingData, parse_options
+from ..api import (
+    CacheSpec,
+    Explainable,
+    Method,
+    NotApplicableError,
+    OptionsError,
+    TextPrompted,
+    TrainingData,
+    parse_options,
+)
+from ..prompts import DEFAULT_TEMPLATE
 from .model import MedBridgeConfig, MedBridgeModel
 
 
@@ -23,7 +34,7 @@ class MedBridgeOptions:
 
     text_source: int | str = field(default=0, metadata={"help": "expert whose text tower encodes the prompts, or a "
                                                                 "text-tower source"})
-    template: str = field(default="a radiology image with {}.", metadata={"help": "prompt template ({} = name)"})
+    template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt template ({} = name)"})
     t1: int | None = field(default=None, metadata={"help": "queries enter after block t1 (default depth // 2)"})
     num_queries: int = field(default=8, metadata={"help": "Q learnable query tokens per expert"})
     attention: str = field(default="isolated", metadata={"help": "joint (paper) or isolated (frozen path kept)"})
@@ -90,28 +101,56 @@ def fit_feature_norms(model: MedBridgeModel, cache: Any, train_rows: np.ndarray)
     model.fit_feature_norms([torch.cat(f) for f in frozen])
 
 
+def _new_model(options: MedBridgeOptions, backbones: list[Backbone], labels: list[str], prompt_names: list[str],
+               focal: FocalConfig) -> MedBridgeModel:
+    """A new, untrained model from the options and what the run supplies."""
+    from ...backbones import create_text_tower
+
+    config = MedBridgeConfig(labels=list(labels), prompt_names=list(prompt_names),
+                             backbones=[b.name for b in backbones], focal=focal, **vars(options))
+    text = None if isinstance(config.text_source, int) else create_text_tower(config.text_source)
+    return MedBridgeModel(config, backbones, text)
+
+
 def medbridge_cache_values(model: MedBridgeModel, pixels: list[Tensor]) -> dict[str, Tensor]:
     return {f"e{k}.{name}": t for k, item in enumerate(model.cacheable(pixels)) for name, t in item.items()}
 
 
-class MedBridgeMethod(Method):
+class MedBridgeMethod(TextPrompted, Explainable, Method):
     """MedBridge (Li, Ghahremani, Wachinger 2025): query tokens in frozen ViTs, view pooling, MoE, text head."""
 
     name = "medbridge"
-    text_prompted = True
     case_views = True  # a case's views (all its images') pool through the view attention (paper Sec. 3.2)
 
-    def __init__(self, model: MedBridgeModel, options: MedBridgeOptions | None = None,
-                 labels: list[str] | None = None, prompt_names: list[str] | None = None) -> None:
-        """``options`` default to (and are saved from) the model's own config."""
+    def __init__(self, options: MedBridgeOptions, backbones: list[Backbone] | None = None,
+                 labels: list[str] | None = None, prompt_names: list[str] | None = None,
+                 focal: FocalConfig | None = None, *, model: MedBridgeModel | None = None) -> None:
+        """The base signature (every argument needed unless ``model`` is given); ``model``: an existing model to
+        wrap (its config gives the options, and ``labels`` / ``prompt_names`` other than its own are scored through
+        the prompts: ``eval --label-space data``)."""
+        if isinstance(options, MedBridgeModel):  # medbridge 0.1: MedBridgeMethod(model)
+            warnings.warn("MedBridgeMethod(model) is deprecated: use MedBridgeMethod.from_model(model)",
+                          DeprecationWarning, stacklevel=2)
+            model, options = options, None
+        if model is None:
+            if backbones is None or labels is None or prompt_names is None or focal is None:
+                raise TypeError("MedBridgeMethod needs options, backbones, labels, prompt_names and focal, or model=")
+            model = _new_model(options, backbones, labels, prompt_names, focal)
         cfg = model.config
         options = MedBridgeOptions(**{f.name: getattr(cfg, f.name) for f in fields(MedBridgeOptions)})
         super().__init__(options, list(model.backbones), list(cfg.labels), list(cfg.names), cfg.focal)
         self.model = model
         # another label list scored through the prompts (eval --label-space data); None: the trained labels
-        self.score_labels, self.score_prompt_names = labels, prompt_names
-        if labels is not None:
+        self.score_labels: list[str] | None = None
+        self.score_prompt_names: list[str] | None = None
+        if labels is not None and (list(labels) != list(cfg.labels) or list(prompt_names or []) != list(cfg.names)):
+            self.score_labels, self.score_prompt_names = list(labels), list(prompt_names or [])
             self.labels = list(labels)
+
+    @classmethod
+    def from_model(cls, model: MedBridgeModel) -> MedBridgeMethod:
+        """The method around an existing :class:`MedBridgeModel` (options, labels and views from its config)."""
+        return cls(None, model=model)  # type: ignore[arg-type]
 
     @classmethod
     def check_options(cls, options: dict | None, where: str = "options") -> MedBridgeOptions:
@@ -122,18 +161,9 @@ class MedBridgeMethod(Method):
             raise OptionsError(f"{where}: {exc}") from exc
         return opts
 
-    @classmethod
-    def build(cls, options: MedBridgeOptions, backbones: list[Backbone], labels: list[str], prompt_names: list[str],
-              focal: FocalConfig) -> MedBridgeMethod:
-        from ...backbones import create_text_tower
-
-        config = MedBridgeConfig(labels=list(labels), prompt_names=list(prompt_names),
-                                 backbones=[b.name for b in backbones], focal=focal, **vars(options))
-        text = None if isinstance(config.text_source, int) else create_text_tower(config.text_source)
-        return cls(MedBridgeModel(config, backbones, text))
-
     def with_label_names(self, labels: list[str], prompt_names: list[str]) -> MedBridgeMethod:
-        return MedBridgeMethod(self.model, None, list(labels), list(prompt_names))
+        return MedBridgeMethod(self.options, self.backbones, list(labels), list(prompt_names), self.focal,
+                               model=self.model)
 
     # -- cache
     def cache_spec(self, n_views: int) -> CacheSpec:

@@ -11,10 +11,11 @@ from torch import Tensor, nn
 from ...backbones.base import Backbone, TextTower
 from ...data.focal import FocalConfig, FocalViews, focal_views
 from ..heads import CosineLogits, masked_bce
+from ..prompts import DEFAULT_TEMPLATE, prompt_name
 from .moe import ExpertMixture
 from .pooling import ViewPooling
 from .qencoder import QEncoder
-from .text_head import DEFAULT_TEMPLATE, LabelTextHead, readable_name
+from .text_head import LabelTextHead
 
 FEATURE_NORMS = ("auto", "standardize", "none")
 
@@ -98,7 +99,7 @@ class MedBridgeConfig:
 
     @property
     def names(self) -> list[str]:
-        return self.prompt_names or [readable_name(lab) for lab in self.labels]
+        return self.prompt_names or [prompt_name(lab) for lab in self.labels]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -257,7 +258,7 @@ class MedBridgeModel(nn.Module):
         v, g = self.mixture(class_tokens, gate_inputs)
         labels = labels or self.config.labels
         if prompt_names is None:
-            prompt_names = self.config.names if labels == self.config.labels else [readable_name(x) for x in labels]
+            prompt_names = self.config.names if labels == self.config.labels else [prompt_name(x) for x in labels]
         z = self.text_head(prompt_names)
         logits = self.head(v, z, labels)
         n_max = max(x.shape[-1] for x in votes)

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ...backbones.base import TextTower
+from ..prompts import DEFAULT_TEMPLATE
 
-DEFAULT_TEMPLATE = "a radiology image with {}."
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
 
@@ -44,11 +44,6 @@ def chunk_text(text: str, fits) -> list[str]:
             candidate = unit
         current = candidate
     return pieces + [current] if current else pieces
-
-
-def readable_name(label: str) -> str:
-    """'Pleural_Thickening' -> 'pleural thickening' (datasets can give better names)."""
-    return label.replace("_", " ").strip().lower()
 
 
 class LabelTextHead(nn.Module):
