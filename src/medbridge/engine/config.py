@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str = ""  # dataset folder or CSV file
-    format: str = "auto"  # nih, mimic-cxr, chexpert, chexpert-plus, rsna, covidx, csv, folder, auto
+    format: str = "auto"  # a registered dataset format (medbridge list datasets) or auto (detect)
     options: dict = field(default_factory=dict)  # loader options, e.g. {uncertain: ones}
     split: str = "auto"  # auto (official if the dataset has one, else patient), official, patient
     fractions: list = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test for patient splits
