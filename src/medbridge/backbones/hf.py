@@ -49,6 +49,17 @@ def encoder_layer_call(layer: nn.Module) -> str:
     return "hf_clip" if "causal_attention_mask" in inspect.signature(layer.forward).parameters else "hf_siglip"
 
 
+def additive_attention_mask(mask: Tensor, dtype: torch.dtype, causal: bool = False) -> Tensor:
+    """Padding mask [B, L] (1 = token) -> the additive mask [B, 1, L, L] text encoders take under 4.x and 5.x (0
+    where attended, the dtype's minimum elsewhere); ``causal`` also hides later tokens (CLIP's text encoder, whose
+    4.x ``causal_attention_mask`` argument 5.x dropped). Built here: ``modeling_attn_mask_utils`` is deprecated."""
+    b, n = mask.shape
+    allowed = mask.bool()[:, None, None, :].expand(b, 1, n, n)
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 class HFDinov2VisionTower(VisionTower):
     """``Dinov2Model``: embeddings (positions interpolated to the input size) -> layers -> layernorm -> CLS."""
 
@@ -161,22 +172,15 @@ class HFTextTower(TextTower):
         return self._word_embedding()(tokens.input_ids)
 
     def encode_embeddings(self, embeddings: Tensor, tokens: TextTokens) -> TextFeatures:
-        from transformers.modeling_attn_mask_utils import (
-            _create_4d_causal_attention_mask,
-            _prepare_4d_attention_mask,
-        )
-
         ids, mask = tokens.input_ids, tokens.attention_mask
         if self.kind == "bert":
             x = self.tm.embeddings(inputs_embeds=embeddings, token_type_ids=torch.zeros_like(ids))
-            ext = _prepare_4d_attention_mask(mask, x.dtype)
-            x = self.tm.encoder(x, attention_mask=ext).last_hidden_state
+            x = self.tm.encoder(x, attention_mask=additive_attention_mask(mask, x.dtype)).last_hidden_state
             m = mask.unsqueeze(-1).to(x.dtype)
             pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
         elif self.kind == "clip":
             x = self.tm.embeddings(inputs_embeds=embeddings)
-            causal = _create_4d_causal_attention_mask(ids.shape, x.dtype, device=x.device)
-            ext = _prepare_4d_attention_mask(mask, x.dtype) + causal  # one additive mask (5.x: no causal argument)
+            ext = additive_attention_mask(mask, x.dtype, causal=True)
             x = self.tm.encoder(inputs_embeds=x, attention_mask=ext).last_hidden_state
             x = self.tm.final_layer_norm(x)
             rows = torch.arange(x.shape[0], device=x.device)
