@@ -271,6 +271,27 @@ def test_older_save_layouts_load(tmp_path, saved, loaded):
             torch.testing.assert_close(create_backbone(f"local-dir:{folder}").vision(x), loaded[model_type].vision(x))
 
 
+@pytest.mark.parametrize("model_type", ["llava", "gemma3"])
+def test_checkpoints_of_either_transformers_layout_load(tmp_path, model_type):
+    """transformers 4.x saves CLIP / SigLIP towers as ``vision_tower.vision_model.*``, 5.x as ``vision_tower.*``:
+    a checkpoint in the other layout than the installed version's loads to the same tower (same features)."""
+    from safetensors.torch import load_file, save_file
+
+    folder, other = tmp_path / "saved", tmp_path / "other"
+    save_tiny_vlm(folder, model_type)
+    shutil.copytree(folder, other)
+    sd = load_file(folder / "model.safetensors")
+    nested = any(k.startswith("vision_tower.vision_model.") for k in sd)
+    renamed = {(k.replace("vision_tower.vision_model.", "vision_tower.") if nested else
+                k.replace("vision_tower.", "vision_tower.vision_model.")): v for k, v in sd.items()}
+    assert set(renamed) != set(sd)
+    save_file(renamed, other / "model.safetensors", metadata={"format": "pt"})
+    a, b = create_backbone(f"local-dir:{folder}"), create_backbone(f"local-dir:{other}")
+    x = _pixels(a)
+    with torch.no_grad():
+        torch.testing.assert_close(b.vision(x), a.vision(x), atol=0, rtol=0)
+
+
 @pytest.mark.slow
 def test_vision_only_loading_peak_memory_is_a_fraction_of_the_language_model():
     """The benchmark script in a fresh process: loading the vision tower grows peak RSS by < 15% of the language
