@@ -311,8 +311,9 @@ def build_vlm_tower(config, folder: Path, read_log: list[str] | None = None) -> 
         load_submodule(visual, folder, QWEN_VISUAL_PREFIXES, weights, read_log, "Qwen vision (visual.*)")
         return tower_from_parts(config, visual, None, proc, str(folder))
     vcfg = config.vision_config
+    # pooling-head tensors are named vision_model.head.* (saved by transformers 4.x) or head.* (5.x)
     if vcfg.model_type == "siglip_vision_model" and getattr(vcfg, "vision_use_head", True) and \
-            not any(".head." in k for k in select_prefixed(weights, VISION_PREFIXES).values()):
+            not any(".head." in f".{k}" for k in select_prefixed(weights, VISION_PREFIXES).values()):
         vcfg.vision_use_head = False  # a VLM's SigLIP without its pooling head (SigLIP defaults to one)
     vision = _vision_model(vcfg)
     load_submodule(vision, folder, VISION_PREFIXES, weights, read_log, "vision tower")
