@@ -5,6 +5,7 @@
 # then pytest -m "not slow". No constraints file: pip resolves the rest as a user's pip would.
 #   bash scripts/compat.sh                 # lowest and newest
 #   bash scripts/compat.sh lowest          # one of them; extra pytest args after --, e.g. -- -x tests/test_backbones.py
+#   bash scripts/compat.sh newest-4        # the newest transformers 4.x (= newest while pyproject caps it at < 5)
 # Venvs and logs: $COMPAT_DIR (default /tmp/medbridge-compat). Exit status: non-zero if any set failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,8 @@ DIR=${COMPAT_DIR:-/tmp/medbridge-compat}
 PY=${PYTHON:-python3}
 declare -A PINS=(
     [lowest]="transformers==4.52.4 timm==1.0.16 open_clip_torch==3.0.0"
-    [newest]="transformers<5 timm open_clip_torch"  # with --upgrade: the newest each range allows
+    [newest]="transformers timm open_clip_torch"  # with --upgrade: the newest each range allows (pyproject.toml)
+    [newest-4]="transformers<5 timm open_clip_torch"  # the newest 4.x, once pyproject allows 5.x
 )
 sets=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do sets+=("$1"); shift; done
@@ -27,7 +29,7 @@ git ls-files -co --exclude-standard | tar cf - -T - | tar xf - -C "$SRC"
 [ -d ../shared ] && ln -sfn "$(cd ../shared && pwd)" "$DIR/shared"  # the tests' real samples (../shared/data)
 status=0
 for name in "${sets[@]}"; do
-    [ -n "${PINS[$name]+x}" ] || { echo "compat.sh: unknown set $name (lowest, newest)" >&2; exit 2; }
+    [ -n "${PINS[$name]+x}" ] || { echo "compat.sh: unknown set $name (lowest, newest, newest-4)" >&2; exit 2; }
     venv=$DIR/$name log=$DIR/$name.log start=$(date +%s)
     rm -rf "$venv"
     {

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from tests import test_backbones as interface  # the checks every backbone family passes
 from tests.helpers import nih_subset_csv, save_tiny_clip
 
 from medbridge.backbones import BackboneError, create_backbone
 from medbridge.backbones.base import HALF_MEAN, IMAGENET_MEAN, OPENAI_CLIP_MEAN
+from medbridge.backbones.hf import vision_transformer
 from medbridge.backbones.tiny_vlm import TINY_VLM_TYPES, save_tiny_vlm
 from medbridge.backbones.vlm import VISION_PREFIXES, create_vlm_backbone
 
@@ -55,12 +57,17 @@ def _library_model(folder: Path):
     return AutoModelForImageTextToText.from_pretrained(str(folder)).eval()
 
 
+def _features(out):
+    """``get_image_features``' image tokens: transformers 4.x returns them, 5.x returns them as ``pooler_output``."""
+    return getattr(out, "pooler_output", out)
+
+
 def _library_image_features(model, tower, pixels: torch.Tensor) -> torch.Tensor:
     """Mean over the image tokens of the library's own ``get_image_features`` -> [B, text width]."""
     model_type = model.config.model_type
     b = pixels.shape[0]
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        feats = model.model.get_image_features(tower.patchify(pixels), tower.grid_thw(b))
+        feats = _features(model.model.get_image_features(tower.patchify(pixels), tower.grid_thw(b)))
         return torch.stack(list(feats)).mean(1)
     if model_type == "llava_next":  # base view first; the any-resolution tiles follow it in the packed output
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -68,11 +75,16 @@ def _library_image_features(model, tower, pixels: torch.Tensor) -> torch.Tensor:
         size = pixels.shape[-1]
         k = image_size_to_num_patches((size, size), model.config.image_grid_pinpoints, size)
         tiles = torch.cat([pixels[:, None], torch.randn(b, k - 1, *pixels.shape[1:])], 1)
-        feats = model.model.get_image_features(tiles, image_sizes=torch.tensor([[size, size]] * b))
+        feats = _features(model.model.get_image_features(tiles, image_sizes=torch.tensor([[size, size]] * b)))
         n_base = (size // model.config.vision_config.patch_size) ** 2
         return torch.stack([f[:n_base] for f in feats]).mean(1)
-    feats = model.model.get_image_features(pixels)  # LLaVA: a list of [tokens, width] per image
-    return (torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats).mean(1)
+    feats = _features(model.model.get_image_features(pixels))  # LLaVA: a list of [tokens, width] per image
+    mean = (torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats).mean(1)
+    if model_type == "paligemma" and int(transformers.__version__.split(".")[0]) >= 5:
+        # 5.x moved PaliGemma's division by sqrt(text width) out of get_image_features (Gemma's embedding scale
+        # now multiplies text tokens only): the language model receives the same; the tower keeps 4.x's values
+        mean = mean / model.config.text_config.hidden_size ** 0.5
+    return mean
 
 
 @pytest.mark.parametrize("model_type", TINY_VLM_TYPES)
@@ -106,7 +118,7 @@ def test_tower_equals_the_full_vlm_image_features(saved, loaded, model_type):
 
 def test_llava_stops_at_its_vision_feature_layer(loaded):
     v = loaded["llava"].vision  # 4 CLIP layers, vision_feature_layer -2 -> hidden_states[3]; the 4th is dropped
-    assert v.depth == 3 and len(v.clip.vision_model.encoder.layers) == 3
+    assert v.depth == 3 and len(v.vm.encoder.layers) == 3
 
 
 def test_qwen_patchify_matches_the_image_processor(saved, loaded):
@@ -217,7 +229,7 @@ def test_vision_only_loading_never_reads_language_tensors(tmp_path, monkeypatch)
     full = _library_model(tmp_path)
     vision_side = sum(p.numel() for p in full.model.vision_tower.parameters()) + \
         sum(p.numel() for p in full.model.multi_modal_projector.parameters())
-    unused = sum(p.numel() for p in full.model.vision_tower.vision_model.encoder.layers[3:].parameters())
+    unused = sum(p.numel() for p in vision_transformer(full.model.vision_tower).encoder.layers[3:].parameters())
     assert backbone.num_parameters() == vision_side - unused  # no language model held (nor unused CLIP layers)
     assert vision_side < full.num_parameters() // 2
 
@@ -240,11 +252,13 @@ def test_older_save_layouts_load(tmp_path, saved, loaded):
     llava = tmp_path / "llava"
     shutil.copytree(saved["llava"], llava)
     index = json.loads((llava / "model.safetensors.index.json").read_text())
-    shard = index["weight_map"]["vision_tower.vision_model.embeddings.patch_embedding.weight"]
+    patch = next(k for k in index["weight_map"] if k.endswith("embeddings.patch_embedding.weight"))  # either layout
+    position_ids = patch.replace("patch_embedding.weight", "position_ids")
+    shard = index["weight_map"][patch]
     sd = load_file(llava / shard)
-    sd["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    sd[position_ids] = torch.arange(17)[None]
     save_file(sd, llava / shard, metadata={"format": "pt"})
-    index["weight_map"]["vision_tower.vision_model.embeddings.position_ids"] = shard
+    index["weight_map"][position_ids] = shard
     (llava / "model.safetensors.index.json").write_text(json.dumps(index))
     pali = tmp_path / "paligemma"
     shutil.copytree(saved["paligemma"], pali)
@@ -255,6 +269,27 @@ def test_older_save_layouts_load(tmp_path, saved, loaded):
         x = _pixels(loaded[model_type])
         with torch.no_grad():
             torch.testing.assert_close(create_backbone(f"local-dir:{folder}").vision(x), loaded[model_type].vision(x))
+
+
+@pytest.mark.parametrize("model_type", ["llava", "gemma3"])
+def test_checkpoints_of_either_transformers_layout_load(tmp_path, model_type):
+    """transformers 4.x saves CLIP / SigLIP towers as ``vision_tower.vision_model.*``, 5.x as ``vision_tower.*``:
+    a checkpoint in the other layout than the installed version's loads to the same tower (same features)."""
+    from safetensors.torch import load_file, save_file
+
+    folder, other = tmp_path / "saved", tmp_path / "other"
+    save_tiny_vlm(folder, model_type)
+    shutil.copytree(folder, other)
+    sd = load_file(folder / "model.safetensors")
+    nested = any(k.startswith("vision_tower.vision_model.") for k in sd)
+    renamed = {(k.replace("vision_tower.vision_model.", "vision_tower.") if nested else
+                k.replace("vision_tower.", "vision_tower.vision_model.")): v for k, v in sd.items()}
+    assert set(renamed) != set(sd)
+    save_file(renamed, other / "model.safetensors", metadata={"format": "pt"})
+    a, b = create_backbone(f"local-dir:{folder}"), create_backbone(f"local-dir:{other}")
+    x = _pixels(a)
+    with torch.no_grad():
+        torch.testing.assert_close(b.vision(x), a.vision(x), atol=0, rtol=0)
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,42 @@ from .base import (
     TokenBlock,
     VisionTower,
 )
+
+
+# ------------------------------------------------------------------------------ transformers 4.x / 5.x module layout
+# The one place where medbridge looks at how transformers lays out its modules; both major versions are supported.
+@contextmanager
+def no_init_weights() -> Iterator[None]:
+    """transformers' own "skip weight initialisation" context (5.x: ``initialization``; 4.x: ``modeling_utils``)."""
+    try:
+        from transformers.initialization import no_init_weights as skip
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights as skip
+    with skip():
+        yield
+
+
+def vision_transformer(model: nn.Module) -> nn.Module:
+    """The module holding a CLIP / SigLIP vision tower's ``embeddings``, ``encoder`` and norms: 4.x wraps them in
+    ``CLIPVisionModel.vision_model`` (a ``CLIPVisionTransformer``), 5.x holds them in the model itself."""
+    return model if hasattr(model, "embeddings") else model.vision_model
+
+
+def encoder_layer_call(layer: nn.Module) -> str:
+    """How :class:`TokenBlock` calls a CLIP / SigLIP encoder layer: 4.x CLIP layers take ``(hidden, attention_mask,
+    causal_attention_mask)`` ("hf_clip"), 5.x CLIP and all SigLIP layers ``(hidden, attention_mask)``."""
+    return "hf_clip" if "causal_attention_mask" in inspect.signature(layer.forward).parameters else "hf_siglip"
+
+
+def additive_attention_mask(mask: Tensor, dtype: torch.dtype, causal: bool = False) -> Tensor:
+    """Padding mask [B, L] (1 = token) -> the additive mask [B, 1, L, L] text encoders take under 4.x and 5.x (0
+    where attended, the dtype's minimum elsewhere); ``causal`` also hides later tokens (CLIP's text encoder, whose
+    4.x ``causal_attention_mask`` argument 5.x dropped). Built here: ``modeling_attn_mask_utils`` is deprecated."""
+    b, n = mask.shape
+    allowed = mask.bool()[:, None, None, :].expand(b, 1, n, n)
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class HFDinov2VisionTower(VisionTower):
@@ -58,18 +96,17 @@ class HFClipVisionTower(VisionTower):
 
     def __init__(self, vision_model: nn.Module, projection: nn.Module | None = None, kind: str = "clip") -> None:
         super().__init__()
-        self.vm = vision_model  # CLIPVisionTransformer / SiglipVisionTransformer
+        self.vm = vision_transformer(vision_model)  # 4.x: CLIPVisionTransformer; 5.x: CLIPVisionModel (likewise SigLIP)
         self.projection = projection
         self.kind = kind
-        cfg = vision_model.config
+        cfg = self.vm.config
         self.width = cfg.hidden_size
         self.depth = cfg.num_hidden_layers
         self.num_prefix_tokens = 1 if kind == "clip" else 0
         self.embed_dim = projection.out_features if projection is not None else self.width
         mean, std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if kind == "clip" else ((0.5,) * 3, (0.5,) * 3)
         self.preprocess = PreprocessConfig(cfg.image_size, mean, std, "bicubic")
-        call = "hf_clip" if kind == "clip" else "hf_siglip"
-        self._blocks = nn.ModuleList(TokenBlock(b, call) for b in vision_model.encoder.layers)
+        self._blocks = nn.ModuleList(TokenBlock(b, encoder_layer_call(b)) for b in self.vm.encoder.layers)
 
     def embed(self, pixels: Tensor) -> Tensor:
         x = self.vm.embeddings(pixels)
@@ -135,23 +172,16 @@ class HFTextTower(TextTower):
         return self._word_embedding()(tokens.input_ids)
 
     def encode_embeddings(self, embeddings: Tensor, tokens: TextTokens) -> TextFeatures:
-        from transformers.modeling_attn_mask_utils import (
-            _create_4d_causal_attention_mask,
-            _prepare_4d_attention_mask,
-        )
-
         ids, mask = tokens.input_ids, tokens.attention_mask
         if self.kind == "bert":
             x = self.tm.embeddings(inputs_embeds=embeddings, token_type_ids=torch.zeros_like(ids))
-            ext = _prepare_4d_attention_mask(mask, x.dtype)
-            x = self.tm.encoder(x, attention_mask=ext).last_hidden_state
+            x = self.tm.encoder(x, attention_mask=additive_attention_mask(mask, x.dtype)).last_hidden_state
             m = mask.unsqueeze(-1).to(x.dtype)
             pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
         elif self.kind == "clip":
             x = self.tm.embeddings(inputs_embeds=embeddings)
-            causal = _create_4d_causal_attention_mask(ids.shape, x.dtype, device=x.device)
-            ext = _prepare_4d_attention_mask(mask, x.dtype)
-            x = self.tm.encoder(inputs_embeds=x, attention_mask=ext, causal_attention_mask=causal).last_hidden_state
+            ext = additive_attention_mask(mask, x.dtype, causal=True)
+            x = self.tm.encoder(inputs_embeds=x, attention_mask=ext).last_hidden_state
             x = self.tm.final_layer_norm(x)
             rows = torch.arange(x.shape[0], device=x.device)
             eos = self.tm.eos_token_id
@@ -202,7 +232,7 @@ def wrap_transformers(name: str, model: nn.Module, tokenizer=None, image_size: i
         return Backbone(name, vision, text, logit_scale=scale, aligned=text is not None)
     if mtype in ("clip_vision_model", "siglip_vision_model"):
         kind = "clip" if mtype.startswith("clip") else "siglip"
-        return Backbone(name, HFClipVisionTower(model.vision_model, None, kind=kind))
+        return Backbone(name, HFClipVisionTower(model, None, kind=kind))
     raise NotImplementedError(f"unsupported transformers vision model_type {mtype!r} "
                               "(supported: dinov2, clip, clip_vision_model, siglip, siglip_vision_model)")
 

@@ -9,10 +9,11 @@ has the tower's fixed square input size, so the packed sequence is kept as a bat
   contiguous, the frame repeated over the temporal patch) and runs ``patch_embed``; the tokens it returns (and
   every block returns) are in raster order, row by row, like every other tower's patch tokens (so spatial
   consumers such as heat maps need no Qwen-specific code).
-- each block reorders the patches into the library's order (merge groups; for Qwen2.5-VL the library's own
-  ``get_window_index`` order), calls the library block on the packed batch with the library's ``rot_pos_emb``
-  positions and ``cu_seqlens`` = one segment per image (full-attention blocks) or the library's window segments,
-  and puts the patches back in raster order.
+- each block reorders the patches into the library's order (merge groups; for Qwen2.5-VL the library's own window
+  order), calls the library block on the packed batch with the library's rotary positions and ``cu_seqlens`` =
+  one segment per image (full-attention blocks) or the library's window segments, and puts the patches back in
+  raster order. Positions and windows come from the library under transformers 4.x (``rot_pos_emb``,
+  ``get_window_index``) and 5.x (``rotary_pos_emb``, ``vision_utils``): see ``rotary_cos_sin``, ``window_index``.
 
 Query tokens (MedBridge) are appended after each image's patches, inside that image's segment:
 
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import PreprocessConfig, VisionTower
+from .hf import no_init_weights
 from .loading import BackboneError
 
 MASKED_SDPA = "medbridge_masked_sdpa"
@@ -62,8 +64,6 @@ def use_masked_sdpa(vision_config) -> None:
 
 def qwen_visual_model(config) -> nn.Module:
     """An empty ``Qwen2VisionTransformerPretrainedModel`` / ``Qwen2_5_VisionTransformerPretrainedModel``."""
-    from transformers.modeling_utils import no_init_weights
-
     if config.model_type == "qwen2_5_vl":
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
             Qwen2_5_VisionTransformerPretrainedModel as cls,
@@ -91,6 +91,41 @@ def qwen_image_size(vision_config, processor: dict) -> int:
     return side
 
 
+# ------------------------------------------------ the library's positions and windows (transformers 4.x and 5.x)
+def rotary_cos_sin(visual: nn.Module, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
+    """The library's 2D rotary (cos, sin) per patch, processor order, for images of ``grid_thw``: 4.x has the angles
+    from ``visual.rot_pos_emb``; 5.x computes (cos, sin) with ``visual.rotary_pos_emb`` from ``vision_utils``'
+    position ids."""
+    if hasattr(visual, "rot_pos_emb"):  # transformers 4.x
+        angles = visual.rot_pos_emb(grid_thw)
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos(), emb.sin()
+    from transformers.vision_utils import get_vision_position_ids
+
+    position_ids = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
+    return visual.rotary_pos_emb(visual.patch_embed.proj.weight, position_ids)
+
+
+def window_index(visual: nn.Module, grid_thw: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Qwen2.5-VL's window order of the merge groups and the window boundaries (``cu_window_seqlens``, repeats
+    removed) for images of ``grid_thw``; None for a tower without windowed blocks (Qwen2-VL)."""
+    if not hasattr(visual, "fullatt_block_indexes"):
+        return None
+    if hasattr(visual, "get_window_index"):  # transformers 4.x
+        index, cu_window = visual.get_window_index(grid_thw)
+    else:
+        from transformers.vision_utils import get_vision_window_index
+
+        index, cu_window = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                                   visual.patch_size)
+    return index, torch.unique_consecutive(torch.as_tensor(cu_window, dtype=torch.int32))
+
+
+def merged_output(output) -> Tensor:
+    """The patch merger's tokens from the visual model's forward (4.x: a tensor; 5.x: ``pooler_output``)."""
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
 class _Layout(nn.Module):
     """Positions and window segments of one image at the tower's input size (buffers: they follow ``.to``)."""
 
@@ -98,17 +133,16 @@ class _Layout(nn.Module):
         super().__init__()
         grid_thw = torch.tensor([[1, grid, grid]])
         self.num_patches = grid * grid
-        rot = visual.rot_pos_emb(grid_thw)  # the library's 2D rotary angles, processor order
-        windows = hasattr(visual, "get_window_index")
+        cos, sin = rotary_cos_sin(visual, grid_thw)  # processor order
+        windows = window_index(visual, grid_thw)
         m = visual.spatial_merge_size
         unit = m * m
-        # raster index of each token in the processor's order (2x2 merge groups contiguous), as rot_pos_emb has it
+        # raster index of each token in the processor's order (2x2 merge groups contiguous), as cos/sin have it
         processor = torch.arange(self.num_patches).view(grid // m, m, grid // m, m).permute(0, 2, 1, 3).flatten()
         library = processor
-        if windows:
-            index, cu_window = visual.get_window_index(grid_thw)
-            cu_window = torch.unique_consecutive(torch.tensor(cu_window, dtype=torch.int32))
-            rot = rot.reshape(-1, unit, rot.shape[-1])[index].reshape(self.num_patches, -1)
+        if windows is not None:
+            index, cu_window = windows
+            cos, sin = (t.reshape(-1, unit, t.shape[-1])[index].reshape(self.num_patches, -1) for t in (cos, sin))
             library = processor.view(-1, unit)[index].flatten()
             ids = torch.bucketize(torch.arange(self.num_patches), cu_window[1:].long(), right=True)
             self.register_buffer("cu_window", cu_window, persistent=False)
@@ -119,9 +153,8 @@ class _Layout(nn.Module):
         self.register_buffer("from_processor", torch.argsort(processor), persistent=False)
         self.register_buffer("library_order", library, persistent=False)  # raster index per library token
         self.register_buffer("from_library", torch.argsort(library), persistent=False)
-        emb = torch.cat([rot, rot], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", cos.detach(), persistent=False)
+        self.register_buffer("sin", sin.detach(), persistent=False)
 
     def positions(self, batch: int, num_queries: int) -> tuple[Tensor, Tensor]:
         cos, sin = self.cos, self.sin
@@ -230,5 +263,5 @@ class QwenVisionTower(VisionTower):
 
     def reference_forward(self, pixels: Tensor) -> Tensor:
         b = pixels.shape[0]
-        out = self.visual(self.patchify(pixels), grid_thw=self.grid_thw(b))
+        out = merged_output(self.visual(self.patchify(pixels), grid_thw=self.grid_thw(b)))
         return out.reshape(b, -1, self.embed_dim).mean(1)

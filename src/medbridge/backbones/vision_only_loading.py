@@ -18,6 +18,9 @@ from .loading import BackboneError
 
 INDEX = "model.safetensors.index.json"
 NON_PERSISTENT_BUFFERS = ("position_ids", "inv_freq")
+# Wrappers one transformers major version has and the other not: 4.x saves and builds CLIP / SigLIP vision towers as
+# ``vision_model.embeddings...``, 5.x as ``embeddings...`` (and reads either); so do we.
+LAYOUT_WRAPPERS = ("vision_model.",)
 SINGLE = "model.safetensors"
 
 
@@ -50,6 +53,20 @@ def select_prefixed(weight_map: dict[str, str], prefixes: Iterable[str]) -> dict
         if chosen:
             return chosen
     return {}
+
+
+def to_module_names(chosen: dict[str, str], own: Iterable[str]) -> dict[str, str]:
+    """``chosen`` (checkpoint name -> name in the module) with a :data:`LAYOUT_WRAPPERS` prefix removed or added
+    where the checkpoint was saved under the other transformers layout than the module's."""
+    own = list(own)
+    for wrapper in LAYOUT_WRAPPERS:
+        in_module = any(k.startswith(wrapper) for k in own)
+        in_checkpoint = any(v.startswith(wrapper) for v in chosen.values())
+        if in_checkpoint and not in_module:
+            chosen = {k: v.removeprefix(wrapper) for k, v in chosen.items()}
+        elif in_module and not in_checkpoint:
+            chosen = {k: wrapper + v for k, v in chosen.items()}
+    return chosen
 
 
 def read_tensors(folder: Path, names: Iterable[str], weight_map: dict[str, str] | None = None,
@@ -87,6 +104,7 @@ def load_submodule(module: torch.nn.Module, folder: Path, prefixes: Iterable[str
         raise BackboneError(f"{folder}: no {what} tensors in the checkpoint (looked for names starting with "
                             f"{' or '.join(repr(p) for p in prefixes)})")
     own = module.state_dict()
+    chosen = to_module_names(chosen, own)
     # non-persistent buffers some older saves still carry (recomputed by the module itself, never read)
     chosen = {k: v for k, v in chosen.items() if v in own or not v.endswith(NON_PERSISTENT_BUFFERS)}
     tensors = read_tensors(folder, chosen, weight_map, read_log)

@@ -30,6 +30,7 @@ from .base import (
     TokenBlock,
     VisionTower,
 )
+from .hf import encoder_layer_call, no_init_weights, vision_transformer
 from .loading import BackboneError
 from .vision_only_loading import checkpoint_weight_map, hub_vision_snapshot, load_submodule, select_prefixed
 
@@ -80,13 +81,17 @@ class LlavaVisionTower(VisionTower):
         self.num_prefix_tokens = 1
         self.embed_dim = projector.linear_2.out_features
         self.preprocess = preprocess
-        encoder = clip_vision.vision_model.encoder
+        encoder = self.vm.encoder
         encoder.layers = encoder.layers[: self.depth]  # the layers after the feature layer are never used
-        self._blocks = nn.ModuleList(TokenBlock(b, "hf_clip") for b in encoder.layers)
+        self._blocks = nn.ModuleList(TokenBlock(b, encoder_layer_call(b)) for b in encoder.layers)
+
+    @property
+    def vm(self) -> nn.Module:
+        """The CLIP tower's embeddings, encoder and norms (transformers 4.x: ``clip.vision_model``)."""
+        return vision_transformer(self.clip)
 
     def embed(self, pixels: Tensor) -> Tensor:
-        vm = self.clip.vision_model
-        return vm.pre_layrnorm(vm.embeddings(pixels))
+        return self.vm.pre_layrnorm(self.vm.embeddings(pixels))
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -111,7 +116,9 @@ class SiglipVLMTower(VisionTower):
 
     Gemma 3's projector average-pools the patch grid to ``mm_tokens_per_image`` tokens before its RMS norm and
     linear map: ``finalize`` uses it as is; per token (queries) only the norm and linear map apply.
-    PaliGemma's projector is a per-token linear map followed by the division by sqrt(text width) it applies.
+    PaliGemma's projector is a per-token linear map followed by the division by sqrt(text width) it applies
+    (transformers 4.x; 5.x scales the text tokens' embeddings instead, so the language model receives the same, and
+    this tower keeps the 4.x values under both: features, and adapters trained on them, do not depend on the version).
     """
 
     def __init__(self, siglip_vision: nn.Module, projector: nn.Module, kind: str, text_width: int,
@@ -127,17 +134,22 @@ class SiglipVLMTower(VisionTower):
         self.num_prefix_tokens = 0
         self.embed_dim = text_width
         self.preprocess = preprocess
-        self._blocks = nn.ModuleList(TokenBlock(b, "hf_siglip") for b in siglip_vision.vision_model.encoder.layers)
+        self._blocks = nn.ModuleList(TokenBlock(b, encoder_layer_call(b)) for b in self.vm.encoder.layers)
+
+    @property
+    def vm(self) -> nn.Module:
+        """The SigLIP tower's embeddings, encoder and norms (transformers 4.x: ``siglip.vision_model``)."""
+        return vision_transformer(self.siglip)
 
     def embed(self, pixels: Tensor) -> Tensor:
-        return self.siglip.vision_model.embeddings(pixels)
+        return self.vm.embeddings(pixels)
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
         return self._blocks
 
     def finalize_tokens(self, tokens: Tensor) -> Tensor:
-        x = self.siglip.vision_model.post_layernorm(tokens)
+        x = self.vm.post_layernorm(tokens)
         if self.kind == "gemma3":
             p = self.projector
             return torch.matmul(p.mm_soft_emb_norm(x), p.mm_input_projection_weight).type_as(x)
@@ -149,7 +161,7 @@ class SiglipVLMTower(VisionTower):
         return self.projector(last_hidden) / self.text_scale
 
     def finalize(self, tokens: Tensor) -> Tensor:
-        return self._image_features(self.siglip.vision_model.post_layernorm(tokens)).mean(1)
+        return self._image_features(self.vm.post_layernorm(tokens)).mean(1)
 
     def reference_forward(self, pixels: Tensor) -> Tensor:
         return self._image_features(self.siglip(pixel_values=pixels).last_hidden_state).mean(1)
@@ -180,7 +192,8 @@ class InternVLVisionTower(VisionTower):
         self._blocks = nn.ModuleList(TokenBlock(b) for b in vision.encoder.layer)
 
     def embed(self, pixels: Tensor) -> Tensor:
-        return self.vision.embeddings(pixels)[0]
+        out = self.vision.embeddings(pixels)  # 4.x: (tokens, patch grid); 5.x: tokens
+        return out[0] if isinstance(out, tuple) else out
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -229,15 +242,12 @@ def _preprocess(model_type: str, image_size: int, proc: dict) -> PreprocessConfi
 
 def _vision_model(config) -> nn.Module:
     from transformers import AutoModel
-    from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():  # every weight is loaded from the checkpoint next
         return AutoModel.from_config(config).float().eval()
 
 
 def _projector(model_type: str, config) -> nn.Module:
-    from transformers.modeling_utils import no_init_weights
-
     if model_type == "llava":
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector as cls
     elif model_type == "llava_next":
@@ -301,8 +311,9 @@ def build_vlm_tower(config, folder: Path, read_log: list[str] | None = None) -> 
         load_submodule(visual, folder, QWEN_VISUAL_PREFIXES, weights, read_log, "Qwen vision (visual.*)")
         return tower_from_parts(config, visual, None, proc, str(folder))
     vcfg = config.vision_config
+    # pooling-head tensors are named vision_model.head.* (saved by transformers 4.x) or head.* (5.x)
     if vcfg.model_type == "siglip_vision_model" and getattr(vcfg, "vision_use_head", True) and \
-            not any(".head." in k for k in select_prefixed(weights, VISION_PREFIXES).values()):
+            not any(".head." in f".{k}" for k in select_prefixed(weights, VISION_PREFIXES).values()):
         vcfg.vision_use_head = False  # a VLM's SigLIP without its pooling head (SigLIP defaults to one)
     vision = _vision_model(vcfg)
     load_submodule(vision, folder, VISION_PREFIXES, weights, read_log, "vision tower")
