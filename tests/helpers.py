@@ -3,6 +3,8 @@ chest X-ray DICOM."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,9 @@ def save_tiny_clip(folder: Path, seed: int = 5) -> str:
 
     if not (folder / "config.json").is_file():
         model, tokenizer = tiny_hf_model("clip", seed=seed)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers 5.x: a "Writing model shards" progress bar
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     return f"local-dir:{folder}"
 
 

