@@ -56,7 +56,7 @@ def main() -> None:
         for mode in ("full", "prefix", "none"):
             model = MedBridgeModel(cfg, [backbone])
             model.load_state_dict(start)
-            method = MedBridgeMethod(model)
+            method = MedBridgeMethod.from_model(model)
             t0 = time.perf_counter()
             cache = build_cache(method.cache_spec(5), table, root=root / mode, batch_size=a.batch, workers=0,
                                 progress=False, mode=mode)

@@ -73,7 +73,7 @@ def training() -> None:
     cache.mark_done(np.arange(32))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     targets = (np.random.default_rng(0).random((32, 3)) < 0.4).astype(np.float32)
-    hist = fit_method(MedBridgeMethod(model), TrainingData(cache, targets, np.arange(24), np.arange(24, 32)),
+    hist = fit_method(MedBridgeMethod.from_model(model), TrainingData(cache, targets, np.arange(24), np.arange(24, 32)),
                       TrainConfig(epochs=2, batch_size=8, lr=1e-2), tmp / "run", device="cuda", progress_bar=False)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(model.get_parameter(n).requires_grad for n in changed)

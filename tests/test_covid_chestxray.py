@@ -225,7 +225,7 @@ def test_train_with_report_loss_writes_licence_into_predictions(covid_sample, tm
     out = tmp_path / "run"
     argv = ["train", "--data", str(folder), "--backbone", save_tiny_clip(tmp_path / "clip"), "--out", str(out),
             "--quiet", "--set", "train.epochs=1", "--set", f"train.cache_dir={tmp_path / 'cache'}",
-            "--set", "train.workers=0", "--set", "model.report_weight=1.0"]
+            "--set", "train.workers=0", "--set", "method_options.medbridge.report_weight=1.0"]
     assert main(argv) == 0  # no focal setting: the collection's image sizes differ, the whole image is used
     assert json.loads((out / "metrics.json").read_text())["dataset"] == "covid-chestxray"
     assert json.loads((out / "medbridge" / "adapter.json").read_text())["focal"]["num_crops"] == 0

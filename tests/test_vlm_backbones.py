@@ -344,7 +344,7 @@ def test_mixture_of_clip_qwen25_and_gemma3_experts_trains_saves_and_loads(tmp_pa
     opt.step()
     assert any(not torch.equal(before[n], p) for n, p in trainable.items())
     assert all(torch.equal(a, b) for a, b in zip(frozen_before, model.backbones.parameters()))
-    save_method(MedBridgeMethod(model), tmp_path / "adapter")
+    save_method(MedBridgeMethod.from_model(model), tmp_path / "adapter")
     loaded = load_method(tmp_path / "adapter").model  # rebuilds the three experts from their local-dir sources
     with torch.no_grad():
         torch.testing.assert_close(loaded(px).logits, model.eval()(px).logits, atol=1e-6, rtol=1e-6)
@@ -360,8 +360,8 @@ def test_cli_train_and_eval_with_vlm_experts_on_real_xrays(tmp_path, saved, nih_
     out = tmp_path / "run"
     argv = ["train", "--data", str(data), "--out", str(out), "--quiet",
             "--set", "train.epochs=1", "--set", f"train.cache_dir={tmp_path / 'cache'}", "--set", "train.workers=0",
-            "--set", "model.t1=1", "--set", "model.num_queries=2",
-            "--set", "model.focal.region_size=512", "--set", "model.focal.stride=512",
+            "--set", "method_options.medbridge.t1=1", "--set", "method_options.medbridge.num_queries=2",
+            "--set", "focal.region_size=512", "--set", "focal.stride=512",
             "--set", "data.fractions=[0.5,0.2,0.3]"]
     for e in experts:
         argv += ["--backbone", e]
