@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a new user does with pip: build the wheel of this checkout, install "medbridge[all]" from it into a clean venv
 # (torch 2.14.1 first, as scripts/setup.sh), `pip check`, ask pip's resolver whether the wheel also installs next to
-# the lowest allowed transformers/timm/open_clip, then run `medbridge demo --data <NIH folder>` from outside the
+# the lowest allowed transformers/timm/open_clip and next to transformers 4.57 and 5.x, then run `medbridge demo --data <NIH folder>` from outside the
 # checkout with an empty medbridge cache and check that the run folder's files are group/world-readable (umask 022).
 #   bash scripts/wheel_check.sh [NIH_FOLDER]           # reduced demo: 2 folds, 1 epoch, no seed ensemble, 200 boots
 #   FULL=1 bash scripts/wheel_check.sh [NIH_FOLDER]    # the real demo (its preset's defaults)
@@ -26,9 +26,10 @@ PIP=("$DIR/venv/bin/python" -m pip)
 "${PIP[@]}" install -q "$WHEEL[all]"
 step "pip check"
 "${PIP[@]}" check
-step "resolver: the wheel next to the lowest allowed transformers/timm/open_clip and the newest transformers 4.x"
+step "resolver: the wheel next to the lowest allowed transformers/timm/open_clip, the newest 4.x and a 5.x"
 "${PIP[@]}" install -q --dry-run "$WHEEL" "transformers==4.52.4" "timm==1.0.16" "open_clip_torch==3.0.0"
 "${PIP[@]}" install -q --dry-run "$WHEEL[all]" "transformers==4.57.6"
+"${PIP[@]}" install -q --dry-run "$WHEEL[all]" "transformers==5.23.0"
 echo "resolver: ok"
 step "medbridge --version / --help (outside the checkout)"
 cd "$DIR"
