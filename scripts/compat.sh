@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 DIR=${COMPAT_DIR:-/tmp/medbridge-compat}
 PY=${PYTHON:-python3}
 declare -A PINS=(
-    [lowest]="transformers==4.52.4 timm==1.0.16 open_clip_torch==3.0.0"
+    [lowest]="transformers==4.52.4 timm==1.0.17 open_clip_torch==3.0.0"
     [newest]="transformers timm open_clip_torch"  # with --upgrade: the newest each range allows (pyproject.toml)
     [newest-4]="transformers<5 timm open_clip_torch"  # the newest 4.x, once pyproject allows 5.x
 )

@@ -27,7 +27,7 @@ PIP=("$DIR/venv/bin/python" -m pip)
 step "pip check"
 "${PIP[@]}" check
 step "resolver: the wheel next to the lowest allowed transformers/timm/open_clip, the newest 4.x and a 5.x"
-"${PIP[@]}" install -q --dry-run "$WHEEL" "transformers==4.52.4" "timm==1.0.16" "open_clip_torch==3.0.0"
+"${PIP[@]}" install -q --dry-run "$WHEEL" "transformers==4.52.4" "timm==1.0.17" "open_clip_torch==3.0.0"
 "${PIP[@]}" install -q --dry-run "$WHEEL[all]" "transformers==4.57.6"
 "${PIP[@]}" install -q --dry-run "$WHEEL[all]" "transformers==5.23.0"
 echo "resolver: ok"
