@@ -158,6 +158,38 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert not p.requires_grad
 
 
+def test_train_keep_best_and_patience_select_the_best_validation_epoch_for_medbridge(tmp_path):
+    from medbridge.engine.config import TrainConfig
+
+    cache, _ = filled_cache(tmp_path, tiny_model())
+    targets, rows, val = random_targets(12, 3), np.arange(8), np.arange(8, 12)
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        model = tiny_model()
+        hist = train_medbridge(model, cache, targets, rows, _train_cfg(**{"lr": 5e-2, "epochs": 4, **kw}),
+                               tmp_path / out,
+                               val_rows=val, progress_bar=False)
+        return model, hist
+
+    last_model, last_hist = run("last")
+    assert last_hist[-1]["event"] == "epoch"  # default: the last epoch's weights, no selection
+    best_model, hist = run("best", keep_best=True)
+    curve = [r["val_macro_auroc"] for r in hist if r["event"] == "epoch"]
+    assert curve == [r["val_macro_auroc"] for r in last_hist]  # same training; only the kept weights differ
+    chosen = hist[-1]
+    assert chosen["event"] == "selected" and chosen["epoch"] == int(np.nanargmax(curve)) + 1
+    short_model, _ = run("short", epochs=chosen["epoch"])  # trained only up to the chosen epoch: the same weights
+    for n, p in best_model.trainable_parameters().items():
+        torch.testing.assert_close(short_model.trainable_parameters()[n], p, atol=0, rtol=0, msg=n)
+    _, stopped = run("patience", epochs=8, patience=1)
+    assert len([r for r in stopped if r["event"] == "epoch"]) < 8
+    for bad, msg in (({"patience": -1}, "train.patience must be an integer >= 0"),
+                     ({"keep_best": "yes"}, "train.keep_best must be true or false")):
+        with pytest.raises(ConfigError, match=msg):
+            TrainConfig(**bad).validate()
+
+
 def test_training_changes_only_the_adapter_and_stops_on_nan(tmp_path):
     model = tiny_model()
     cache, _ = filled_cache(tmp_path, model)

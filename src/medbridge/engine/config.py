@@ -58,6 +58,9 @@ class TrainConfig:
     batch_size: int = 16  # paper
     epochs: int = 3  # paper
     schedule: str = "constant"  # constant or cosine learning rate
+    # keep the weights of the epoch with the best validation macro AUROC instead of the last epoch's
+    keep_best: bool = False
+    patience: int = 0  # stop after this many epochs without a better validation macro AUROC (0: every epoch)
     seed: int = 0  # model init and batch order
     # seed ensemble: N members (seeds seed..seed+N-1), probabilities averaged; a number for every seed-dependent
     # method of the run, or {method: N} for some (the demo preset: {medbridge: 3})
@@ -88,6 +91,10 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be a whole number >= 1 (members of a seed ensemble), got {size!r}")
         if self.workers < 0 or self.checkpoint_every < 0:
             raise ConfigError("train.workers and train.checkpoint_every must be >= 0")
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 0:
+            raise ConfigError(f"train.patience must be an integer >= 0, got {self.patience!r}")
+        if not isinstance(self.keep_best, bool):
+            raise ConfigError(f"train.keep_best must be true or false, got {self.keep_best!r}")
         from .cache import parse_size
         from .features import CACHE_MODES
 

@@ -82,7 +82,8 @@ def load_checkpoint(path: Path, method: Method, opt: torch.optim.Optimizer) -> t
 def default_optimization(cfg: TrainConfig) -> Optimization:
     """The run's ``train`` section as the loop's defaults (MedBridge trains with these)."""
     return Optimization(optimizer="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
-                        batch_size=cfg.batch_size, schedule=cfg.schedule)
+                        batch_size=cfg.batch_size, schedule=cfg.schedule, keep_best=cfg.keep_best,
+                        patience=cfg.patience)
 
 
 def fit_method(method: Method, data: TrainingData, cfg: TrainConfig, run_dir: Path, device: str = "cpu",
