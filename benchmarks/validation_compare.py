@@ -1,13 +1,19 @@
 """Compare cross-validated runs on their VALIDATION parts only (model selection without touching the test folds).
 
 Each argument is a CV run folder (``medbridge train --cv K`` / ``medbridge demo``) with the same folds, or several
-joined by ``+`` (a seed ensemble: their scores averaged). For every fold the saved model of the run's method is
-loaded and scores the fold's validation images (the frozen-activation cache is reused); the table gives the
-mean-over-folds validation macro AUROC with its fold-stratified patient-bootstrap 95% interval and, for every
-entry, the paired difference to the first one with interval and p-value. ``--test`` adds the same on the test
-folds (for reporting a choice made on validation, never for making it).
+joined by ``+`` (a seed ensemble: their scores averaged); ``RUN:METHOD`` scores a companion saved in the run (e.g.
+``runs/odir:linear-probe``) instead of the run's method. For every fold the saved model is loaded and scores the
+fold's validation part (the frozen-activation cache is reused); the table gives the mean-over-folds validation
+macro AUROC with its fold-stratified patient-bootstrap 95% interval and, for every entry, the paired difference to
+the first one with interval and p-value. ``--test`` adds the same on the test folds (for reporting a choice made
+on validation, never for making it).
+
+The parts are the first run's. A run trained per image (``data.unit: image``) beside a first run of cases
+(``data.unit: case``, same patients in every part: checked) is scored per case by the engine's rule for methods
+that score images one by one: the sigmoid of the mean of the case's image logits.
 
     python benchmarks/validation_compare.py runs/demo runs/mb-epochs6 runs/demo+runs/mb-seed1+runs/mb-seed2
+    python benchmarks/validation_compare.py runs/odir-case runs/odir-case:linear-probe runs/odir-eye
 """
 
 from __future__ import annotations
@@ -21,17 +27,33 @@ import numpy as np
 BACKBONES: dict[tuple, list] = {}
 
 
-def fold_scores(run: Path, fold: int, part: str, table, cache_root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``part`` (val or test) of one fold and the scores of the run's saved method on them."""
+def _config(run: Path) -> dict:
     import yaml
 
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def _split_images(path: Path, part: str) -> set[str]:
+    """The image paths of one part of a split file (a case's key joins its images with ' + ')."""
+    return {p for key in json.loads(path.read_text())[part] for p in key.split(" + ")}
+
+
+def fold_scores(entry: str, reference: Path, fold: int, part: str, table,
+                cache_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``part`` (val or test) of the reference run's fold and the scores of ``entry``'s saved model."""
     from medbridge.data import load_split
+    from medbridge.engine.cases import is_cases
     from medbridge.engine.run import method_scores
     from medbridge.methods.registry import get_method, load_method
 
-    split = load_split(run / "splits" / f"fold-{fold}.json", table)
-    rows = np.asarray(getattr(split, part))
-    method_name = yaml.safe_load((run / "config.yaml").read_text())["method"]
+    run_name, _, method_name = entry.partition(":")
+    run = Path(run_name)
+    split_file = reference / "splits" / f"fold-{fold}.json"
+    if run != reference and _split_images(run / "splits" / f"fold-{fold}.json", part) != _split_images(split_file,
+                                                                                                        part):
+        raise ValueError(f"{run}: fold {fold} has other {part} images than {reference}: not the same folds")
+    rows = np.asarray(getattr(load_split(split_file, table), part))
+    method_name = method_name or _config(run)["method"]
     folder = run / f"fold-{fold}" / get_method(method_name).method_class.folder()
     names = tuple(b["name"] for b in json.loads((folder / "adapter.json").read_text())["backbones"])
     if names not in BACKBONES:  # built once, not for every fold
@@ -39,9 +61,11 @@ def fold_scores(run: Path, fold: int, part: str, table, cache_root: Path) -> tup
 
         BACKBONES[names] = [create_backbone(n) for n in names]
     method = load_method(folder, BACKBONES[names])
+    if is_cases(table) and _config(run).get("data", {}).get("unit") == "image":
+        method.case_views = False  # trained per image: a case is the mean of its images' logits
     done, scores = method_scores(method, table, rows, cache_root, "cpu", workers=0, progress=False)
     if len(done) != len(rows):
-        raise ValueError(f"{run}: fold {fold}: {len(rows) - len(done)} {part} image(s) could not be scored")
+        raise ValueError(f"{entry}: fold {fold}: {len(rows) - len(done)} {part} row(s) could not be scored")
     return rows, scores
 
 
@@ -49,19 +73,15 @@ def compare(entries: list[str], part: str, n_boot: int, cache_root: Path) -> dic
     from medbridge.engine.benchmark import _run_table
     from medbridge.engine.stats import cv_bootstrap
 
-    first = Path(entries[0].split("+")[0])
+    first = Path(entries[0].split("+")[0].partition(":")[0])
     table = _run_table(first, no_split_file=True)
     k = json.loads((first / "metrics.json").read_text())["folds"]
     folds = []
     for f in range(k):
         scores, rows0 = {}, None
         for entry in entries:
-            parts = [fold_scores(Path(r), f, part, table, cache_root) for r in entry.split("+")]
-            rows = parts[0][0]
-            if any(not np.array_equal(p[0], rows) for p in parts) or (rows0 is not None and
-                                                                     not np.array_equal(rows, rows0)):
-                raise ValueError(f"{entry}: fold {f} has other {part} images than {entries[0]}: not the same folds")
-            rows0 = rows
+            parts = [fold_scores(r, first, f, part, table, cache_root) for r in entry.split("+")]
+            rows0 = parts[0][0]
             scores[entry] = np.mean([p[1] for p in parts], axis=0)
         folds.append({"targets": table.targets[rows0], "patients": table.patient_ids[rows0], "scores": scores,
                       "thresholds": dict.fromkeys(entries)})

@@ -133,11 +133,15 @@ def image_table(n: int, case_of: list[str]) -> object:
     return build_table("t", Path("/x"), ["a", "b", "c"], meta, random_targets(n, 3), check_files=False)
 
 
-@pytest.mark.parametrize("name", ["medbridge", "linear-probe"])
-def test_a_case_of_one_image_equals_the_image_and_image_order_does_not_matter(clip, name):
-    method = create_method(name, {"num_queries": 2, "t1": 6} if name == "medbridge" else {"C": [0.1]},
-                           backbones=[clip], labels=["a", "b", "c"], prompt_names=["a", "b", "c"],
+@pytest.mark.parametrize("name,options", [
+    ("medbridge", {"num_queries": 2, "t1": 6}),  # views of all images pooled by the view attention
+    ("medbridge", {"num_queries": 2, "t1": 6, "case_views": False}),  # image by image, mean of the logits
+    ("linear-probe", {"C": [0.1]}),
+])
+def test_a_case_of_one_image_equals_the_image_and_image_order_does_not_matter(clip, name, options):
+    method = create_method(name, options, backbones=[clip], labels=["a", "b", "c"], prompt_names=["a", "b", "c"],
                            focal={"num_crops": 0})
+    assert method.case_views is options.get("case_views", name == "medbridge")
     if name == "linear-probe":  # a fitted probe (the untrained one scores 0.5 everywhere)
         method.weight.normal_(generator=torch.Generator().manual_seed(0))
     cache = cached(method, n=6)
@@ -167,16 +171,40 @@ def test_a_case_with_a_missing_image_equals_its_present_image(clip):
 
 
 def test_case_training_data_follows_the_method_rule(clip):
-    cases = to_cases(image_table(6, ["0", "0", "1", "1", "2", "2"]))
-    for name, unit_rows in (("medbridge", [0, 1]), ("linear-probe", [0, 1, 2, 3])):
-        method = create_method(name, None, backbones=[clip], labels=["a", "b", "c"], prompt_names=["a", "b", "c"],
-                               focal={"num_crops": 0})
+    images = image_table(6, ["0", "0", "1", "1", "2", "2"])
+    cases, own = to_cases(images), to_cases(images, "own")
+    assert not np.array_equal(images.targets[0], images.targets[1])  # the two images of case 0 differ
+    for name, options, unit_rows in (("medbridge", None, [0, 1]), ("medbridge", {"case_views": False}, [0, 1, 2, 3]),
+                                     ("linear-probe", None, [0, 1, 2, 3])):
+        method = create_method(name, options, backbones=[clip], labels=["a", "b", "c"],
+                               prompt_names=["a", "b", "c"], focal={"num_crops": 0})
         cache = cached(method, n=6)
         cache.done = lambda: np.ones(6, dtype=bool)
         data = training_data(method, cases, cache, np.array([0, 1]), np.array([2]))
         assert data.train_rows.tolist() == unit_rows
-        if not method.case_views:  # each image is trained with its case's labels
+        if not method.case_views:  # each image is trained with its case's labels, or its own on request
             np.testing.assert_array_equal(data.targets[[0, 1]], cases.targets[[0, 0]])
+            mine = training_data(method, own, cache, np.array([0, 1]), np.array([2]))
+            np.testing.assert_array_equal(mine.targets[:4], images.targets[:4])
+            assert mine.train_rows.tolist() == unit_rows
+    with pytest.raises(DatasetError, match="case_image_labels must be one of"):
+        to_cases(images, "eye")
+
+
+def test_the_case_views_option_survives_saving_and_sets_how_predict_scores_a_case(clip, tmp_path):
+    from medbridge.methods.registry import load_method, save_method
+
+    method = create_method("medbridge", {"num_queries": 2, "t1": 6, "case_views": False}, backbones=[clip],
+                           labels=["a", "b", "c"], prompt_names=["a", "b", "c"], focal={"num_crops": 0})
+    loaded = load_method(save_method(method, tmp_path / "m"), [clip])
+    assert loaded.case_views is False and loaded.options.case_views is False
+    rng = np.random.default_rng(0)
+    photos = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    alone = [loaded.predict_case([x]) for x in photos]
+    np.testing.assert_allclose(loaded.predict_case(photos), mean_logit(np.stack(alone)), atol=1e-5)
+    default = create_method("medbridge", {"num_queries": 2, "t1": 6}, backbones=[clip], labels=["a", "b", "c"],
+                            prompt_names=["a", "b", "c"], focal={"num_crops": 0})
+    assert default.case_views is True
 
 
 # ------------------------------------------------------------------------------------------------ colour, border

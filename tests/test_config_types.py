@@ -70,6 +70,8 @@ def test_every_field_of_every_config_dataclass_rejects_a_wrong_typed_value():
     ("focal.num_crops=x", "focal.num_crops: 'x' is not a whole number or null"),
     ("backbones=[]", "backbones: empty list; give at least one backbone source"),
     ("data.unit=patient", "data.unit: 'patient' is not one of auto, image, case"),
+    ("data.case_image_labels=eye", "data.case_image_labels: 'eye' is not one of case, own"),
+    ("method_options.medbridge.case_views=2", "method_options.medbridge.case_views: 2 is not true or false"),
     ("method_options.medbridge.view_attention=sometimes",
      "method_options.medbridge.view_attention: 'sometimes' is not true or false"),
 ])

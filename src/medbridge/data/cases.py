@@ -16,18 +16,23 @@ import pandas as pd
 from .table import DatasetError, ImageTable, label_count_frame
 
 UNITS = ("auto", "image", "case")
+#: what a method that scores images one by one is trained on under ``data.unit: case``: each image with its case's
+#: labels, or with its own (ODIR-5K: the eye's labels from its diagnostic keywords; MIMIC: the study's anyway)
+IMAGE_LABELS = ("case", "own")
 CASE_PATH_SEPARATOR = " + "
 
 
 @dataclass(frozen=True)
 class CaseTable:
     """Cases of ``images``: ``meta`` one row per case (``case_id``, ``patient_id``, ``split``, ``n_images``, and the
-    first image's other metadata), ``targets`` [C, L] (NaN = unknown), ``members`` [C, K] image rows (-1 = none)."""
+    first image's other metadata), ``targets`` [C, L] (NaN = unknown), ``members`` [C, K] image rows (-1 = none);
+    ``image_labels``: what :meth:`image_targets` gives (:data:`IMAGE_LABELS`)."""
 
     images: ImageTable
     meta: pd.DataFrame
     targets: np.ndarray
     members: np.ndarray
+    image_labels: str = "case"
 
     # the parts of the ImageTable interface the engine uses, per case
     name = property(lambda self: self.images.name)
@@ -74,11 +79,12 @@ class CaseTable:
         return m[m >= 0]
 
     def image_targets(self) -> np.ndarray:
-        """Every image's targets replaced by those of its case (images of no case: NaN): what a method that scores
-        images one by one is trained on under ``data.unit: case``."""
+        """What a method that scores images one by one is trained on under ``data.unit: case``: every image's
+        targets replaced by those of its case (``image_labels: case``), or its own (``own``); images of no case:
+        NaN."""
         out = np.full(self.images.targets.shape, np.nan, dtype=np.float32)
         for c, row in enumerate(self.members):
-            out[row[row >= 0]] = self.targets[c]
+            out[row[row >= 0]] = self.images.targets[row[row >= 0]] if self.image_labels == "own" else self.targets[c]
         return out
 
     def subset(self, indices, what: str = "subset") -> CaseTable:
@@ -92,7 +98,7 @@ class CaseTable:
 
     def align(self, labels, approximate: bool = False, prompt_names=None):
         images, alignment = self.images.align(labels, approximate, prompt_names)
-        return to_cases(images), alignment
+        return to_cases(images, self.image_labels), alignment
 
     def label_counts(self) -> pd.DataFrame:
         return label_count_frame(self.labels, self.targets)
@@ -119,11 +125,14 @@ def resolve_unit(unit: str, table: ImageTable) -> str:
     return unit
 
 
-def to_cases(table: ImageTable) -> CaseTable:
+def to_cases(table: ImageTable, image_labels: str = "case") -> CaseTable:
     """Group the rows of ``table`` into cases by its ``case_id`` column (order of first appearance; images keep
     the table's order inside a case). A case's labels are the table's ``case_targets`` when the dataset gives
     them, else the maximum over its images (positive if any image is; NaN only where every image is unknown);
-    images whose labels disagree inside a case are fine (MIMIC's labels are per study anyway)."""
+    images whose labels disagree inside a case are fine (MIMIC's labels are per study anyway). ``image_labels``:
+    see :data:`IMAGE_LABELS`."""
+    if image_labels not in IMAGE_LABELS:
+        raise DatasetError(f"data.case_image_labels must be one of {IMAGE_LABELS}, got {image_labels!r}")
     if not has_cases(table):
         raise DatasetError(f"{table.name}: data.unit=case needs images grouped into cases (a 'case_id' column: "
                            "a patient's eyes in ODIR-5K, a study in MIMIC-CXR / CheXpert); this dataset has none")
@@ -159,9 +168,9 @@ def to_cases(table: ImageTable) -> CaseTable:
     meta = table.meta.iloc[first].reset_index(drop=True).drop(columns=["path", "case_id"])
     meta.insert(0, "case_id", list(uniques))
     meta["n_images"] = counts
-    return CaseTable(table, meta, np.asarray(targets, dtype=np.float32), members)
+    return CaseTable(table, meta, np.asarray(targets, dtype=np.float32), members, image_labels)
 
 
-def case_or_image_table(table: ImageTable, unit: str) -> ImageTable | CaseTable:
-    """``table`` itself, or its cases, by ``data.unit``."""
-    return to_cases(table) if resolve_unit(unit, table) == "case" else table
+def case_or_image_table(table: ImageTable, unit: str, image_labels: str = "case") -> ImageTable | CaseTable:
+    """``table`` itself, or its cases, by ``data.unit`` (``image_labels``: see :data:`IMAGE_LABELS`)."""
+    return to_cases(table, image_labels) if resolve_unit(unit, table) == "case" else table

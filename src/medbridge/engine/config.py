@@ -38,12 +38,18 @@ class DataConfig:
     # what a sample is: image, case (several images: an ODIR patient's two eyes, a MIMIC study), or auto (the
     # dataset's default: case for ODIR-5K, image otherwise); labels, splits, metrics and predictions follow it
     unit: str = "auto"
+    # under unit: case, what a method that scores images one by one (the linear probe; MedBridge with
+    # case_views off) is trained on: case (each image with its case's labels) or own (each image with its own
+    # labels: ODIR-5K's per-eye labels from the diagnostic keywords; a MIMIC study's images carry the study's)
+    case_image_labels: str = "case"
 
     def validate(self) -> None:
         if self.split not in ("auto", "official", "patient"):
             raise ConfigError(f"data.split: {self.split!r} is not one of auto, official, patient")
         if self.unit not in ("auto", "image", "case"):
             raise ConfigError(f"data.unit: {self.unit!r} is not one of auto, image, case")
+        if self.case_image_labels not in ("case", "own"):
+            raise ConfigError(f"data.case_image_labels: {self.case_image_labels!r} is not one of case, own")
         if not 0 < float(self.label_fraction) <= 1:
             raise ConfigError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
         if len(self.fractions) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1

@@ -46,7 +46,7 @@ def prepare_data(dc: DataConfig) -> tuple[ImageTable | CaseTable, Split]:
     table = load_dataset(dc.format, dc.path, **dc.options)
     if dc.views:
         table = table.filter_views(dc.views)
-    table = case_or_image_table(table, dc.unit)
+    table = case_or_image_table(table, dc.unit, dc.case_image_labels)
     if dc.split_file:
         split = load_split(dc.split_file, table)
     else:

@@ -45,6 +45,8 @@ class MedBridgeOptions:
     feature_norm: str = field(default="auto", metadata={"help": "standardize, none, or auto (unless aligned)"})
     init_scale: float = field(default=10.0, metadata={"help": "initial temperature of scaled logits"})
     report_weight: float = field(default=0.0, metadata={"help": "weight of the report-text loss (0 = off)"})
+    case_views: bool = field(default=True, metadata={"help": "cases: pool all images' views (else mean of the "
+                                                             "images' logits)"})
 
 
 RUN_SUPPLIED = ("labels", "prompt_names", "backbones", "focal")
@@ -120,7 +122,8 @@ class MedBridgeMethod(TextPrompted, Explainable, Method):
     """MedBridge (Li, Ghahremani, Wachinger 2025): query tokens in frozen ViTs, view pooling, MoE, text head."""
 
     name = "medbridge"
-    case_views = True  # a case's views (all its images') pool through the view attention (paper Sec. 3.2)
+    case_views = True  # a case's views (all its images') pool through the view attention (paper Sec. 3.2);
+    # the option case_views=False sets the engine's image-by-image rule on the instance
 
     def __init__(self, options: MedBridgeOptions, backbones: list[Backbone] | None = None,
                  labels: list[str] | None = None, prompt_names: list[str] | None = None,
@@ -140,6 +143,7 @@ class MedBridgeMethod(TextPrompted, Explainable, Method):
         options = MedBridgeOptions(**{f.name: getattr(cfg, f.name) for f in fields(MedBridgeOptions)})
         super().__init__(options, list(model.backbones), list(cfg.labels), list(cfg.names), cfg.focal)
         self.model = model
+        self.case_views = bool(cfg.case_views)
         # another label list scored through the prompts (eval --label-space data); None: the trained labels
         self.score_labels: list[str] | None = None
         self.score_prompt_names: list[str] | None = None

@@ -65,6 +65,9 @@ class MedBridgeConfig:
     feature_norm: str = "auto"
     init_scale: float = 10.0  # initial temperature for "scaled" logits
     report_weight: float = 0.0  # lambda_report: weight of the report-text BCE (0 = off)
+    # under data.unit: case, a case's views (all its images') pool through the view attention (paper Sec. 3.2);
+    # False: each image is scored alone and a case is the mean of its images' logits (the engine's default rule)
+    case_views: bool = True
     focal: FocalConfig = field(default_factory=FocalConfig)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,101 @@
+"""Score per-image CV runs per case from their saved test predictions, beside per-case CV runs of the same folds.
+
+Each argument is ``RUN[:METHOD]`` (default: the run's method): CV runs of cases (``data.unit: case``, e.g. ODIR-5K
+patients; at least one: the first gives the cases) and CV runs of the same patients' images (``data.unit: image``)
+on the same folds. A per-image run's out-of-fold probabilities are combined per case by the engine's rule for
+methods that score images one by one (sigmoid of the mean of the images' logits) and scored against the case
+labels. The table gives the mean-over-folds test macro AUROC with its fold-stratified patient-bootstrap 95%
+interval and the paired difference to the first entry. Reads only the runs' prediction files (seconds). For
+reporting a choice made on the validation parts (``validation_compare.py``), never for making it.
+
+    python benchmarks/cases_from_image_runs.py runs/odir-case runs/odir-case:linear-probe \
+        runs/odir-eye runs/odir-eye:linear-probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+
+def fold_case_scores(entry: str, fold: int, table) -> tuple[np.ndarray, np.ndarray]:
+    """Case rows and case scores of one fold of ``entry`` (a per-image run is combined per case)."""
+    from medbridge.data.cases import mean_logit
+    from medbridge.engine.cv import load_fold_predictions
+
+    run_name, _, method = entry.partition(":")
+    run = Path(run_name)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    method = method or cfg["method"]
+    folder = run / f"fold-{fold}"
+    if cfg.get("data", {}).get("unit") != "image":
+        rows, scores, _ = load_fold_predictions(folder, table, method)
+        return rows, scores
+    image_rows, image_scores, _ = load_fold_predictions(folder, table.images, method)
+    where = {r: i for i, r in enumerate(image_rows)}
+    case_rows, scores = [], []
+    for c, members in enumerate(table.members):
+        found = [where[m] for m in members if m >= 0 and m in where]
+        if found:
+            case_rows.append(c)
+            scores.append(mean_logit(image_scores[found]))
+    return np.asarray(case_rows), np.asarray(scores)
+
+
+def compare(entries: list[str], n_boot: int) -> tuple[dict, list[dict], list[str]]:
+    from medbridge.engine.benchmark import _run_table
+    from medbridge.engine.cases import is_cases
+    from medbridge.engine.stats import cv_bootstrap
+
+    runs = [Path(e.partition(":")[0]) for e in entries]
+    cases = [r for r in runs if yaml.safe_load((r / "config.yaml").read_text()).get("data", {}).get("unit") == "case"]
+    if not cases:
+        raise SystemExit("no run of cases (data.unit: case) among the arguments: nothing to score per case")
+    table = _run_table(cases[0], no_split_file=True)
+    if not is_cases(table):
+        raise SystemExit(f"{cases[0]}: its table has no cases")
+    k = json.loads((cases[0] / "metrics.json").read_text())["folds"]
+    folds = []
+    for f in range(k):
+        scored = {e: fold_case_scores(e, f, table) for e in entries}
+        rows = scored[entries[0]][0]
+        order = {e: {r: i for i, r in enumerate(scored[e][0])} for e in entries}
+        for e in entries[1:]:
+            if set(order[e]) != set(rows.tolist()):
+                raise SystemExit(f"{e}: fold {f} scores other cases than {entries[0]}: not the same folds")
+        scores = {e: scored[e][1][[order[e][r] for r in rows]] for e in entries}
+        folds.append({"targets": table.targets[rows], "patients": table.patient_ids[rows], "scores": scores,
+                      "thresholds": dict.fromkeys(entries)})
+    return cv_bootstrap(folds, table.labels, n_boot, 0, entries), folds, list(table.labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medbridge.engine.metrics import evaluate_scores
+    from medbridge.engine.stats import fmt_diff
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="RUN[:METHOD] CV runs of the same folds (first = reference)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    args = p.parse_args(argv)
+    res, folds, labels = compare(args.runs, args.n_boot)
+    print(f"test folds, per case: mean over {res['folds']} folds of the macro AUROC (%), 95% patient-bootstrap "
+          f"interval ({res['n_boot']} draws, seed 0); difference to {args.runs[0]}\n")
+    print("| run | macro AUROC | folds | difference [95% CI], p |\n|---|---|---|---|")
+    for i, entry in enumerate(args.runs):
+        value, (low, high) = res["methods"][entry]["macro"]["auroc"], res["methods"][entry]["ci"]["macro"]["auroc"]
+        per_fold = ", ".join(f"{100 * evaluate_scores(f['scores'][entry], f['targets'], labels)['macro']['auroc']:.1f}"
+                             for f in folds)
+        diff = "-"
+        if i:
+            pair = res["paired"][f"{args.runs[0]} - {entry}"]  # reference minus entry: turned around
+            diff = fmt_diff({"diff": -pair["diff"], "ci": [-pair["ci"][1], -pair["ci"][0]], "p": pair["p"]})
+        print(f"| {entry} | {100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {per_fold} | {diff} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
