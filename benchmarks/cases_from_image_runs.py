@@ -46,7 +46,8 @@ def fold_case_scores(entry: str, fold: int, table) -> tuple[np.ndarray, np.ndarr
     return np.asarray(case_rows), np.asarray(scores)
 
 
-def compare(entries: list[str], n_boot: int) -> tuple[dict, list[dict], list[str]]:
+def compare(entries: list[str], n_boot: int,
+            only: list[int] | None = None) -> tuple[dict, list[dict], list[str]]:
     from medbridge.engine.benchmark import _run_table
     from medbridge.engine.cases import is_cases
     from medbridge.engine.stats import cv_bootstrap
@@ -58,9 +59,10 @@ def compare(entries: list[str], n_boot: int) -> tuple[dict, list[dict], list[str
     table = _run_table(cases[0], no_split_file=True)
     if not is_cases(table):
         raise SystemExit(f"{cases[0]}: its table has no cases")
-    k = json.loads((cases[0] / "metrics.json").read_text())["folds"]
+    done = cases[0] / "metrics.json"  # a finished CV run; else its finished folds (--folds)
+    k = json.loads(done.read_text())["folds"] if done.is_file() else len(list(cases[0].glob("fold-*/metrics.json")))
     folds = []
-    for f in range(k):
+    for f in only if only is not None else range(k):
         scored = {e: fold_case_scores(e, f, table) for e in entries}
         rows = scored[entries[0]][0]
         order = {e: {r: i for i, r in enumerate(scored[e][0])} for e in entries}
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="RUN[:METHOD] CV runs of the same folds (first = reference)")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--folds", type=lambda v: [int(x) for x in v.split(",")],
+                   help="only these folds, e.g. 0 or 0,1 (a CV run still going: its finished folds)")
     args = p.parse_args(argv)
-    res, folds, labels = compare(args.runs, args.n_boot)
+    res, folds, labels = compare(args.runs, args.n_boot, args.folds)
     print(f"test folds, per case: mean over {res['folds']} folds of the macro AUROC (%), 95% patient-bootstrap "
           f"interval ({res['n_boot']} draws, seed 0); difference to {args.runs[0]}\n")
     print("| run | macro AUROC | folds | difference [95% CI], p |\n|---|---|---|---|")
