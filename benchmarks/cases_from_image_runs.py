@@ -53,16 +53,18 @@ def compare(entries: list[str], n_boot: int,
     from medbridge.engine.stats import cv_bootstrap
 
     runs = [Path(e.partition(":")[0]) for e in entries]
-    cases = [r for r in runs if yaml.safe_load((r / "config.yaml").read_text()).get("data", {}).get("unit") == "case"]
+    cases = [r for r in runs if yaml.safe_load((r / "config.yaml").read_text()).get("data", {}).get("unit", "auto")
+             in ("case", "auto")]  # auto: the dataset's default (ODIR: case), checked on the table below
     if not cases:
         raise SystemExit("no run of cases (data.unit: case) among the arguments: nothing to score per case")
     table = _run_table(cases[0], no_split_file=True)
     if not is_cases(table):
         raise SystemExit(f"{cases[0]}: its table has no cases")
-    done = cases[0] / "metrics.json"  # a finished CV run; else its finished folds (--folds)
-    k = json.loads(done.read_text())["folds"] if done.is_file() else len(list(cases[0].glob("fold-*/metrics.json")))
+    done = cases[0] / "metrics.json"  # a finished CV run; else its finished folds (or --folds)
+    finished = (range(json.loads(done.read_text())["folds"]) if done.is_file() else
+                sorted(int(m.parent.name.split("-")[1]) for m in cases[0].glob("fold-*/metrics.json")))
     folds = []
-    for f in only if only is not None else range(k):
+    for f in only if only is not None else finished:
         scored = {e: fold_case_scores(e, f, table) for e in entries}
         rows = scored[entries[0]][0]
         order = {e: {r: i for i, r in enumerate(scored[e][0])} for e in entries}
@@ -90,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
           f"interval ({res['n_boot']} draws, seed 0); difference to {args.runs[0]}\n")
     print("| run | macro AUROC | folds | difference [95% CI], p |\n|---|---|---|---|")
     for i, entry in enumerate(args.runs):
-        value, (low, high) = res["methods"][entry]["macro"]["auroc"], res["methods"][entry]["ci"]["macro"]["auroc"]
+        value = res["methods"][entry]["macro"]["auroc"]
+        low, high = res["methods"][entry]["ci"]["macro"]["auroc"] if args.n_boot else (np.nan, np.nan)
         per_fold = ", ".join(f"{100 * evaluate_scores(f['scores'][entry], f['targets'], labels)['macro']['auroc']:.1f}"
                              for f in folds)
         diff = "-"
-        if i:
+        if i and args.n_boot:
             pair = res["paired"][f"{args.runs[0]} - {entry}"]  # reference minus entry: turned around
             diff = fmt_diff({"diff": -pair["diff"], "ci": [-pair["ci"][1], -pair["ci"][0]], "p": pair["p"]})
         print(f"| {entry} | {100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {per_fold} | {diff} |")

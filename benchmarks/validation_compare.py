@@ -105,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
               f"interval ({res['n_boot']} draws, seed 0); difference to {args.runs[0]}\n")
         print("| run | macro AUROC | difference [95% CI], p |\n|---|---|---|")
         for i, entry in enumerate(args.runs):
-            value, (low, high) = res["methods"][entry]["macro"]["auroc"], res["methods"][entry]["ci"]["macro"]["auroc"]
+            value = res["methods"][entry]["macro"]["auroc"]
+            low, high = res["methods"][entry]["ci"]["macro"]["auroc"] if args.n_boot else (np.nan, np.nan)
             diff = "-"
-            if i:
+            if i and args.n_boot:
                 pair = res["paired"][f"{args.runs[0]} - {entry}"]  # reference minus entry: turned around
                 diff = fmt_diff({"diff": -pair["diff"], "ci": [-pair["ci"][1], -pair["ci"][0]], "p": pair["p"]})
             print(f"| {entry} | {100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {diff} |")

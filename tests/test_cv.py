@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -94,6 +95,19 @@ def test_benchmark_cv_reuses_the_folds_cache_and_pairs_methods(cv_run, tmp_path,
     text = (out / "results.md").read_text()
     assert "2-fold patient cross-validation" in text and "| 0 | medbridge - linear-probe |" in text
     assert "| cv2 | medbridge | 1 |" in text and " [" in text
+
+
+def test_cv_resume_refuses_a_changed_setting_and_reuses_finished_folds(cv_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(cv_run["out"], run)
+    before = (run / "fold-0" / "predictions_medbridge.csv").read_bytes()
+    argv = ["train", *cv_run["common"], "--cv", "3", "--with-probe", "--out", str(run), "--resume"]
+    capsys.readouterr()
+    assert main([*argv, "--set", "train.lr=0.001"]) == 2  # the remaining folds would train otherwise
+    err = capsys.readouterr().err
+    assert "--resume: the configuration differs" in err and "train.lr" in err and len(err.strip().splitlines()) == 1
+    assert main(argv) == 0
+    assert (run / "fold-0" / "predictions_medbridge.csv").read_bytes() == before
 
 
 def test_bad_fold_counts_and_single_patient(nih_sample, tmp_path):

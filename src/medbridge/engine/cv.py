@@ -94,9 +94,11 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
     """Train and evaluate ``cfg`` (its method and companions) on each of ``k`` patient folds in
     ``out/fold-<f>/`` (finished folds are reused with ``resume``), then write the cross-validated results
     (intervals from ``cfg.eval.n_boot`` resamples)."""
-    from .run import prepare_data, prepare_out, train_run
+    from .run import check_resume_config, prepare_data, prepare_out, train_run
 
     out = Path(out)
+    if resume:  # the remaining folds must train as the finished ones did
+        check_resume_config(cfg, out)
     t0 = time.perf_counter()
     table, _ = prepare_data(replace(cfg.data, split_file=None))
     splits = cv_splits(table, k, cfg.data.split_seed, tuple(cfg.data.fractions), cfg.data.label_fraction)

@@ -99,6 +99,8 @@ class MedBridgeConfig:
             raise ValueError(f"logits must be 'cosine' or 'scaled', got {self.logits!r}")
         if self.report_weight < 0:
             raise ValueError(f"report_weight must be >= 0, got {self.report_weight}")
+        if not isinstance(self.case_views, bool):
+            raise ValueError(f"case_views must be true or false, got {self.case_views!r}")
 
     @property
     def names(self) -> list[str]:
