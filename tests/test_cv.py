@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -97,17 +96,22 @@ def test_benchmark_cv_reuses_the_folds_cache_and_pairs_methods(cv_run, tmp_path,
     assert "| cv2 | medbridge | 1 |" in text and " [" in text
 
 
-def test_cv_resume_refuses_a_changed_setting_and_reuses_finished_folds(cv_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(cv_run["out"], run)
+def test_cv_resume_refuses_a_changed_setting_reuses_finished_folds_and_continues_a_fold(cv_run, tmp_path, capsys):
+    run = tmp_path / "run"  # its own run: a fold's config names the split file by its path
+    argv = ["train", *cv_run["common"], "--cv", "3", "--with-probe", "--out", str(run)]
+    assert main(argv) == 0
+    argv.append("--resume")
     before = (run / "fold-0" / "predictions_medbridge.csv").read_bytes()
-    argv = ["train", *cv_run["common"], "--cv", "3", "--with-probe", "--out", str(run), "--resume"]
     capsys.readouterr()
     assert main([*argv, "--set", "train.lr=0.001"]) == 2  # the remaining folds would train otherwise
     err = capsys.readouterr().err
     assert "--resume: the configuration differs" in err and "train.lr" in err and len(err.strip().splitlines()) == 1
+    interrupted = run / "fold-2"  # its checkpoints kept, its results gone: it continues, it is not wiped
+    (interrupted / "metrics.json").unlink()
+    (interrupted / "mine.txt").write_text("kept")
     assert main(argv) == 0
     assert (run / "fold-0" / "predictions_medbridge.csv").read_bytes() == before
+    assert (interrupted / "metrics.json").is_file() and (interrupted / "mine.txt").read_text() == "kept"
 
 
 def test_bad_fold_counts_and_single_patient(nih_sample, tmp_path):

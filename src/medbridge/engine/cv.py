@@ -95,6 +95,7 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
     ``out/fold-<f>/`` (finished folds are reused with ``resume``), then write the cross-validated results
     (intervals from ``cfg.eval.n_boot`` resamples)."""
     from .run import check_resume_config, prepare_data, prepare_out, train_run
+    from .trainer import CHECKPOINT
 
     out = Path(out)
     if resume:  # the remaining folds must train as the finished ones did
@@ -117,7 +118,10 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
         if progress:
             print(f"fold {f + 1}/{k}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test "
                   f"{unit}", flush=True)
-        train_run(config_from_dict(d), fold_dir, overwrite=True, progress=progress, backbones=backbones)
+        # an interrupted fold (a checkpoint saved) continues from it; any other unfinished fold starts afresh
+        partial = resume and fold_dir.is_dir() and any(fold_dir.rglob(CHECKPOINT))
+        train_run(config_from_dict(d), fold_dir, resume=partial, overwrite=not partial, progress=progress,
+                  backbones=backbones)
     summary = summarise_cv(out, table, k, n_boot=cfg.eval.n_boot, seed=cfg.data.split_seed)
     summary["timings"]["total_s"] = time.perf_counter() - t0
     write_json(out / "metrics.json", summary)
