@@ -78,8 +78,9 @@ def compare(entries: list[str], n_boot: int,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from validation_compare import markdown_table  # beside this script
+
     from medbridge.engine.metrics import evaluate_scores
-    from medbridge.engine.stats import fmt_diff
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="RUN[:METHOD] CV runs of the same folds (first = reference)")
@@ -90,17 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     res, folds, labels = compare(args.runs, args.n_boot, args.folds)
     print(f"test folds, per case: mean over {res['folds']} folds of the macro AUROC (%), 95% patient-bootstrap "
           f"interval ({res['n_boot']} draws, seed 0); difference to {args.runs[0]}\n")
-    print("| run | macro AUROC | folds | difference [95% CI], p |\n|---|---|---|---|")
-    for i, entry in enumerate(args.runs):
-        value = res["methods"][entry]["macro"]["auroc"]
-        low, high = res["methods"][entry]["ci"]["macro"]["auroc"] if args.n_boot else (np.nan, np.nan)
-        per_fold = ", ".join(f"{100 * evaluate_scores(f['scores'][entry], f['targets'], labels)['macro']['auroc']:.1f}"
-                             for f in folds)
-        diff = "-"
-        if i and args.n_boot:
-            pair = res["paired"][f"{args.runs[0]} - {entry}"]  # reference minus entry: turned around
-            diff = fmt_diff({"diff": -pair["diff"], "ci": [-pair["ci"][1], -pair["ci"][0]], "p": pair["p"]})
-        print(f"| {entry} | {100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {per_fold} | {diff} |")
+    per_fold = {e: ", ".join(f"{100 * evaluate_scores(f['scores'][e], f['targets'], labels)['macro']['auroc']:.1f}"
+                             for f in folds) for e in args.runs}
+    print("\n".join(markdown_table(res, args.runs, args.n_boot, {"folds": per_fold})))
     return 0
 
 

@@ -88,9 +88,29 @@ def compare(entries: list[str], part: str, n_boot: int, cache_root: Path) -> dic
     return cv_bootstrap(folds, table.labels, n_boot, 0, entries)
 
 
+def markdown_table(res: dict, entries: list[str], n_boot: int, columns: dict[str, dict[str, str]] | None = None
+                   ) -> list[str]:
+    """Markdown rows of a ``cv_bootstrap`` result: macro AUROC [95% CI], optional extra ``columns`` ({header:
+    {entry: text}}), and the paired difference of each entry to the first (none without resamples)."""
+    from medbridge.engine.stats import fmt_diff
+
+    columns = columns or {}
+    lines = ["| run | macro AUROC | " + "".join(f"{c} | " for c in columns) + "difference [95% CI], p |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
+    for i, entry in enumerate(entries):
+        value = res["methods"][entry]["macro"]["auroc"]
+        low, high = res["methods"][entry]["ci"]["macro"]["auroc"] if n_boot else (np.nan, np.nan)
+        diff = "-"
+        if i and n_boot:
+            pair = res["paired"][f"{entries[0]} - {entry}"]  # reference minus entry: turned around
+            diff = fmt_diff({"diff": -pair["diff"], "ci": [-pair["ci"][1], -pair["ci"][0]], "p": pair["p"]})
+        extra = "".join(f"{col[entry]} | " for col in columns.values())
+        lines.append(f"| {entry} | {100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {extra}{diff} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from medbridge.engine.features import cache_root_from
-    from medbridge.engine.stats import fmt_diff
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="CV run folders (first = reference); a+b+c = seed ensemble")
@@ -103,15 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         res = compare(args.runs, part, args.n_boot, cache_root)
         print(f"\n{part} parts: mean over {res['folds']} folds of the macro AUROC (%), 95% patient-bootstrap "
               f"interval ({res['n_boot']} draws, seed 0); difference to {args.runs[0]}\n")
-        print("| run | macro AUROC | difference [95% CI], p |\n|---|---|---|")
-        for i, entry in enumerate(args.runs):
-            value = res["methods"][entry]["macro"]["auroc"]
-            low, high = res["methods"][entry]["ci"]["macro"]["auroc"] if args.n_boot else (np.nan, np.nan)
-            diff = "-"
-            if i and args.n_boot:
-                pair = res["paired"][f"{args.runs[0]} - {entry}"]  # reference minus entry: turned around
-                diff = fmt_diff({"diff": -pair["diff"], "ci": [-pair["ci"][1], -pair["ci"][0]], "p": pair["p"]})
-            print(f"| {entry} | {100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {diff} |")
+        print("\n".join(markdown_table(res, args.runs, args.n_boot)))
     return 0
 
 
