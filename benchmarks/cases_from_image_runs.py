@@ -5,8 +5,10 @@ patients; at least one: the first gives the cases) and CV runs of the same patie
 on the same folds. A per-image run's out-of-fold probabilities are combined per case by the engine's rule for
 methods that score images one by one (sigmoid of the mean of the images' logits) and scored against the case
 labels. The table gives the mean-over-folds test macro AUROC with its fold-stratified patient-bootstrap 95%
-interval and the paired difference to the first entry. Reads only the runs' prediction files (seconds). For
-reporting a choice made on the validation parts (``validation_compare.py``), never for making it.
+interval and the paired difference to the first entry, and, where the dataset names a challenge (ODIR-5K), the
+challenge's final score of the pooled out-of-fold scores with its patient-bootstrap interval, as ``cv`` reports
+it. Reads only the runs' prediction files (seconds). For reporting a choice made on the validation parts
+(``validation_compare.py``), never for making it.
 
     python benchmarks/cases_from_image_runs.py runs/odir-case runs/odir-case:linear-probe \
         runs/odir-eye runs/odir-eye:linear-probe
@@ -74,13 +76,16 @@ def compare(entries: list[str], n_boot: int,
         scores = {e: scored[e][1][[order[e][r] for r in rows]] for e in entries}
         folds.append({"targets": table.targets[rows], "patients": table.patient_ids[rows], "scores": scores,
                       "thresholds": dict.fromkeys(entries)})
-    return cv_bootstrap(folds, table.labels, n_boot, 0, entries), folds, list(table.labels)
+    res = cv_bootstrap(folds, table.labels, n_boot, 0, entries)
+    return {**res, "challenge_name": table.notes.get("challenge")}, folds, list(table.labels)
 
 
 def main(argv: list[str] | None = None) -> int:
     from validation_compare import markdown_table  # beside this script
 
+    from medbridge.engine.challenge import challenge_scores
     from medbridge.engine.metrics import evaluate_scores
+    from medbridge.engine.stats import fmt_ci
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="RUN[:METHOD] CV runs of the same folds (first = reference)")
@@ -93,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
           f"interval ({res['n_boot']} draws, seed 0); difference to {args.runs[0]}\n")
     per_fold = {e: ", ".join(f"{100 * evaluate_scores(f['scores'][e], f['targets'], labels)['macro']['auroc']:.1f}"
                              for f in folds) for e in args.runs}
-    print("\n".join(markdown_table(res, args.runs, args.n_boot, {"folds": per_fold})))
+    columns = {"folds": per_fold}
+    pooled = {e: np.concatenate([f["scores"][e] for f in folds]) for e in args.runs}
+    challenge = challenge_scores(res.get("challenge_name"), pooled, np.concatenate([f["targets"] for f in folds]),
+                                 np.concatenate([f["patients"] for f in folds]), args.n_boot)
+    if challenge:  # percent, as the AUROC column
+        columns[f"{res['challenge_name'].upper()} final (pooled)"] = {
+            e: fmt_ci(r["final"]["value"], r["final"].get("ci")) for e, r in challenge.items()}
+    print("\n".join(markdown_table(res, args.runs, args.n_boot, columns)))
     return 0
 
 

@@ -192,6 +192,10 @@ def test_resume_refuses_a_changed_config(run, tmp_path, capsys, monkeypatch):
     assert "train.lr: saved 0.0005, now 0.05" in err
     assert "lr: 0.0005" in (out / "config.yaml").read_text()
     assert main(argv + ["--resume", "--set", "train.workers=1"]) == 0  # where it runs may change
+    # method options compare as the options the methods get: a default given explicitly is the same run
+    assert main(argv + ["--resume", "--set", "method_options.medbridge.case_views=true"]) == 0
+    assert main(argv + ["--resume", "--set", "method_options.medbridge.num_queries=3"]) == 2
+    assert "method_options.medbridge.num_queries: saved 8, now 3" in capsys.readouterr().err
     monkeypatch.chdir(run["data"].parent)  # the same dataset named by a relative path (issue 27)
     relative = [a if a != str(run["data"]) else run["data"].name for a in argv]
     assert main(relative + ["--resume"]) == 0, capsys.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..backbones import DEFAULT_BACKBONE
+from ..data.cases import IMAGE_LABELS, UNITS
 from ..data.focal import FocalConfig
 from ..defaults import PRESET_DIR, list_presets
 from ..fieldcheck import FieldTypeError, check_fields
@@ -46,10 +47,9 @@ class DataConfig:
     def validate(self) -> None:
         if self.split not in ("auto", "official", "patient"):
             raise ConfigError(f"data.split: {self.split!r} is not one of auto, official, patient")
-        if self.unit not in ("auto", "image", "case"):
-            raise ConfigError(f"data.unit: {self.unit!r} is not one of auto, image, case")
-        if self.case_image_labels not in ("case", "own"):
-            raise ConfigError(f"data.case_image_labels: {self.case_image_labels!r} is not one of case, own")
+        for key, allowed in (("unit", UNITS), ("case_image_labels", IMAGE_LABELS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"data.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if not 0 < float(self.label_fraction) <= 1:
             raise ConfigError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
         if len(self.fractions) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1

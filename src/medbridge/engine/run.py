@@ -16,8 +16,8 @@ from ..data.cases import CaseTable, case_or_image_table
 from ..data.splits import Split
 from ..data.table import DatasetError, ImageTable
 from ..io import atomic_write_bytes, check_finite
-from ..methods.api import Method
-from ..methods.registry import create_method, load_method, save_method
+from ..methods.api import Method, options_dict
+from ..methods.registry import check_method_options, create_method, load_method, save_method
 from .cases import case_scores, image_rows_for, image_table, training_data, usable_rows
 from .config import ConfigError, DataConfig, RunConfig, save_config
 from .distributed import barrier, init_from_env, world
@@ -131,8 +131,8 @@ def check_resume_config(cfg: RunConfig, out: Path) -> None:
         saved_cfg = config_from_dict(yaml.safe_load(saved_file.read_text()) or {})
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"--resume: {saved_file} cannot be read as a run config ({exc})") from exc
-    saved = same_paths(flatten(json.loads(json.dumps(saved_cfg.to_dict(), default=str))))
-    now = same_paths(flatten(json.loads(json.dumps(cfg.to_dict(), default=str))))
+    saved = same_paths(flatten(json.loads(json.dumps(effective_config(saved_cfg), default=str))))
+    now = same_paths(flatten(json.loads(json.dumps(effective_config(cfg), default=str))))
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
                   and not k.startswith(RESUMABLE_CHANGES))
     if diff:
@@ -140,6 +140,15 @@ def check_resume_config(cfg: RunConfig, out: Path) -> None:
         raise ConfigError(f"--resume: the configuration differs from the run's {saved_file} ({shown}"
                           f"{' ...' if len(diff) > 6 else ''}); resume with the same settings, or start a new "
                           "run (--out elsewhere, or --overwrite)")
+
+
+def effective_config(cfg: RunConfig) -> dict:
+    """``cfg.to_dict()`` with ``method_options`` as the options each trained method actually gets, defaults
+    included: an option given at its default (or one a newer version added) is not a change."""
+    d = cfg.to_dict()
+    d["method_options"] = {m: options_dict(check_method_options(m, cfg.options_for(m)))
+                           for m in dict.fromkeys([cfg.method, *cfg.companions])}
+    return d
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
