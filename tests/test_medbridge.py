@@ -147,8 +147,9 @@ def test_report_supervision_adds_a_term():
     assert not torch.isclose(with_reports, model.loss(out, y))
 
 
-def test_adapter_round_trip_and_wrong_backbone(tmp_path):
-    model = _model(("tiny-clip-vit-b-16", "tiny-hf-dinov2"), num_queries=3)
+@pytest.mark.parametrize("view_dim", [None, 8])
+def test_adapter_round_trip_and_wrong_backbone(tmp_path, view_dim):
+    model = _model(("tiny-clip-vit-b-16", "tiny-hf-dinov2"), num_queries=3, view_dim=view_dim)
     with torch.no_grad():
         for p in model.trainable_parameters().values():
             p.add_(torch.randn_like(p) * 0.05)
@@ -221,10 +222,38 @@ def test_adapter_from_before_feature_norm_loads_unstandardised(tmp_path):
     (dict(labels=["A"], num_queries=-1), "num_queries"),
     (dict(labels=["A"], frozen_weight=1.5), "frozen_weight"),
     (dict(labels=["A"], attention="cross"), "attention"),
+    (dict(labels=["A"], view_dim=0), "view_dim"),
+    (dict(labels=["A"], view_dim=2.5), "view_dim"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         MedBridgeConfig(**kw)
+
+
+def test_view_attention_bottleneck_starts_as_the_identity_learns_and_keeps_the_full_width_layout():
+    from medbridge.methods.medbridge.pooling import ViewPooling
+
+    torch.manual_seed(0)
+    dim, width = 32, 8
+    full, narrow = ViewPooling(dim, heads=4), ViewPooling(dim, heads=4, width=width)
+    keys = {"norm.weight", "norm.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+            "attn.out_proj.bias"}  # adapters saved before view_dim existed load into the default (full width)
+    assert set(full.state_dict()) == set(ViewPooling(dim, width=dim).state_dict()) == keys
+    count = sum(p.numel() for p in narrow.parameters())
+    assert count == 2 * dim + dim * width + (3 * width * width + 3 * width) + (width * width + width) + (
+        width * dim + dim) < sum(p.numel() for p in full.parameters())
+    tokens = torch.randn(5, 3, dim)
+    torch.testing.assert_close(narrow.contextualize(tokens), tokens, atol=0, rtol=0)  # zero-initialised up
+    opt = torch.optim.SGD(narrow.parameters(), lr=0.1)
+    for step in range(2):
+        opt.zero_grad()
+        narrow(tokens)[0].pow(2).sum().backward()
+        assert narrow.up.weight.grad.abs().sum() > 0
+        assert (narrow.down.weight.grad.abs().sum() > 0) == (step == 1)  # reached once up is no longer zero
+        opt.step()
+    assert not torch.allclose(narrow.contextualize(tokens), tokens)
+    model = _model(num_queries=3, view_dim=width)
+    assert model.parameter_report()["trainable"] < _model(num_queries=3).parameter_report()["trainable"]
 
 
 def test_t1_and_view_shape_errors():

@@ -59,6 +59,9 @@ class MedBridgeConfig:
     frozen_weight: float = 0.5  # paper's alpha (Eq. 2): weight of the FROZEN class token; 1 - it on queries (abl.)
     view_attention: bool = True  # self-attention across views before max-pooling
     view_heads: int = 4
+    # width of the view self-attention: None = the tower's (4 D^2 parameters per pool); w < D runs it in a
+    # w-wide bottleneck (down D->w, attention, up w->D zero-initialised; 2 D w + 4 w^2) (abl.)
+    view_dim: int | None = None
     logits: str = "scaled"  # "cosine" (paper-literal) or "scaled" (learnable temperature + per-class bias)
     # "standardize" frozen/query tokens with training-set statistics, "none" (paper), or "auto": standardize
     # unless the text tower is aligned with its image tower (a CLIP's zero-shot start is kept) (abl.)
@@ -99,6 +102,9 @@ class MedBridgeConfig:
             raise ValueError(f"logits must be 'cosine' or 'scaled', got {self.logits!r}")
         if self.report_weight < 0:
             raise ValueError(f"report_weight must be >= 0, got {self.report_weight}")
+        if self.view_dim is not None and (isinstance(self.view_dim, bool) or not isinstance(self.view_dim, int)
+                                          or self.view_dim < 1):
+            raise ValueError(f"view_dim must be a positive whole number or null, got {self.view_dim!r}")
         if not isinstance(self.case_views, bool):
             raise ValueError(f"case_views must be true or false, got {self.case_views!r}")
 
@@ -151,9 +157,9 @@ class MedBridgeModel(nn.Module):
             t1 = v.depth // 2 if config.t1 is None else config.t1
             self.encoders.append(QEncoder(v, t1, config.num_queries, config.attention))
             self.feature_norms.append(FeatureStandardizer(v.embed_dim) if self.standardized else nn.Identity())
-            self.frozen_pool.append(ViewPooling(v.embed_dim, config.view_heads, config.view_attention))
-            self.query_pool.append(ViewPooling(v.embed_dim, config.view_heads, config.view_attention)
-                                   if config.num_queries > 0 else nn.Identity())
+            pool = dict(heads=config.view_heads, attention=config.view_attention, width=config.view_dim)
+            self.frozen_pool.append(ViewPooling(v.embed_dim, **pool))
+            self.query_pool.append(ViewPooling(v.embed_dim, **pool) if config.num_queries > 0 else nn.Identity())
         dims = [b.vision.embed_dim for b in backbones]
         text_expert = config.text_source if isinstance(config.text_source, int) else 0
         self.embed_dim = dims[text_expert] if text_expert < len(dims) else dims[0]
