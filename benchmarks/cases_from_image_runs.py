@@ -76,6 +76,8 @@ def compare(entries: list[str], n_boot: int,
         scores = {e: scored[e][1][[order[e][r] for r in rows]] for e in entries}
         folds.append({"targets": table.targets[rows], "patients": table.patient_ids[rows], "scores": scores,
                       "thresholds": dict.fromkeys(entries)})
+    if not folds:
+        raise SystemExit(f"{cases[0]}: no finished fold to score (fold-*/metrics.json); --folds names others")
     res = cv_bootstrap(folds, table.labels, n_boot, 0, entries)
     return {**res, "challenge_name": table.notes.get("challenge")}, folds, list(table.labels)
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     challenge = challenge_scores(res.get("challenge_name"), pooled, np.concatenate([f["targets"] for f in folds]),
                                  np.concatenate([f["patients"] for f in folds]), args.n_boot)
     if challenge:  # percent, as the AUROC column
-        columns[f"{res['challenge_name'].upper()} final (pooled)"] = {
+        columns[f"{res['challenge_name'].upper()} final (pooled over these folds)"] = {
             e: fmt_ci(r["final"]["value"], r["final"].get("ci")) for e, r in challenge.items()}
     print("\n".join(markdown_table(res, args.runs, args.n_boot, columns)))
     return 0

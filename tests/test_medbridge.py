@@ -224,6 +224,7 @@ def test_adapter_from_before_feature_norm_loads_unstandardised(tmp_path):
     (dict(labels=["A"], attention="cross"), "attention"),
     (dict(labels=["A"], view_dim=0), "view_dim"),
     (dict(labels=["A"], view_dim=2.5), "view_dim"),
+    (dict(labels=["A"], view_dim=8, view_attention=False), "view_dim .* needs view_attention=true"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -41,8 +41,8 @@ class MedBridgeOptions:
     frozen_weight: float = field(default=0.5, metadata={"help": "alpha: weight of the frozen class token"})
     view_attention: bool = field(default=True, metadata={"help": "self-attention across views before pooling"})
     view_heads: int = field(default=4, metadata={"help": "heads of the view self-attention"})
-    view_dim: int | None = field(default=None, metadata={"help": "width of the view self-attention (null: the "
-                                                                 "tower's; smaller: a bottleneck)"})
+    view_dim: int | None = field(default=None, metadata={"help": "width of the view self-attention (null or >= "
+                                                                 "the tower's: the tower's; smaller: a bottleneck)"})
     logits: str = field(default="scaled", metadata={"help": "cosine (paper-literal) or scaled"})
     feature_norm: str = field(default="auto", metadata={"help": "standardize, none, or auto (unless aligned)"})
     init_scale: float = field(default=10.0, metadata={"help": "initial temperature of scaled logits"})

@@ -60,7 +60,8 @@ class MedBridgeConfig:
     view_attention: bool = True  # self-attention across views before max-pooling
     view_heads: int = 4
     # width of the view self-attention: None = the tower's (4 D^2 parameters per pool); w < D runs it in a
-    # w-wide bottleneck (down D->w, attention, up w->D zero-initialised; 2 D w + 4 w^2) (abl.)
+    # w-wide bottleneck (down D->w, attention, up w->D zero-initialised; 2 D w + 4 w^2); w >= D: the tower's
+    # width; heads: the largest divisor of the width <= view_heads (abl.)
     view_dim: int | None = None
     logits: str = "scaled"  # "cosine" (paper-literal) or "scaled" (learnable temperature + per-class bias)
     # "standardize" frozen/query tokens with training-set statistics, "none" (paper), or "auto": standardize
@@ -105,6 +106,8 @@ class MedBridgeConfig:
         if self.view_dim is not None and (isinstance(self.view_dim, bool) or not isinstance(self.view_dim, int)
                                           or self.view_dim < 1):
             raise ValueError(f"view_dim must be a positive whole number or null, got {self.view_dim!r}")
+        if self.view_dim is not None and not self.view_attention:
+            raise ValueError("view_dim sets the width of the view self-attention: it needs view_attention=true")
         if not isinstance(self.case_views, bool):
             raise ValueError(f"case_views must be true or false, got {self.case_views!r}")
 
