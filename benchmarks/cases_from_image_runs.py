@@ -17,7 +17,6 @@ it. Reads only the runs' prediction files (seconds). For reporting a choice made
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +49,8 @@ def fold_case_scores(entry: str, fold: int, table) -> tuple[np.ndarray, np.ndarr
 
 def compare(entries: list[str], n_boot: int,
             only: list[int] | None = None) -> tuple[dict, list[dict], list[str]]:
+    from validation_compare import finished_folds  # beside this script
+
     from medbridge.engine.benchmark import _run_table
     from medbridge.engine.cases import is_cases
     from medbridge.engine.stats import cv_bootstrap
@@ -62,11 +63,8 @@ def compare(entries: list[str], n_boot: int,
     table = _run_table(cases[0], no_split_file=True)
     if not is_cases(table):
         raise SystemExit(f"{cases[0]}: its table has no cases")
-    done = cases[0] / "metrics.json"  # a finished CV run; else its finished folds (or --folds)
-    finished = (range(json.loads(done.read_text())["folds"]) if done.is_file() else
-                sorted(int(m.parent.name.split("-")[1]) for m in cases[0].glob("fold-*/metrics.json")))
     folds = []
-    for f in only if only is not None else finished:
+    for f in only if only is not None else finished_folds(cases[0]):
         scored = {e: fold_case_scores(e, f, table) for e in entries}
         rows = scored[entries[0]][0]
         order = {e: {r: i for i, r in enumerate(scored[e][0])} for e in entries}

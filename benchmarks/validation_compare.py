@@ -69,15 +69,25 @@ def fold_scores(entry: str, reference: Path, fold: int, part: str, table,
     return rows, scores
 
 
-def compare(entries: list[str], part: str, n_boot: int, cache_root: Path) -> dict:
+def finished_folds(run: Path) -> list[int]:
+    """The folds of a CV run: all of a finished run, else those with their metrics written (a run still going)."""
+    done = run / "metrics.json"
+    if done.is_file():
+        return list(range(json.loads(done.read_text())["folds"]))
+    return sorted(int(m.parent.name.split("-")[1]) for m in run.glob("fold-*/metrics.json"))
+
+
+def compare(entries: list[str], part: str, n_boot: int, cache_root: Path, only: list[int] | None = None) -> dict:
     from medbridge.engine.benchmark import _run_table
     from medbridge.engine.stats import cv_bootstrap
 
     first = Path(entries[0].split("+")[0].partition(":")[0])
     table = _run_table(first, no_split_file=True)
-    k = json.loads((first / "metrics.json").read_text())["folds"]
+    chosen = finished_folds(first) if only is None else only
+    if not chosen:
+        raise SystemExit(f"{first}: no finished fold to score (fold-*/metrics.json); --folds names others")
     folds = []
-    for f in range(k):
+    for f in chosen:
         scores, rows0 = {}, None
         for entry in entries:
             parts = [fold_scores(r, first, f, part, table, cache_root) for r in entry.split("+")]
@@ -117,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", action="store_true", help="also the test folds (reporting only)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--cache-dir", help="frozen-activation cache root (default: $MEDBRIDGE_CACHE/features)")
+    p.add_argument("--folds", type=lambda v: [int(x) for x in v.split(",")],
+                   help="only these folds, e.g. 0 or 0,1 (default: all; a CV run still going: its finished folds)")
     args = p.parse_args(argv)
     cache_root = cache_root_from(args.cache_dir)
     for part in ("val", "test") if args.test else ("val",):
-        res = compare(args.runs, part, args.n_boot, cache_root)
+        res = compare(args.runs, part, args.n_boot, cache_root, args.folds)
         print(f"\n{part} parts: mean over {res['folds']} folds of the macro AUROC (%), 95% patient-bootstrap "
               f"interval ({res['n_boot']} draws, seed 0); difference to {args.runs[0]}\n")
         print("\n".join(markdown_table(res, args.runs, args.n_boot)))
