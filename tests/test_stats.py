@@ -7,6 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from medbridge.engine.calibration import weighted_brier_ece
 from medbridge.engine.metrics import evaluate_scores, pick_thresholds
 from medbridge.engine.stats import (
     bootstrap_metrics,
@@ -18,10 +19,12 @@ from medbridge.engine.stats import (
     draw_patients,
     fmt_ci,
     fmt_diff,
+    image_counts_for,
     interval,
     macro_of,
     paired_bootstrap,
     patient_inverse,
+    recentred,
     resampled_metrics,
 )
 
@@ -307,3 +310,33 @@ def test_delong_per_class_reproduces_procs_three_comparisons_and_skips_a_one_sid
 def test_delong_covariance_rejects_scores_of_the_wrong_length():
     with pytest.raises(ValueError, match="one score per label"):
         delong_covariance([[0.1, 0.2, 0.3], [0.1, 0.2]], [1, 0, 1])
+
+
+def test_ece_interval_is_centred_on_the_point_estimate_with_the_plain_spread():
+    # calibrated by construction (label ~ Bernoulli(score)), 12 classes: the resampled ECE is biased upward, so
+    # the plain percentile interval of the macro ECE lies wholly above the point estimate
+    rng = np.random.default_rng(0)
+    n, labels = 400, [f"c{j}" for j in range(12)]
+    s = rng.random((n, len(labels))) * 0.3
+    t = (rng.random(s.shape) < s).astype(float)
+    pid = np.arange(n).astype(str)
+    point = evaluate_scores(s, t, labels)
+    res = bootstrap_metrics(s, t, labels, pid, n_boot=400, seed=0)
+    counts = image_counts_for(pid, 400, 0).astype(np.float64)  # the same draws as bootstrap_metrics
+    plain = np.stack([weighted_brier_ece(s[:, j], t[:, j], counts)[1] for j in range(len(labels))], 1)
+    assert interval(plain.mean(1))[0] > point["macro"]["ece"]  # the defect this guards against
+    lo, hi = res["macro"]["ece"]
+    assert lo < point["macro"]["ece"] < hi
+    for j, lab in enumerate(labels):
+        raw = interval(plain[:, j])
+        lo, hi = res["per_class"][lab]["ece"]
+        assert lo <= point["per_class"][lab]["ece"] <= hi
+        if lo > 0:  # not floored: same spread, shifted
+            assert hi - lo == pytest.approx(raw[1] - raw[0], abs=1e-12)
+
+
+def test_recentred_keeps_nan_resamples_and_floors_at_zero():
+    out = recentred(np.array([0.3, np.nan, 0.1, 0.2]), 0.05)
+    assert np.isnan(out[1])
+    np.testing.assert_allclose(out[[0, 2, 3]], [0.15, 0.0, 0.05])
+    assert np.isnan(recentred(np.array([np.nan, np.nan]), 0.1)).all()

@@ -9,7 +9,8 @@ over resamples), and equals recomputing the metric on the materialised resample 
 Metrics per resample follow :func:`medbridge.engine.metrics.evaluate_scores`: AUROC; F1/ACC at the given
 (validation) thresholds; F1/ACC at the oracle threshold picked once on the full evaluated set and held fixed
 (re-picking it on every resample would add the optimism of a maximum over thresholds to every resample and shift
-the percentile interval above the point estimate). A class with no positive or no negative in a resample is left
+the percentile interval above the point estimate); the resampled ECE, biased upward the same way, is recentred
+on the full set's value (:func:`recentred`). A class with no positive or no negative in a resample is left
 out of that resample's macro mean and counted in ``dropped``."""
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def resampled_metrics(scores: np.ndarray, targets: np.ndarray, labels, image_cou
                       thresholds: dict | None = None, chunk: int | None = None) -> dict[str, np.ndarray]:
     """Per-class metric of every resample: {metric: (B, C)} with NaN where the class is not evaluable in that
     resample (or not at all, as in ``evaluate_scores``). ``image_counts`` (B, n) = multiplicity per image."""
-    from .calibration import weighted_brier_ece
+    from .calibration import ece, weighted_brier_ece
     from .metrics import best_f1_threshold
 
     scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=np.float64)
@@ -106,7 +107,19 @@ def resampled_metrics(scores: np.ndarray, targets: np.ndarray, labels, image_cou
             if t is not None and np.isfinite(t):
                 f1, acc = weighted_f1_acc(s, y, w, t)
                 out["f1"][b0:b0 + chunk, j], out["acc"][b0:b0 + chunk, j] = f1, acc
+        out["ece"][:, j] = recentred(out["ece"][:, j], ece(s, y))
     return out
+
+
+def recentred(samples: np.ndarray, point: float) -> np.ndarray:
+    """Bootstrap samples of the ECE shifted by their bias (mean minus the full set's value), floored at 0.
+
+    The ECE of a resample is biased upward (a bin's |mean gap| grows with the noise that duplicated patients add),
+    so the plain percentile interval can lie wholly above the point estimate; the shifted samples keep the spread
+    and are centred on the point (Efron's bias correction, applied to every sample)."""
+    if not np.isfinite(samples).any():
+        return samples
+    return np.maximum(samples - (np.nanmean(samples) - point), 0.0)
 
 
 def macro_of(per_class: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
