@@ -92,6 +92,32 @@ def _class_counts(targets: np.ndarray, j: int) -> tuple[int, int]:
     return int((targets[known, j] == 1).sum()), int((targets[known, j] == 0).sum())
 
 
+def _panels(n_panels: int):
+    """A figure of 4-wide panels for ``n_panels`` plots, every axis hidden until :func:`_frame` draws it."""
+    from matplotlib.figure import Figure
+
+    cols = 4
+    n_rows = max(1, int(np.ceil(n_panels / cols)))
+    fig = Figure(figsize=(3.2 * cols, 3.1 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
+def _frame(ax, title: str, xlabel: str, ylabel: str, legend_loc: str, legend_title: str) -> None:
+    """Unit square with the diagonal, labels and the legend of one panel."""
+    ax.axis("on")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc=legend_loc, title=legend_title, title_fontsize=7)
+
+
 def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], labels,
              patient_ids=None, n_boot: int = 200, seed: int = 0, note: str = "",
              legend_auroc: dict[str, dict] | None = None, small: set[str] | None = None) -> None:
@@ -101,8 +127,6 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
     fewer than ``MIN_CASES`` positives or negatives ("n too small"). ``legend_auroc[method]`` = {label: AUROC,
     "macro": AUROC} puts the headline table's values in the legends (default: the AUROC of these scores);
     ``small``: the labels that are "n too small" in the report (default: judged on these targets)."""
-    from matplotlib.figure import Figure
-
     from .metrics import auroc
     from .stats import MIN_CASES, image_counts_for, too_small
 
@@ -112,12 +136,7 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
     counts = image_counts_for(patient_ids, n_boot, seed) if patient_ids is not None and n_boot > 0 else None
     small_set = small
     grid = np.linspace(0, 1, 101)
-    cols = 4
-    n_rows = max(1, int(np.ceil((len(present) + 1) / cols)))
-    fig = Figure(figsize=(3.2 * cols, 3.1 * n_rows))
-    axes = fig.subplots(n_rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _panels(len(present) + 1)
     macro_ax = axes.flat[0]
     macro = {}
 
@@ -126,15 +145,8 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndar
         return fallback if value is None else value
 
     def frame(ax, title: str) -> None:
-        ax.axis("on")
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("1 − specificity (false positive rate)", fontsize=7)
-        ax.set_ylabel("sensitivity (true positive rate)", fontsize=7)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="lower right", title="AUROC", title_fontsize=7)
+        _frame(ax, title, "1 − specificity (false positive rate)", "sensitivity (true positive rate)",
+               "lower right", "AUROC")
 
     for ax, j in zip(list(axes.flat)[1:], present):
         small = False
@@ -182,20 +194,13 @@ def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
     """Reliability diagram: per class (and all classes together) the observed positive rate against the mean
     predicted probability in 10 equal-width bins, one line per method, point area ~ images in the bin.
     ``curves[method] = (scores, targets)``; ``ece_shown[method]`` = {label: ECE, "macro": ECE} for the legends."""
-    from matplotlib.figure import Figure
-
     from .calibration import ece, reliability_curve
     from .stats import MIN_CASES, too_small
 
     present = [j for j, _ in enumerate(labels) if any(len(np.unique(t[~np.isnan(t[:, j]), j])) == 2
                                                        for _, t in curves.values())]
     small_set = small
-    cols = 4
-    n_rows = max(1, int(np.ceil((len(present) + 1) / cols)))
-    fig = Figure(figsize=(3.2 * cols, 3.1 * n_rows))
-    axes = fig.subplots(n_rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _panels(len(present) + 1)
 
     def draw(ax, s, y, k, name, value):
         c = reliability_curve(s, y)
@@ -203,16 +208,8 @@ def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
         ax.scatter(c["mean_probability"], c["positive_rate"], s=4 + 60 * np.sqrt(np.array(c["count"]) / len(s)),
                    color=f"C{k}", alpha=0.7)
 
-    def frame(ax, title):
-        ax.axis("on")
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("predicted probability", fontsize=7)
-        ax.set_ylabel("observed frequency of the label", fontsize=7)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="upper left", title="ECE (%)", title_fontsize=7)
+    def frame(ax, title: str) -> None:
+        _frame(ax, title, "predicted probability", "observed frequency of the label", "upper left", "ECE (%)")
 
     for k, (method, (scores, targets)) in enumerate(curves.items()):
         known = ~np.isnan(targets)
