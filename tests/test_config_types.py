@@ -190,3 +190,25 @@ def test_fuzzed_config_text_loads_or_fails_with_a_config_error(tmp_path_factory,
     path.write_bytes(text.encode("utf-8", "replace"))
     with contextlib.suppress(ConfigError):  # anything else (a YAMLError, TypeError, ...) fails the test
         load_config(files=[str(path)])
+
+
+def test_resume_names_a_group_option_as_written_once_and_a_method_option_by_its_method(tmp_path):
+    from medbridge.engine.config import save_config
+    from medbridge.engine.run import check_resume_config
+
+    def cfg(**options):
+        c = RunConfig(method="coop", companions=["cocoop", "kgcoop"], method_options=options)
+        c.validate()
+        return c
+
+    save_config(cfg(baseline={"epochs": 3}), tmp_path / "config.yaml")
+    check_resume_config(cfg(baseline={"epochs": 3}), tmp_path)  # unchanged: accepted
+    with pytest.raises(ConfigError) as group_change:
+        check_resume_config(cfg(baseline={"epochs": 5}), tmp_path)
+    message = str(group_change.value)
+    assert message.count("method_options.baseline.epochs: saved 3, now 5") == 1, message
+    assert "method_options.coop.epochs" not in message and "method_options.kgcoop.epochs" not in message
+    with pytest.raises(ConfigError) as own_change:  # set on one member only: named under that member
+        check_resume_config(cfg(baseline={"epochs": 3}, kgcoop={"epochs": 4}), tmp_path)
+    assert "method_options.kgcoop.epochs: saved 3, now 4" in str(own_change.value)
+    assert "baseline.epochs" not in str(own_change.value)

@@ -17,7 +17,7 @@ from ..data.splits import Split
 from ..data.table import DatasetError, ImageTable
 from ..io import atomic_write_bytes, check_finite
 from ..methods.api import Method, options_dict
-from ..methods.registry import check_method_options, create_method, load_method, save_method
+from ..methods.registry import OptionsError, check_method_options, create_method, get_method, load_method, save_method
 from .cases import case_scores, image_rows_for, image_table, training_data, usable_rows
 from .config import ConfigError, DataConfig, RunConfig, save_config
 from .distributed import barrier, init_from_env, world
@@ -136,10 +136,31 @@ def check_resume_config(cfg: RunConfig, out: Path) -> None:
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
                   and not k.startswith(RESUMABLE_CHANGES))
     if diff:
-        shown = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff[:6])
+        written = {}  # a change made through a method group is named as written, once for all its members
+        for k in diff:
+            written.setdefault(key_as_written(k, saved_cfg, cfg), k)
+        diff = list(written.values())
+        shown = "; ".join(f"{w}: saved {saved.get(k)!r}, now {now.get(k)!r}" for w, k in list(written.items())[:6])
         raise ConfigError(f"--resume: the configuration differs from the run's {saved_file} ({shown}"
                           f"{' ...' if len(diff) > 6 else ''}); resume with the same settings, or start a new "
                           "run (--out elsewhere, or --overwrite)")
+
+
+def key_as_written(key: str, *cfgs: RunConfig) -> str:
+    """``method_options.<method>.<option>`` as the user wrote it: ``method_options.<group>.<option>`` when the
+    option is set through the method's group (``baseline: {epochs: 5}``) in ``cfgs`` and never on the method."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != "method_options":
+        return key
+    _, name, option = parts
+    try:
+        group = get_method(name).group
+    except OptionsError:  # a method no longer registered: name the key as it is
+        return key
+    if (group and any(option in c.method_options.get(group, {}) for c in cfgs)
+            and not any(option in c.method_options.get(name, {}) for c in cfgs)):
+        return f"method_options.{group}.{option}"
+    return key
 
 
 def effective_config(cfg: RunConfig) -> dict:
