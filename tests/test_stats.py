@@ -188,6 +188,8 @@ def test_formatting():
     assert fmt_ci(0.7843, [0.7212, 0.8401]) == "78.4 [72.1, 84.0]"
     assert fmt_ci(float("nan"), None) == "-"
     assert fmt_diff({"diff": 0.055, "ci": [0.019, 0.079], "p": 0.004}) == "+5.5 [+1.9, +7.9], p = 0.004"
+    assert fmt_diff({"diff": -1e-9, "ci": [-0.0004, 0.0004], "p": 1.0}) == "+0.0 [+0.0, +0.0], p = 1.000"
+    assert fmt_diff({"diff": -0.0006, "ci": [-0.02, 0.0]}) == "-0.1 [-2.0, +0.0]"
     assert interval(np.array([np.nan, np.nan])) != interval(np.arange(10.0))
 
 

@@ -384,13 +384,19 @@ def fmt_diff(pair: dict, digits: int = 1, scale: float = 100.0) -> str:
     d = pair.get("diff", float("nan"))
     if d is None or not np.isfinite(d):
         return "-"
-    text = f"{scale * d:+.{digits}f}"
+    text = signed(scale * d, digits)
     ci = pair.get("ci")
     if ci and all(np.isfinite(ci)):
-        text += f" [{scale * ci[0]:+.{digits}f}, {scale * ci[1]:+.{digits}f}]"
+        text += f" [{signed(scale * ci[0], digits)}, {signed(scale * ci[1], digits)}]"
     if pair.get("p") is not None and np.isfinite(pair["p"]):
         text += f", p = {fmt_p(pair['p'])}"
     return text
+
+
+def signed(x: float, digits: int = 1) -> str:
+    """``+1.2`` / ``-1.2``; a value that rounds to zero is ``+0.0`` whatever its sign (no ``-0.0``)."""
+    text = f"{x:+.{digits}f}"
+    return "+" + text[1:] if float(text) == 0 else text
 
 
 def fmt_p(p: float) -> str:
