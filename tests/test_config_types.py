@@ -212,3 +212,19 @@ def test_resume_names_a_group_option_as_written_once_and_a_method_option_by_its_
         check_resume_config(cfg(baseline={"epochs": 3}, kgcoop={"epochs": 4}), tmp_path)
     assert "method_options.kgcoop.epochs: saved 3, now 4" in str(own_change.value)
     assert "baseline.epochs" not in str(own_change.value)
+
+
+def test_run_presets_and_study_files_are_listed_apart_and_a_study_is_no_preset(capsys):
+    from medbridge.defaults import list_presets, list_studies
+    from medbridge.engine.ablation import read_study
+
+    presets, studies = list_presets(), list_studies()
+    assert "odir" in presets and "demo" in presets and "ablations" in studies and not set(presets) & set(studies)
+    for name in presets:  # every listed preset is a run config
+        load_config(preset=name)
+    for name in studies:
+        assert "studies" in read_study(name)
+    assert main(["train", "--preset", "ablations", "--data", "x", "--out", "y"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'ablations'" in err and "is an ablation study (medbridge ablate --study ablations)" in err
+    assert len(err.splitlines()) == 1

@@ -9,9 +9,19 @@ CACHE_MODES = ("auto", "full", "prefix", "pooled", "pixels", "none")  # train.ca
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
+def is_study_file(path: Path) -> bool:
+    """Whether a YAML file is an ablation study (a top-level ``studies:`` key), not a run preset."""
+    return any(line.startswith("studies:") for line in path.read_text().splitlines())
+
+
 def list_presets() -> list[str]:
-    """The preset names shipped in ``medbridge/presets`` (without ``.yaml``)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """The run preset names shipped in ``medbridge/presets`` (without ``.yaml``; study files left out)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not is_study_file(p))
 
 
-__all__ = ["CACHE_MODES", "DEFAULT_BACKBONE", "PRESET_DIR", "list_presets"]
+def list_studies() -> list[str]:
+    """The ablation study names shipped in ``medbridge/presets`` (``medbridge ablate --study NAME``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if is_study_file(p))
+
+
+__all__ = ["CACHE_MODES", "DEFAULT_BACKBONE", "PRESET_DIR", "is_study_file", "list_presets", "list_studies"]

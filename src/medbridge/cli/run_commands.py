@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..defaults import list_studies
 from .options import add_shared_options, config_overrides
 from .outputs import removed_on_failure
 
@@ -442,7 +443,8 @@ def add_run_commands(sub, presets: list[str]) -> None:
                        epilog="examples:\n  medbridge ablate --data ../shared/data/nih-cxr14-sample --out runs/abl\n"
                               "  medbridge ablate --study my_study.yaml --data /data/nih --only t1,alpha "
                               "--seeds 0,1,2 --out runs/abl-nih --set 'backbones=[\"clip-vit-b-16\"]'")
-    p.add_argument("--study", default="ablations", help="study YAML (default: the presets/ablations.yaml study)")
+    p.add_argument("--study", default="ablations", help="a study YAML or a shipped study (default: ablations; shipped: "
+                   f"{', '.join(list_studies())})")
     p.add_argument("--data", default=SHARED_SAMPLE)
     p.add_argument("--out", required=True, help="study folder (finished runs are reused)")
     p.add_argument("--only", help="comma-separated study names to run")

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..defaults import list_studies
 from ..io import atomic_write_bytes
 from .config import PRESET_DIR, ConfigError, load_config
 from .report import save_figure
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 def read_study(path_or_name: str) -> dict:
     p = Path(path_or_name) if path_or_name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{path_or_name}.yaml"
     if not p.is_file():
-        raise ConfigError(f"study file {path_or_name!r} not found (a YAML path or a preset name like 'ablations')")
+        raise ConfigError(f"study file {path_or_name!r} not found (a YAML path or a shipped study: "
+                          f"{', '.join(list_studies())})")
     study = yaml.safe_load(p.read_text())
     for key in ("studies", "seeds"):
         if key not in study:

@@ -12,7 +12,7 @@ import yaml
 from ..backbones import DEFAULT_BACKBONE
 from ..data.cases import IMAGE_LABELS, UNITS
 from ..data.focal import FocalConfig
-from ..defaults import PRESET_DIR, list_presets
+from ..defaults import PRESET_DIR, is_study_file, list_presets
 from ..fieldcheck import FieldTypeError, check_fields
 from ..methods.api import OptionsError
 from ..methods.legacy import LEGACY_SECTIONS, migrate_legacy_config, migrate_legacy_key
@@ -321,6 +321,9 @@ def load_config(preset: str | None = None, files: list[str] | None = None,
         p = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
         if not p.is_file():
             raise ConfigError(f"preset {preset!r} not found; available: {list_presets()}")
+        if is_study_file(p):
+            raise ConfigError(f"preset {preset!r}: {p} is an ablation study (medbridge ablate --study {preset}), "
+                              f"not a run preset; run presets: {list_presets()}")
         sources.append(p)
     sources += [Path(f) for f in files or []]
     for p in sources:
