@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     from medbridge.engine.features import cache_root_from
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="CV run folders (first = reference); a+b+c = seed ensemble")
+    p.add_argument("runs", nargs="+", help="RUN[:METHOD] CV run folders (first = reference; METHOD: a companion "
+                   "saved in the run, default its method); a+b+c = seed ensemble")
     p.add_argument("--test", action="store_true", help="also the test folds (reporting only)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--cache-dir", help="frozen-activation cache root (default: $MEDBRIDGE_CACHE/features)")
