@@ -139,10 +139,9 @@ def check_resume_config(cfg: RunConfig, out: Path) -> None:
         written = {}  # a change made through a method group is named as written, once for all its members
         for k in diff:
             written.setdefault(key_as_written(k, saved_cfg, cfg), k)
-        diff = list(written.values())
         shown = "; ".join(f"{w}: saved {saved.get(k)!r}, now {now.get(k)!r}" for w, k in list(written.items())[:6])
         raise ConfigError(f"--resume: the configuration differs from the run's {saved_file} ({shown}"
-                          f"{' ...' if len(diff) > 6 else ''}); resume with the same settings, or start a new "
+                          f"{' ...' if len(written) > 6 else ''}); resume with the same settings, or start a new "
                           "run (--out elsewhere, or --overwrite)")
 
 
