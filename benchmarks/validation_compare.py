@@ -70,11 +70,11 @@ def fold_scores(entry: str, reference: Path, fold: int, part: str, table,
 
 
 def finished_folds(run: Path) -> list[int]:
-    """The folds of a CV run: all of a finished run, else those with their metrics written (a run still going)."""
-    done = run / "metrics.json"
-    if done.is_file():
-        return list(range(json.loads(done.read_text())["folds"]))
-    return sorted(int(m.parent.name.split("-")[1]) for m in run.glob("fold-*/metrics.json"))
+    """The folds of a CV run with their metrics written (all of a finished run; some of a run still going or
+    trained fold by fold with ``train --cv K --folds``)."""
+    from medbridge.engine.cv import finished_folds as finished
+
+    return finished(run)
 
 
 def compare(entries: list[str], part: str, n_boot: int, cache_root: Path, only: list[int] | None = None) -> dict:

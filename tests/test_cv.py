@@ -114,6 +114,34 @@ def test_cv_resume_refuses_a_changed_setting_reuses_finished_folds_and_continues
     assert (interrupted / "metrics.json").is_file() and (interrupted / "mine.txt").read_text() == "kept"
 
 
+@pytest.mark.slow
+def test_folds_run_apart_then_resumed_give_the_same_cv_as_one_run(cv_run, tmp_path, capsys):
+    """``--folds`` trains only the named folds of the same patient split; ``--resume`` with the others finishes
+    the CV, whose out-of-fold predictions equal those of one uninterrupted run."""
+    run = tmp_path / "run"
+    argv = ["train", *cv_run["common"], "--cv", "3", "--with-probe", "--out", str(run)]
+    capsys.readouterr()
+    assert main([*argv, "--folds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 3 folds finished" in out and "--resume --folds 0,1" in out and "fold 2: test macro AUROC" in out
+    assert sorted(p.name for p in run.glob("fold-*")) == ["fold-2"] and not (run / "metrics.json").exists()
+    assert (json.loads((run / "fold-2" / "split.json").read_text())["test"]
+            == json.loads((cv_run["out"] / "fold-2" / "split.json").read_text())["test"])  # the same folds
+    assert main([*argv, "--resume", "--folds", "1,0"]) == 0
+    for method in ("medbridge", "linear-probe"):
+        mine = pd.read_csv(run / f"predictions_oof_{method}.csv").sort_values("image", ignore_index=True)
+        whole = pd.read_csv(cv_run["out"] / f"predictions_oof_{method}.csv").sort_values("image", ignore_index=True)
+        assert mine["fold"].tolist() == whole["fold"].tolist()
+        np.testing.assert_allclose(mine.drop(columns=["image", "fold"]).to_numpy(float),
+                                   whole.drop(columns=["image", "fold"]).to_numpy(float), atol=1e-6)
+    for bad, why in ((["--cv", "3", "--folds", "3"], "must be in 0..2"), (["--folds", "1"], "--folds needs --cv"),
+                     (["--cv", "3", "--folds", "a"], "comma-separated fold numbers")):
+        capsys.readouterr()
+        assert main(["train", *cv_run["common"], *bad, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert why in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_bad_fold_counts_and_single_patient(nih_sample, tmp_path):
     table = load_dataset("nih", nih_sample)
     with pytest.raises(DatasetError, match="at least 900 patients"):

@@ -113,18 +113,27 @@ def print_summary(summary: dict, out: Path) -> None:
 
 def cmd_train_cv(args: argparse.Namespace) -> int:
     """``train --cv K``: patient-level K-fold cross-validation into one run folder."""
-    from ..engine.cv import cv_headline, run_cv
+    from ..engine.cv import cv_headline, parse_folds, run_cv
 
     cfg = build_run_config(args)
     if cfg.data.split_file:
         raise ValueError("--cv and --split-file exclude each other: cross-validation makes its own patient folds")
+    folds = parse_folds(args.folds, args.cv) if args.folds else None
     try:
         summary = run_cv(cfg, args.cv, args.out, resume=args.resume, overwrite=args.overwrite,
-                         progress=not args.quiet)
+                         progress=not args.quiet, folds=folds)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished folds are kept in {args.out}; continue with the same command plus --resume",
               file=sys.stderr)
         return 130
+    if summary.get("partial"):
+        for f, macro in summary["fold_macro_auroc"].items():
+            print(f"fold {f}: test macro AUROC " + ", ".join(f"{m} {100 * v:.1f}" for m, v in macro.items()))
+        missing = ",".join(map(str, summary["missing"]))
+        print(f"\n{len(summary['finished'])} of {args.cv} folds finished in {args.out}; folds {missing} still to run "
+              f"(the same command with --resume --folds {missing}, or --resume alone for all): the cross-validated "
+              "results are written once every fold is finished")
+        return 0
     print("\n".join(cv_headline(summary)))
     print(f"\nrun folder: {args.out}  (report.md, metrics.json, per_class.csv, folds.csv, roc_curves.png, "
           "predictions_oof_*.csv, fold-*/)")
@@ -132,6 +141,8 @@ def cmd_train_cv(args: argparse.Namespace) -> int:
 
 
 def _train_or_cv(args: argparse.Namespace) -> int:
+    if getattr(args, "folds", None) and not getattr(args, "cv", None):
+        raise ValueError("--folds needs --cv K: it picks folds of a K-fold cross-validation")
     return cmd_train_cv(args) if getattr(args, "cv", None) else cmd_train(args)
 
 
@@ -361,6 +372,10 @@ def add_run_commands(sub, presets: list[str]) -> None:
     p.add_argument("--with-probe", action="store_true",
                    help="also fit the registered probe (the linear probe) beside --method")
     add_cv_arg(p)
+    p.add_argument("--folds", metavar="F,F",
+                   help="with --cv K: train only these folds (0..K-1, as the fold-<f>/ folders; the same patient "
+                        "folds), e.g. one fold per machine; --resume adds the others to the folder, the CV "
+                        "results come once all K are finished")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     add_shared_options(p, device=True, config=True, n_boot=True)

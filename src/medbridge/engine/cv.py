@@ -89,11 +89,34 @@ def cv_splits(table: ImageTable, k: int, seed: int = 0, fractions=(0.7, 0.1, 0.2
     return splits
 
 
+def parse_folds(text: str, k: int) -> list[int]:
+    """``--folds 3,4`` of ``--cv K``: sorted distinct fold numbers, each in 0..K-1."""
+    try:
+        folds = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise DatasetError(f"--folds {text!r}: expected comma-separated fold numbers 0..{k - 1}, e.g. "
+                           "--folds 3,4") from None
+    bad = [f for f in folds if not 0 <= f < k]
+    if not folds or bad:
+        raise DatasetError(f"--folds {text!r}: fold numbers must be in 0..{k - 1} for --cv {k}"
+                           + (f" (got {bad[0]})" if bad else " (none given)"))
+    return folds
+
+
+def finished_folds(out: str | Path, k: int | None = None) -> list[int]:
+    """Folds of a CV run folder whose run finished (``fold-<f>/metrics.json``; of ``0..k-1`` when ``k`` is given)."""
+    done = sorted(int(m.parent.name.split("-")[1]) for m in Path(out).glob("fold-*/metrics.json")
+                  if m.parent.name.split("-")[1].isdigit())
+    return [f for f in done if k is None or f < k]
+
+
 def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-           progress: bool = True, backbones=None) -> dict:
+           progress: bool = True, backbones=None, folds: list[int] | None = None) -> dict:
     """Train and evaluate ``cfg`` (its method and companions) on each of ``k`` patient folds in
     ``out/fold-<f>/`` (finished folds are reused with ``resume``), then write the cross-validated results
-    (intervals from ``cfg.eval.n_boot`` resamples)."""
+    (intervals from ``cfg.eval.n_boot`` resamples). ``folds`` trains only those folds (the same splits; e.g. one
+    fold per machine or session): the cross-validated results are written once all ``k`` are finished, else the
+    returned dict has ``partial: True`` and each finished fold's test macro AUROC per method."""
     from .run import check_resume_config, prepare_data, prepare_out, train_run
     from .trainer import CHECKPOINT
 
@@ -107,7 +130,7 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
     save_config(cfg, out / "config.yaml")
     for f, split in enumerate(splits):
         fold_dir = out / f"fold-{f}"
-        if resume and (fold_dir / "metrics.json").is_file():
+        if (resume and (fold_dir / "metrics.json").is_file()) or (folds is not None and f not in folds):
             continue
         split_file = save_split(split, table, out / "splits" / f"fold-{f}.json")
         d = cfg.to_dict()
@@ -122,6 +145,12 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
         partial = resume and fold_dir.is_dir() and any(fold_dir.rglob(CHECKPOINT))
         train_run(config_from_dict(d), fold_dir, resume=partial, overwrite=not partial, progress=progress,
                   backbones=backbones)
+    done = finished_folds(out, k)
+    if len(done) < k:
+        return {"partial": True, "folds": k, "finished": done, "missing": [f for f in range(k) if f not in done],
+                "fold_macro_auroc": {f: {m: r["macro"]["auroc"] for m, r in
+                                         json.loads((out / f"fold-{f}" / "metrics.json").read_text())
+                                         ["methods"].items()} for f in done}}
     summary = summarise_cv(out, table, k, n_boot=cfg.eval.n_boot, seed=cfg.data.split_seed)
     summary["timings"]["total_s"] = time.perf_counter() - t0
     write_json(out / "metrics.json", summary)
