@@ -127,6 +127,15 @@ def test_folds_run_apart_then_resumed_give_the_same_cv_as_one_run(cv_run, tmp_pa
     assert sorted(p.name for p in run.glob("fold-*")) == ["fold-2"] and not (run / "metrics.json").exists()
     assert (json.loads((run / "fold-2" / "split.json").read_text())["test"]
             == json.loads((cv_run["out"] / "fold-2" / "split.json").read_text())["test"])  # the same folds
+    common = ["train", *cv_run["common"], "--with-probe", "--out", str(run)]
+    for bad, why in ((["--cv", "3", "--folds", "0"], "holds finished folds 2 of a cross-validation: add --resume"),
+                     (["--cv", "3", "--folds", "0", "--overwrite"], "would delete the finished folds 2"),
+                     (["--cv", "4", "--resume"], "was trained as fold 2 of 3 folds")):
+        capsys.readouterr()
+        assert main([*common, *bad]) == 2
+        err = capsys.readouterr().err
+        assert why in err and len(err.strip().splitlines()) == 1, err
+    assert (run / "fold-2" / "metrics.json").is_file()  # nothing deleted by the refusals
     assert main([*argv, "--resume", "--folds", "1,0"]) == 0
     for method in ("medbridge", "linear-probe"):
         mine = pd.read_csv(run / f"predictions_oof_{method}.csv").sort_values("image", ignore_index=True)

@@ -118,7 +118,7 @@ def cmd_train_cv(args: argparse.Namespace) -> int:
     cfg = build_run_config(args)
     if cfg.data.split_file:
         raise ValueError("--cv and --split-file exclude each other: cross-validation makes its own patient folds")
-    folds = parse_folds(args.folds, args.cv) if args.folds else None
+    folds = parse_folds(args.folds, args.cv) if args.folds is not None else None
     try:
         summary = run_cv(cfg, args.cv, args.out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.quiet, folds=folds)
@@ -141,7 +141,7 @@ def cmd_train_cv(args: argparse.Namespace) -> int:
 
 
 def _train_or_cv(args: argparse.Namespace) -> int:
-    if getattr(args, "folds", None) and not getattr(args, "cv", None):
+    if getattr(args, "folds", None) is not None and not getattr(args, "cv", None):
         raise ValueError("--folds needs --cv K: it picks folds of a K-fold cross-validation")
     return cmd_train_cv(args) if getattr(args, "cv", None) else cmd_train(args)
 

@@ -110,6 +110,24 @@ def finished_folds(out: str | Path, k: int | None = None) -> list[int]:
     return [f for f in done if k is None or f < k]
 
 
+def fold_list(folds: list[int]) -> str:
+    return ",".join(map(str, folds))
+
+
+def check_fold_splits(out: Path, finished: list[int], splits: list[Split], table: ImageTable, k: int) -> None:
+    """Finished folds are reused only if they were trained on the same split: the same K and the same test part."""
+    rel = table.relative_paths()
+    for f in finished:
+        saved = out / f"fold-{f}" / "split.json"
+        doc = json.loads(saved.read_text()) if saved.is_file() else {}
+        was = doc.get("info", {}).get("folds")
+        if f >= k or was != k or sorted(doc.get("test", [])) != sorted(rel[i] for i in splits[f].test):
+            raise DatasetError(f"--resume --cv {k}: {out / f'fold-{f}'} was trained as fold {f} of "
+                               f"{was if was is not None else 'an unknown number of'} folds on other test "
+                               f"{'patients' if was == k else 'folds'}: resume with the run's own --cv "
+                               f"{was if was is not None else 'K'} (and data), or choose another --out")
+
+
 def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, overwrite: bool = False,
            progress: bool = True, backbones=None, folds: list[int] | None = None) -> dict:
     """Train and evaluate ``cfg`` (its method and companions) on each of ``k`` patient folds in
@@ -126,6 +144,18 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
     t0 = time.perf_counter()
     table, _ = prepare_data(replace(cfg.data, split_file=None))
     splits = cv_splits(table, k, cfg.data.split_seed, tuple(cfg.data.fractions), cfg.data.label_fraction)
+    finished = finished_folds(out) if out.is_dir() else []
+    if folds is not None and finished and not resume:
+        kept = [f for f in finished if f not in folds]
+        if overwrite and kept:
+            raise FileExistsError(f"--overwrite with --folds would delete the finished folds {fold_list(kept)} of "
+                                  f"{out}: to train fold(s) {fold_list(folds)} again, delete their fold-<f>/ folders "
+                                  f"and use --resume --folds {fold_list(folds)}")
+        if not overwrite:
+            raise FileExistsError(f"{out} holds finished folds {fold_list(finished)} of a cross-validation: add "
+                                  f"--resume to train fold(s) {fold_list(folds)} beside them")
+    if resume:
+        check_fold_splits(out, finished, splits, table, k)
     prepare_out(out, resume, overwrite)
     save_config(cfg, out / "config.yaml")
     for f, split in enumerate(splits):
@@ -139,8 +169,8 @@ def run_cv(cfg: RunConfig, k: int, out: str | Path, *, resume: bool = False, ove
         log.info("fold %d/%d: %d train, %d val, %d test %s", f + 1, k, len(split.train), len(split.val),
                  len(split.test), unit)
         if progress:
-            print(f"fold {f + 1}/{k}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test "
-                  f"{unit}", flush=True)
+            print(f"fold {f} ({f + 1} of {k}): {len(split.train)} train / {len(split.val)} val / "
+                  f"{len(split.test)} test {unit}", flush=True)
         # an interrupted fold (a checkpoint saved) continues from it; any other unfinished fold starts afresh
         partial = resume and fold_dir.is_dir() and any(fold_dir.rglob(CHECKPOINT))
         train_run(config_from_dict(d), fold_dir, resume=partial, overwrite=not partial, progress=progress,
