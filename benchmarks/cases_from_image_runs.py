@@ -49,7 +49,7 @@ def fold_case_scores(entry: str, fold: int, table) -> tuple[np.ndarray, np.ndarr
 
 def compare(entries: list[str], n_boot: int,
             only: list[int] | None = None) -> tuple[dict, list[dict], list[str]]:
-    from validation_compare import finished_folds  # beside this script
+    from validation_compare import common_folds  # beside this script
 
     from medbridge.engine.benchmark import _run_table
     from medbridge.engine.cases import is_cases
@@ -64,7 +64,7 @@ def compare(entries: list[str], n_boot: int,
     if not is_cases(table):
         raise SystemExit(f"{cases[0]}: its table has no cases")
     folds = []
-    for f in only if only is not None else finished_folds(cases[0]):
+    for f in common_folds(runs, only):
         scored = {e: fold_case_scores(e, f, table) for e in entries}
         rows = scored[entries[0]][0]
         order = {e: {r: i for i, r in enumerate(scored[e][0])} for e in entries}
@@ -74,8 +74,6 @@ def compare(entries: list[str], n_boot: int,
         scores = {e: scored[e][1][[order[e][r] for r in rows]] for e in entries}
         folds.append({"targets": table.targets[rows], "patients": table.patient_ids[rows], "scores": scores,
                       "thresholds": dict.fromkeys(entries)})
-    if not folds:
-        raise SystemExit(f"{cases[0]}: no finished fold to score (fold-*/metrics.json); --folds names others")
     res = cv_bootstrap(folds, table.labels, n_boot, 0, entries)
     return {**res, "challenge_name": table.notes.get("challenge")}, folds, list(table.labels)
 

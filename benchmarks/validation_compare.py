@@ -69,12 +69,21 @@ def fold_scores(entry: str, reference: Path, fold: int, part: str, table,
     return rows, scores
 
 
-def finished_folds(run: Path) -> list[int]:
-    """The folds of a CV run with their metrics written (all of a finished run; some of a run still going or
-    trained fold by fold with ``train --cv K --folds``)."""
-    from medbridge.engine.cv import finished_folds as finished
+def common_folds(runs: list[Path], only: list[int] | None = None) -> list[int]:
+    """The folds to compare: ``only`` (each must be finished in every run), else those finished in every run
+    (all of finished runs; some of a run still going or trained fold by fold with ``train --cv K --folds``)."""
+    from medbridge.engine.cv import finished_folds
 
-    return finished(run)
+    done = {run: finished_folds(run) for run in runs}
+    for run, folds in done.items():
+        missing = [f for f in only or [] if f not in folds]
+        if missing:
+            raise SystemExit(f"{run}: fold {missing[0]} is not finished (no fold-{missing[0]}/metrics.json); its "
+                             f"finished folds: {', '.join(map(str, folds)) or 'none'}")
+    chosen = only if only is not None else sorted(set.intersection(*(set(f) for f in done.values())))
+    if not chosen:
+        raise SystemExit(f"no fold is finished in every run of {', '.join(map(str, runs))} (fold-*/metrics.json)")
+    return chosen
 
 
 def compare(entries: list[str], part: str, n_boot: int, cache_root: Path, only: list[int] | None = None) -> dict:
@@ -83,9 +92,7 @@ def compare(entries: list[str], part: str, n_boot: int, cache_root: Path, only: 
 
     first = Path(entries[0].split("+")[0].partition(":")[0])
     table = _run_table(first, no_split_file=True)
-    chosen = finished_folds(first) if only is None else only
-    if not chosen:
-        raise SystemExit(f"{first}: no finished fold to score (fold-*/metrics.json); --folds names others")
+    chosen = common_folds([Path(r.partition(":")[0]) for e in entries for r in e.split("+")], only)
     folds = []
     for f in chosen:
         scores, rows0 = {}, None

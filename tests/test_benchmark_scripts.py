@@ -94,6 +94,12 @@ def test_runs_of_other_folds_and_runs_without_cases_are_refused(scripts, odir40,
                       lambda rows: np.full((len(rows), 8), 0.5))
     with pytest.raises(SystemExit, match="fold 0 scores other cases than .*: not the same folds"):
         scripts.compare([str(case_run), str(shifted)], 50)
+    one_fold = fake_cv(tmp_path / "d", odir40, "case", [whole[20:]], lambda rows: np.full((len(rows), 8), 0.5))
+    (one_fold / "fold-0").rename(one_fold / "fold-1")  # only fold 1 of 2 finished (a CV trained with --folds 1)
+    assert scripts.compare([str(case_run), str(one_fold)], 50)[0]["folds"] == 1  # the folds both runs have
+    with pytest.raises(SystemExit, match=r"d: fold 0 is not finished \(no fold-0/metrics.json\); its finished "
+                                         "folds: 1"):
+        scripts.compare([str(case_run), str(one_fold)], 50, [0])
     eyes = fake_cv(tmp_path / "c", odir40, "image", [np.arange(80)], lambda rows: np.full((len(rows), 8), 0.5))
     with pytest.raises(SystemExit, match="no run of cases"):
         scripts.compare([str(eyes)], 50)
